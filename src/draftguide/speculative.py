@@ -1,0 +1,293 @@
+"""Lossless speculative decoding with a DFlash draft, and the plain decoding it is measured against.
+
+One verify step: the draft fills `[anchor, MASK x (B-1)]` in one pass from the cached context, the
+target scores the block in one forward, the longest prefix the target agrees with is committed plus
+one bonus token from the target, and both caches keep only committed positions. The draft cache only
+ever holds context, so it never needs cropping; the target cache is cropped to the committed length.
+Acceptance length = tokens committed by one verify step, bonus included (at most B).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .draft import DFlashDraft, DraftCache
+from .errors import DraftGuideError
+from .sampling import check_sampling, probs_from_logits, rejection_sample, sample, sample_probs
+from .targets import extract_features
+
+
+@dataclass
+class GenStats:
+    num_input_tokens: int
+    num_new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    acceptance_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per verify step (bonus included)."""
+        a = self.acceptance_lengths
+        return sum(a) / len(a) if a else float("nan")
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def _now(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise DraftGuideError(f"input_ids must have shape [1, T] (batch size 1), got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise DraftGuideError("empty prompt: input_ids has no tokens")
+    if max_new_tokens < 1:
+        raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def crop_cache(cache, length: int) -> None:
+    """Keep the first `length` positions (transformers 5.x `crop` takes minus the number to drop)."""
+    drop = cache.get_seq_length() - length
+    if drop > 0:
+        cache.crop(-drop)
+
+
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.24); use whichever this model takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _first_stop(tokens: list[int], stop: set[int]) -> int | None:
+    return next((i for i, t in enumerate(tokens) if t in stop), None)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target,
+    draft: DFlashDraft,
+    input_ids: torch.Tensor,  # [1, T]
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: list[int] | None = None,
+    verify_len: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, GenStats]:
+    """Returns `(tokens [1, T + n], stats)`. Greedy output equals the target's own greedy output; at
+    temperature > 0 rejection sampling keeps the target's distribution. `verify_len` (1..B-1, default
+    B-1) verifies only the first drafted tokens: the draft still fills the full block, so its proposals
+    are unchanged, while a shorter target forward can pay off when late offsets are rarely accepted."""
+    check_sampling(temperature, top_p, top_k)
+    _check_prompt(input_ids, max_new_tokens)
+    draft.check_target(target)
+    B, dev = draft.block_size, input_ids.device
+    n_verify = B - 1 if verify_len is None else max(1, min(int(verify_len), B - 1))
+    stop = set(stop_token_ids or ())
+    T0 = input_ids.shape[1]
+    max_len = T0 + max_new_tokens
+    buf = torch.full((1, max_len + B), draft.mask_token_id, dtype=torch.long, device=dev)
+    buf[:, :T0] = input_ids
+    positions = torch.arange(max_len + B, device=dev)[None]
+    tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
+    stats = GenStats(num_input_tokens=T0)
+
+    ck = cache_kwarg(target)
+    t0 = _now(dev)
+    out = target(input_ids, **{ck: tcache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    buf[:, T0] = sample(out.logits[:, -1], temperature, top_p, top_k, generator)
+    ctx = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T0, n*d]
+    stopped = int(buf[0, T0]) in stop
+    t1 = _now(dev)
+    stats.prefill_s = t1 - t0
+
+    start = T0  # position of the anchor: committed, but the target has not read it yet
+    while start + 1 < max_len and not stopped:
+        dlen = min(B, max_len - start)  # the draft block shrinks only at the very end, as upstream
+        vs = min(n_verify + 1, dlen)
+        block = buf[:, start : start + dlen].clone()  # [1, dlen] = [anchor, MASK...]
+        h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache)
+        dlogits = draft.logits(h[:, 1:vs], target)[0]  # [vs-1, V]
+        if temperature > 0:
+            q = probs_from_logits(dlogits, temperature, top_p, top_k)
+            block[0, 1:vs] = sample_probs(q, generator)
+        else:
+            block[0, 1:vs] = dlogits.argmax(-1)
+        out = target(
+            block[:, :vs], position_ids=positions[:, start : start + vs],
+            **{ck: tcache}, use_cache=True, output_hidden_states=True,
+        )
+        if temperature > 0:
+            p = probs_from_logits(out.logits[0], temperature, top_p, top_k)  # [vs, V]
+            acc, bonus = rejection_sample(block[0, 1:vs], p, q, generator)
+        else:
+            posterior = out.logits[0].argmax(-1)  # [vs]
+            acc = int((block[0, 1:vs] == posterior[:-1]).cumprod(0).sum())
+            bonus = posterior[acc]
+        buf[0, start + 1 : start + acc + 1] = block[0, 1 : acc + 1]
+        buf[0, start + acc + 1] = bonus
+        produced = min(acc + 1, max_len - start - 1)
+        if stop:
+            hit = _first_stop(buf[0, start + 1 : start + produced + 1].tolist(), stop)
+            if hit is not None:
+                produced, stopped = hit + 1, True
+        start += produced
+        crop_cache(tcache, start)
+        ctx = extract_features(out.hidden_states, draft.target_layer_ids)[:, :produced]  # accepted positions only
+        stats.acceptance_lengths.append(produced)
+
+    tokens = buf[:, : min(start + 1, max_len)]
+    stats.decode_s = _now(dev) - t1
+    stats.num_new_tokens = tokens.shape[1] - T0
+    return tokens, stats
+
+
+@torch.inference_mode()
+def greedy_generate(
+    target, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: list[int] | None = None
+) -> tuple[torch.Tensor, GenStats]:
+    """Plain autoregressive greedy decoding with a KV cache: one target forward per token."""
+    _check_prompt(input_ids, max_new_tokens)
+    dev, T0 = input_ids.device, input_ids.shape[1]
+    stop = set(stop_token_ids or ())
+    cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
+    stats = GenStats(num_input_tokens=T0)
+    t0 = _now(dev)
+    logits = target(input_ids, **{ck: cache}, use_cache=True, logits_to_keep=1).logits
+    tok = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+    new = [tok]
+    t1 = _now(dev)
+    stats.prefill_s = t1 - t0
+    while len(new) < max_new_tokens and int(tok) not in stop:
+        pos = torch.tensor([[T0 + len(new) - 1]], device=dev)
+        logits = target(tok, position_ids=pos, **{ck: cache}, use_cache=True).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        new.append(tok)
+    tokens = torch.cat([input_ids, *new], dim=1)
+    stats.decode_s = _now(dev) - t1
+    stats.num_new_tokens = len(new)
+    return tokens, stats
+
+
+@torch.inference_mode()
+def hf_generate(
+    target, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: list[int] | None = None
+) -> tuple[torch.Tensor, GenStats]:
+    """HF `generate`, greedy, with a fresh generation config (no model-specific sampling defaults)."""
+    from transformers import GenerationConfig
+
+    _check_prompt(input_ids, max_new_tokens)
+    stop = list(stop_token_ids or [])
+    gc = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0,
+    )
+    t0 = _now(input_ids.device)
+    out = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
+    stats = GenStats(num_input_tokens=input_ids.shape[1], num_new_tokens=out.shape[1] - input_ids.shape[1])
+    stats.decode_s = _now(input_ids.device) - t0
+    return out, stats
+
+
+def run_speculate(
+    target,
+    tokenizer,
+    draft: DFlashDraft,
+    prompts: list[dict],
+    out_dir,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    verify_len: int | None = None,
+    seed: int = 0,
+    baseline: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Speculative decoding over `prompts`, timed against plain greedy decoding of the same target in the
+    same run. Writes `results.jsonl` (a row per prompt, flushed as it goes) and `summary.json`."""
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .prompts import encode_prompt, stop_token_ids
+    from .runs import JsonlWriter, bootstrap_ci, environment, write_json
+
+    check_sampling(temperature, top_p, top_k)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoded = [(row, encode_prompt(tokenizer, row)) for row in prompts]  # validate every row before any work
+    dev = next(target.parameters()).device
+    stop = stop_token_ids(tokenizer, target)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    # warm-up: first calls pay one-off allocation and kernel selection costs
+    warm = encoded[0][1][:, :8].to(dev)
+    speculative_generate(target, draft, warm, 4, stop_token_ids=stop)
+    greedy_generate(target, warm, 4)
+
+    rows, spec_tok, spec_s, base = [], 0, 0.0, {"greedy": [0, 0.0], "hf_generate": [0, 0.0]}
+    with JsonlWriter(out_dir / "results.jsonl", mode="w") as w:
+        for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
+            ids = ids.to(dev)
+            tokens, st = speculative_generate(
+                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen
+            )
+            new = tokens[0, ids.shape[1]:].tolist()
+            rec = {
+                "id": row.get("id"), "prompt_tokens": ids.shape[1], "new_tokens": len(new),
+                "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new,
+                "acceptance_lengths": st.acceptance_lengths, "tau": st.tau,
+                "prefill_s": st.prefill_s, "decode_s": st.decode_s, "tokens_per_s": len(new) / st.total_s,
+            }
+            spec_tok, spec_s = spec_tok + len(new), spec_s + st.total_s
+            if baseline:
+                for name, fn in (("greedy", greedy_generate), ("hf_generate", hf_generate)):
+                    ref, bst = fn(target, ids, max_new_tokens, stop)
+                    base[name][0] += bst.num_new_tokens
+                    base[name][1] += bst.total_s
+                    rec[f"{name}_tokens_per_s"] = bst.num_new_tokens / bst.total_s
+                    if name == "hf_generate":
+                        rec["identical_to_baseline"] = ref[0, ids.shape[1]:].tolist() == new
+            w.write(rec)
+            rows.append(rec)
+
+    steps = [a for r in rows for a in r["acceptance_lengths"]]
+    tps = spec_tok / spec_s
+    summary = {
+        "n_prompts": len(rows),
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "block_size": draft.block_size, "verify_len": verify_len or draft.block_size - 1,
+        "tau": sum(steps) / len(steps) if steps else float("nan"),
+        "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
+        "acceptance_histogram": np.bincount(steps, minlength=draft.block_size + 1)[1:].tolist() if steps else [],
+        "new_tokens": spec_tok,
+        "tokens_per_s": tps,
+    }
+    if baseline:
+        rates = {k: n / s for k, (n, s) in base.items()}
+        best = max(rates, key=rates.get)
+        summary.update({
+            "baseline_method": best,
+            "baseline_tokens_per_s": rates[best],
+            "greedy_tokens_per_s": rates["greedy"],
+            "hf_generate_tokens_per_s": rates["hf_generate"],
+            "speedup": tps / rates[best],
+            "speedup_vs_hf_generate": tps / rates["hf_generate"],
+            "lossless": all(r["identical_to_baseline"] for r in rows) if temperature == 0 else None,
+        })
+    summary["environment"] = environment()
+    write_json(out_dir / "summary.json", summary)
+    return summary
