@@ -35,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-greedy timing runs")
     p.set_defaults(func=cmd_speculate)
+
+    p = sub.add_parser("make-data", help="target-generated responses to prompts, for draft training (resumable)")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", nargs="+", required=True, help="sources: sharegpt, gsm[:N], or JSONL files (mtbench/humaneval are held out)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--limit", type=int, default=None, help="prompts per source")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-held-out", action="store_true", help="permit mtbench/humaneval as training prompts")
+    p.set_defaults(func=cmd_make_data)
     return parser
 
 
@@ -45,6 +60,10 @@ def load_models(args):
     from .draft import resolve_draft
     from .targets import load_target
 
+    from pathlib import Path
+
+    if args.draft and not args.draft.startswith("init") and not Path(args.draft).exists():
+        raise DraftGuideError(f"draft folder '{args.draft}' does not exist")  # before a slow target load
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
     draft = resolve_draft(args.draft, target, tok, target_name=args.target)
     draft.to(device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
@@ -72,8 +91,33 @@ def cmd_speculate(args) -> int:
     return 0
 
 
+def cmd_make_data(args) -> int:
+    import torch
+
+    from .data import make_data
+    from .datasources import HELD_OUT, load_source
+    from .sampling import check_sampling
+    from .targets import load_target
+
+    check_sampling(args.temperature)
+    held = [s for s in args.prompts if s.partition(":")[0] in HELD_OUT]
+    if held and not args.allow_held_out:
+        raise DraftGuideError(f"{held} are held-out benchmark sets for measuring tau; pass --allow-held-out to train on them anyway")
+    prompts = [r for s in args.prompts for r in load_source(s, limit=args.limit, seed=args.seed)]
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    meta = make_data(
+        target, tok, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed,
+    )
+    print(f"{meta['n_samples']} samples, {meta['n_response_tokens']} response tokens in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars: noise next to our own progress
     try:
         return args.func(args)
     except DraftGuideError as e:

@@ -221,7 +221,8 @@ class DFlashDraft(nn.Module):
                 raise DraftGuideError(f"corrupt draft weights '{f}': {str(e).splitlines()[0]}") from e
         with torch.device("meta"):
             draft = cls(config)
-        draft.rotary_emb = Qwen3RotaryEmbedding(config, device=device)  # non-persistent buffers: build for real
+        with torch.device(device):
+            draft.rotary_emb = Qwen3RotaryEmbedding(config)  # non-persistent buffers: build for real
         ours = dict(draft.state_dict())
         missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
         if missing or unexpected:
@@ -350,7 +351,7 @@ def _config_from_dict(raw: dict, where) -> Qwen3Config:
     try:
         config = Qwen3Config(**raw)
     except Exception as e:
-        raise DraftGuideError(f"unusable draft config '{where}': {str(e).splitlines()[0]}") from e
+        raise DraftGuideError(f"unusable draft config '{where}': {' '.join(str(e).split())[:300]}") from e
     if draft_value(config, "mask_token_id") is None:
         raise DraftGuideError(f"draft config '{where}' has no dflash_config.mask_token_id")
     if draft_value(config, "target_layer_ids") is None and getattr(config, "num_target_layers", None) is None:

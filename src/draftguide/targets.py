@@ -113,9 +113,20 @@ def load_target(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_target(name_or_path)
+
+    def _load(**kw):
+        return AutoTokenizer.from_pretrained(src, **kw), AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+
     try:
-        tok = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        if Path(src).exists():
+            tok, model = _load()
+        else:  # a hub id: the local HF cache first, then the hub if it can be reached at all
+            try:
+                tok, model = _load(local_files_only=True)
+            except OSError:
+                if not _hub_reachable():
+                    raise OSError("the hub cannot be reached from this machine") from None
+                tok, model = _load()
     except (OSError, ValueError) as e:
         if Path(src).exists():
             raise DraftGuideError(f"could not load target from '{src}': {str(e).splitlines()[0]}") from e
@@ -125,6 +136,23 @@ def load_target(
         ) from e
     model.to(device).eval().requires_grad_(False)
     return model, tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One DNS lookup instead of huggingface_hub's retries with back-off (~25 s) on a machine without network."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    old = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
 
 
 def num_target_layers(model) -> int:

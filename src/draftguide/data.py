@@ -1,0 +1,104 @@
+"""Training data for drafts: the target's own responses to prompts (the DFlash recipe).
+
+`DIR/samples.jsonl`: one row per prompt, `{"id", "source", "input_ids", "prompt_len"}`; the loss mask is
+`position >= prompt_len` (response tokens only). Appended and flushed per batch, so a rerun with the
+same DIR skips prompts already done (resume) and an interrupted run loses at most one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import encode_prompt, stop_token_ids
+from .runs import JsonlWriter, write_json
+
+SAMPLES = "samples.jsonl"
+
+
+def read_samples(data_dir: str | Path) -> list[dict]:
+    path = Path(data_dir) / SAMPLES
+    if not path.is_file():
+        from .errors import DraftGuideError
+
+        raise DraftGuideError(f"no {SAMPLES} in '{data_dir}': run `draftguide make-data` first")
+    rows = []
+    with path.open() as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write: that prompt is simply redone on resume
+    return rows
+
+
+@torch.inference_mode()
+def make_data(
+    target,
+    tokenizer,
+    prompts: list[dict],
+    out_dir: str | Path,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    batch_size: int = 32,
+    max_prompt_tokens: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = {r["id"] for r in read_samples(out_dir)} if (out_dir / SAMPLES).is_file() else set()
+    todo = []
+    for row in prompts:
+        if row["id"] in done:
+            continue
+        ids = encode_prompt(tokenizer, row)[0]
+        if ids.numel() <= max_prompt_tokens:
+            todo.append((row, ids))
+    todo.sort(key=lambda x: x[1].numel())  # similar lengths per batch: less left-padding
+    stop = stop_token_ids(tokenizer, target)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    gc = GenerationConfig(
+        do_sample=temperature > 0, temperature=temperature or None, top_p=None, top_k=None,
+        max_new_tokens=max_new_tokens, eos_token_id=stop or None, pad_token_id=pad,
+    )
+    torch.manual_seed(seed)
+    dev = next(target.parameters()).device
+    n_tok, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(todo), desc="make-data", disable=not progress)
+    with JsonlWriter(out_dir / SAMPLES) as w:
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b : b + batch_size]
+            L = max(x[1].numel() for x in batch)
+            inp = torch.full((len(batch), L), pad, dtype=torch.long)
+            att = torch.zeros_like(inp)
+            for i, (_, ids) in enumerate(batch):  # left padding: all prompts end at column L
+                inp[i, L - ids.numel():] = ids
+                att[i, L - ids.numel():] = 1
+            out = target.generate(input_ids=inp.to(dev), attention_mask=att.to(dev), generation_config=gc).cpu()
+            for i, (row, ids) in enumerate(batch):
+                resp = out[i, L:].tolist()
+                cut = next((j + 1 for j, t in enumerate(resp) if t in stop), len(resp))  # keep the stop token
+                resp = resp[:cut]
+                n_tok += len(resp)
+                w.write({"id": row["id"], "source": row.get("source"), "input_ids": ids.tolist() + resp, "prompt_len": ids.numel()})
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    rows = read_samples(out_dir)
+    meta = {
+        "n_samples": len(rows),
+        "n_response_tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in rows),
+        "sources": sorted({r.get("source") or "?" for r in rows}),
+        "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "new_this_run": len(todo), "tokens_per_s_this_run": n_tok / max(time.perf_counter() - t0, 1e-9),
+    }
+    write_json(out_dir / "meta.json", meta)
+    return meta
