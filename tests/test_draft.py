@@ -156,3 +156,19 @@ def test_load_errors(tmp_path, qwen3_pair):
     (good / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DraftGuideError, match="mask_token_id"):
         load_draft(good)
+
+
+def test_blockwise_attention_equals_dense_block_mask(qwen3_pair):
+    """The multi-anchor fast path gives what dense attention under `block_attention_mask` gives."""
+    from draftguide.draft import block_inputs
+
+    target, draft = qwen3_pair
+    ids = torch.randint(0, 90, (2, 30), generator=torch.Generator().manual_seed(2))
+    feats = extract_features(_features(target, ids), draft.target_layer_ids)
+    anchors = torch.tensor([[0, 4, 20], [3, 9, 28]])
+    with torch.no_grad():
+        fast = multi_block_hidden(draft, target, feats, ids, anchors)
+        bids, pos = block_inputs(ids, anchors, draft.block_size, draft.mask_token_id)
+        dense_mask = block_attention_mask(anchors, 30, draft.block_size)
+        dense = draft(draft.embed(target, bids), feats, torch.cat([torch.arange(30).expand(2, 30), pos], 1), attention_mask=dense_mask)
+    torch.testing.assert_close(fast, dense.view_as(fast), atol=1e-5, rtol=1e-5)

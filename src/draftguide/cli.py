@@ -50,6 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-held-out", action="store_true", help="permit mtbench/humaneval as training prompts")
     p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("train-draft", help="train a DFlash draft for a target on make-data samples (resumable, torchrun-ready)")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--data", required=True, help="folder written by make-data")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target-layer-ids", type=int, nargs="+", default=None)
+    p.add_argument("--draft-layers", type=int, default=3)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--anchors-per-seq", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=768)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.04)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--vocab-subset", type=int, default=16384, help="loss over the N most frequent response tokens (0 = full vocabulary)")
+    p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; --resume continues")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train_draft)
     return parser
 
 
@@ -110,6 +137,43 @@ def cmd_make_data(args) -> int:
         batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed,
     )
     print(f"{meta['n_samples']} samples, {meta['n_response_tokens']} response tokens in {args.out}")
+    return 0
+
+
+def cmd_train_draft(args) -> int:
+    import os
+
+    import torch
+
+    from .targets import load_target
+    from .train import TrainConfig, train_draft
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    cfg = TrainConfig(
+        block_size=args.block_size, draft_layers=args.draft_layers, target_layer_ids=args.target_layer_ids,
+        anchors_per_seq=args.anchors_per_seq, batch_size=args.batch_size, max_len=args.max_len, steps=args.steps,
+        epochs=args.epochs, lr=args.lr, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
+        vocab_subset=args.vocab_subset or None, mask_token_id=args.mask_token_id,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+    )
+    try:
+        target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+        res = train_draft(target, tok, args.data, args.out, cfg, resume=args.resume,
+                          max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = "finished" if res["finished"] else "stopped early (resume with --resume)"
+        print(f"{state} at step {res['step']}/{res['total_steps']} after {res['elapsed_s']:.0f}s; draft in {res['draft']}")
     return 0
 
 

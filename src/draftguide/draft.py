@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,9 +106,40 @@ class DraftAttention(nn.Module):
         if cache is not None:
             k_ctx, v_ctx = cache.append(self.layer_idx, k_ctx, v_ctx)
         k_blk, v_blk = self._kv(h, cos[:, C:], sin[:, C:])
-        k, v = torch.cat([k_ctx, k_blk], dim=-2), torch.cat([v_ctx, v_blk], dim=-2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        if isinstance(mask, BlockMask):
+            out = _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask)
+        else:
+            k, v = torch.cat([k_ctx, k_blk], dim=-2), torch.cat([v_ctx, v_blk], dim=-2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, Q, -1))  # [B, Q, d]
+
+
+@dataclass
+class BlockMask:
+    """Many blocks in one pass: `ctx_visible` [B, 1, Q, C] says which context positions each query sees;
+    inside the block every query sees its own block of `block_size` tokens and no other block."""
+
+    ctx_visible: torch.Tensor
+    block_size: int
+
+
+def _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask: BlockMask) -> torch.Tensor:
+    """Same result as dense attention under the block mask, at O(Q*C + Q*bs) instead of O(Q*(C+Q)):
+    with hundreds of blocks the dense mask would be almost all zeros.
+    # q: [B, H, Q, D]; k/v_ctx: [B, Hkv, C, D]; k/v_blk: [B, Hkv, Q, D] -> [B, H, Q, D]
+    """
+    B, H, Q, D = q.shape
+    Hkv, C, bs = k_ctx.shape[1], k_ctx.shape[2], mask.block_size
+    r, m = H // Hkv, Q // bs
+    qg = q.view(B, Hkv, r, Q, D) * D**-0.5  # query heads grouped by their kv head (GQA without copies)
+    s_ctx = qg @ k_ctx[:, :, None].transpose(-1, -2)  # [B, Hkv, r, Q, C]
+    s_ctx = s_ctx.masked_fill(~mask.ctx_visible[:, :, None], float("-inf"))
+    qb = qg.view(B, Hkv, r, m, bs, D)
+    s_blk = qb @ k_blk.view(B, Hkv, 1, m, bs, D).transpose(-1, -2)  # [B, Hkv, r, m, bs, bs]
+    p = torch.softmax(torch.cat([s_ctx, s_blk.reshape(B, Hkv, r, Q, bs)], -1).float(), -1).to(q.dtype)
+    out = p[..., :C] @ v_ctx[:, :, None]  # [B, Hkv, r, Q, D]
+    out = out + (p[..., C:].reshape(B, Hkv, r, m, bs, bs) @ v_blk.view(B, Hkv, 1, m, bs, D)).reshape(B, Hkv, r, Q, D)
+    return out.reshape(B, H, Q, D)
 
 
 class DraftLayer(nn.Module):
@@ -284,7 +316,7 @@ class DFlashDraft(nn.Module):
         target_hidden: torch.Tensor,  # [B, C, n*d] raw target features of context positions (C may be 0)
         position_ids: torch.Tensor,  # [B, C+Q] absolute positions of context, then block tokens
         cache: DraftCache | None = None,
-        attention_mask: torch.Tensor | None = None,  # bool [B|1, 1, Q, C+Q] (True = visible), or None
+        attention_mask: "torch.Tensor | BlockMask | None" = None,  # bool [B|1, 1, Q, C+Q] (True = visible)
     ) -> torch.Tensor:  # [B, Q, d] after the final norm
         ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
         h = noise_embedding
@@ -329,17 +361,20 @@ def block_inputs(token_ids: torch.Tensor, anchors: torch.Tensor, block_size: int
     return ids.view(B, -1), pos.view(B, -1)
 
 
-def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors, block_size=None) -> torch.Tensor:
+def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors, block_size=None, forward=None) -> torch.Tensor:
     """All blocks in one masked forward. Returns draft states [B, m, bs, d]; position k of block i
-    predicts `token_ids[:, anchors[:, i] + k]`.
+    predicts `token_ids[:, anchors[:, i] + k]`. `forward` replaces `draft` as the module called (a DDP
+    wrapper, say, so that its gradient hooks run).
     # features: [B, T, n*d], token_ids: [B, T], anchors: [B, m]
     """
     bs = block_size or draft.block_size
     B, T = token_ids.shape
     ids, pos = block_inputs(token_ids, anchors, bs, draft.mask_token_id)
     ctx_pos = torch.arange(T, device=token_ids.device).expand(B, T)
-    mask = block_attention_mask(anchors, T, bs)
-    h = draft(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask)
+    blk = torch.arange(anchors.shape[1], device=anchors.device).repeat_interleave(bs)  # block id per query
+    mask = BlockMask(torch.arange(T, device=anchors.device)[None, None, :] < anchors[:, blk, None], bs)
+    mask.ctx_visible = mask.ctx_visible[:, None]  # [B, 1, m*bs, T]
+    h = (forward or draft)(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask)
     return h.view(B, anchors.shape[1], bs, -1)
 
 

@@ -1,0 +1,337 @@
+"""Draft training, the DFlash recipe: frozen target, many anchors per sequence in one masked pass.
+
+Per sequence, up to N anchors are drawn uniformly from response positions; block i holds
+`[tok[a_i], MASK x (B-1)]` and position k is trained to predict `tok[a_i + k]` (no shift), seeing
+target features of positions `< a_i` only. Loss = sum_k w_k CE_k / sum_k w_k, w_k = exp(-(k-1)/gamma).
+AdamW, linear warmup then cosine, grad clip 1.0. Embeddings and lm_head are the target's (frozen).
+
+Speed tricks that leave the saved draft a plain official-format draft over the full vocabulary:
+- features are standardised per dimension before `fc` (SmolLM2 has a few huge-magnitude dims);
+  the scale is folded into `fc` when saving;
+- the loss may run over a vocabulary subset (the most frequent response tokens), labels outside it
+  ignored; only the cross-entropy sees the subset.
+
+Runs unchanged under `torchrun --nproc_per_node N` (DDP; gloo on CPU, NCCL on GPU): each rank takes a
+disjoint shard of every batch; rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import read_samples
+from .draft import DFlashDraft, build_target_layer_ids, default_mask_token_id, multi_block_hidden
+from .errors import DraftGuideError
+from .runs import JsonlWriter, write_json
+from .targets import extract_features
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    block_size: int = 16
+    draft_layers: int = 3
+    target_layer_ids: list[int] | None = None
+    anchors_per_seq: int = 64
+    batch_size: int = 8  # sequences per optimizer step (over all ranks)
+    max_len: int = 768  # sequences are cut to this many tokens
+    steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gamma: float | None = None  # loss decay; default 7 for B=16, scaled with B
+    vocab_subset: int | None = 16384  # None = full vocabulary in the loss
+    normalize_features: bool = True
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    mask_token_id: int | None = None
+    save_dtype: str = "bfloat16"  # dtype of the final official-layout draft
+
+
+def loss_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
+    """w_k = exp(-(k-1)/gamma) for k = 1..B-1; gamma 7 for B = 16."""
+    gamma = gamma or 7.0 * block_size / 16
+    k = torch.arange(1, block_size, dtype=torch.float32)
+    return torch.exp(-(k - 1) / gamma)
+
+
+def sample_anchors(prompt_len: int, length: int, n: int, rng: random.Random) -> list[int]:
+    """Up to n distinct anchors among response positions that have at least one token after them."""
+    lo, hi = max(prompt_len, 1), length - 2  # anchor = a committed response token; a+1 must exist
+    if hi < lo:
+        return []
+    pool = range(lo, hi + 1)
+    return sorted(rng.sample(pool, min(n, len(pool))))
+
+
+def block_labels(ids: torch.Tensor, anchors: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Labels [B, m, bs-1]: position k of block i gets `ids[a_i + k]` (no shift); past the end: IGNORE.
+    # ids: [B, T], anchors: [B, m] (-1 = padding anchor), lengths: [B]
+    """
+    k = torch.arange(1, block_size, device=ids.device)
+    pos = anchors[:, :, None] + k  # [B, m, bs-1]
+    valid = (anchors[:, :, None] >= 0) & (pos < lengths[:, None, None])
+    lab = ids.gather(1, pos.clamp(0, ids.shape[1] - 1).view(ids.shape[0], -1)).view(pos.shape)
+    return lab.masked_fill(~valid, IGNORE)
+
+
+def draft_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
+    """Weighted CE over block offsets. logits [B, m, bs-1, V'], labels [B, m, bs-1], weights [bs-1].
+    Returns (loss, per-offset accuracy [bs-1], per-offset label count [bs-1])."""
+    ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none").view(labels.shape)
+    valid = labels != IGNORE
+    w = weights.to(ce.device)[None, None, :] * valid
+    loss = (ce * w).sum() / w.sum().clamp_min(1e-9)
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == labels) & valid
+        n = valid.sum((0, 1))
+        acc = hit.sum((0, 1)) / n.clamp_min(1)
+    return loss, acc, n
+
+
+class FeatureScale(torch.nn.Module):
+    """Per-dimension feature scale applied before `fc` in training; folded into `fc` when saving."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, feats: torch.Tensor) -> None:
+        # RMS per dim over all positions but the first (attention-sink outliers would dominate)
+        x = feats[:, 1:].reshape(-1, feats.shape[-1]).float()
+        self.scale.copy_(x.pow(2).mean(0).sqrt().clamp_min(1e-6))
+
+    def forward(self, feats):
+        return feats / self.scale.to(feats.dtype)
+
+
+def fold_scale_into_fc(draft: DFlashDraft, scale: torch.Tensor) -> DFlashDraft:
+    """fc(x / s) == (W diag(1/s)) x: returns a plain draft that reads raw target features."""
+    with torch.no_grad():
+        draft.fc.weight.div_(scale.to(draft.fc.weight)[None, :])
+    return draft
+
+
+def vocab_subset(samples: list[dict], size: int | None, vocab: int) -> torch.Tensor | None:
+    """The `size` most frequent response tokens (sorted ids), or None for the full vocabulary."""
+    if size is None or size >= vocab:
+        return None
+    resp = np.concatenate([np.asarray(s["input_ids"][s["prompt_len"]:], dtype=np.int64) for s in samples])
+    counts = np.bincount(resp, minlength=vocab)
+    top = np.argsort(-counts, kind="stable")[:size]
+    return torch.as_tensor(np.sort(top))
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _collate(batch: list[dict], max_len: int, pad: int):
+    L = min(max_len, max(len(s["input_ids"]) for s in batch))
+    ids = torch.full((len(batch), L), pad, dtype=torch.long)
+    lengths = torch.zeros(len(batch), dtype=torch.long)
+    for i, s in enumerate(batch):
+        x = s["input_ids"][:L]
+        ids[i, : len(x)] = torch.as_tensor(x)
+        lengths[i] = len(x)
+    return ids, lengths
+
+
+def _anchor_tensor(batch, lengths, n, rng) -> torch.Tensor:
+    lists = [sample_anchors(s["prompt_len"], int(lengths[i]), n, rng) for i, s in enumerate(batch)]
+    m = max(1, max(len(a) for a in lists))
+    out = torch.full((len(batch), m), -1, dtype=torch.long)
+    for i, a in enumerate(lists):
+        out[i, : len(a)] = torch.as_tensor(a, dtype=torch.long)
+    return out
+
+
+def train_draft(
+    target,
+    tokenizer,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    max_seconds: float | None = None,
+) -> dict:
+    """Train (or resume) a draft for `target` on `make-data` samples. Writes `out_dir/checkpoint.pt`
+    (resumable state), `out_dir/log.jsonl`, and the final official-layout draft in `out_dir/draft/`."""
+    rank, world = _dist()
+    out_dir = Path(out_dir)
+    samples = [s for s in read_samples(data_dir) if len(s["input_ids"]) - s["prompt_len"] >= 2]
+    if not samples:
+        raise DraftGuideError(f"no usable samples in '{data_dir}' (each needs >= 2 response tokens)")
+    if cfg.batch_size % world:
+        raise DraftGuideError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {world}")
+    tc = target.config.get_text_config()
+    ids_default = build_target_layer_ids(tc.num_hidden_layers, 5)
+    mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else default_mask_token_id(tokenizer)
+    draft = DFlashDraft.for_target(
+        target, num_layers=cfg.draft_layers, block_size=cfg.block_size, mask_token_id=mask_id,
+        target_layer_ids=cfg.target_layer_ids or ids_default, seed=cfg.seed,
+    )
+    draft.check_target(target)
+    dev = next(target.parameters()).device
+    draft.to(dev).train()
+    scale = FeatureScale(draft.fc.in_features).to(dev)
+    subset = vocab_subset(samples, cfg.vocab_subset, target.get_output_embeddings().weight.shape[0])
+    head_w = target.get_output_embeddings().weight
+    head_sub = head_w[subset.to(dev)] if subset is not None else head_w  # [V', d] frozen
+    remap = None
+    if subset is not None:  # full-vocab id -> subset index (IGNORE when outside)
+        remap = torch.full((head_w.shape[0],), IGNORE, dtype=torch.long, device=dev)
+        remap[subset.to(dev)] = torch.arange(len(subset), device=dev)
+    weights = loss_weights(cfg.block_size, cfg.gamma).to(dev)
+
+    steps_per_epoch = max(1, len(samples) // cfg.batch_size)
+    total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
+    model = draft
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(draft, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    warm = max(1, int(cfg.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+    )
+    state = {"step": 0, "epoch": 0, "pos": 0, "seed": cfg.seed, "scale_fitted": False, "elapsed_s": 0.0}
+    ckpt = out_dir / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        blob = torch.load(ckpt, map_location=dev, weights_only=False)  # our own file, written below
+        draft.load_state_dict(blob["draft"])
+        scale.load_state_dict(blob["scale"])
+        opt.load_state_dict(blob["opt"])
+        sched.load_state_dict(blob["sched"])
+        state = blob["state"]
+        torch.set_rng_state(blob["torch_rng"])
+        random.setstate(blob["py_rng"])
+    elif resume and rank == 0:
+        print(f"draftguide: no checkpoint in {out_dir}; starting fresh")
+    else:
+        random.seed(cfg.seed)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "train_config.json", asdict(cfg) | {"data": str(data_dir), "n_samples": len(samples), "total_steps": total, "world_size": world})
+
+    def order(epoch: int) -> list[int]:  # same permutation on every rank and on resume
+        perm = list(range(len(samples)))
+        random.Random(cfg.seed * 1000003 + epoch).shuffle(perm)
+        return perm
+
+    def save_checkpoint():
+        if rank != 0:
+            return
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({
+            "draft": draft.state_dict(), "scale": scale.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "state": state, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "cfg": asdict(cfg),
+        }, tmp)
+        os.replace(tmp, ckpt)
+
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if rank == 0 or world == 1 else {}
+    log = JsonlWriter(out_dir / "log.jsonl") if rank == 0 else None
+    bar = tqdm(total=total, initial=state["step"], desc="train-draft", disable=not progress or rank != 0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    perm = order(state["epoch"])
+    t_start, agg = time.perf_counter(), {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
+    try:
+        while state["step"] < total and not stop["flag"]:
+            if state["pos"] + cfg.batch_size > len(perm):
+                state["epoch"] += 1
+                state["pos"] = 0
+                perm = order(state["epoch"])
+            idx = perm[state["pos"] : state["pos"] + cfg.batch_size]
+            local = [samples[i] for i in idx[rank::world]]
+            ids, lengths = _collate(local, cfg.max_len, pad)
+            ids, lengths = ids.to(dev), lengths.to(dev)
+            with torch.no_grad():
+                hs = target(ids, attention_mask=(torch.arange(ids.shape[1], device=dev) < lengths[:, None]).long(), output_hidden_states=True, logits_to_keep=1).hidden_states
+                feats = extract_features(hs, draft.target_layer_ids)  # [b, T, n*d]
+                if not state["scale_fitted"]:
+                    scale.fit(feats)
+                    if world > 1:  # all ranks must agree on the scale
+                        import torch.distributed as dist
+
+                        dist.broadcast(scale.scale, 0)
+                    state["scale_fitted"] = True
+            anchors = _anchor_tensor(local, lengths.cpu(), cfg.anchors_per_seq, random).to(dev)
+            labels = block_labels(ids, anchors, lengths, cfg.block_size)  # [b, m, bs-1]
+            hidden = multi_block_hidden(draft, target, scale(feats), ids, anchors.clamp_min(0), forward=model)  # [b, m, bs, d]
+            logits = hidden[:, :, 1:] @ head_sub.T.to(hidden.dtype)  # [b, m, bs-1, V']
+            lab = remap[labels.clamp_min(0)].masked_fill(labels == IGNORE, IGNORE) if remap is not None else labels
+            loss, acc, n = draft_loss(logits, lab, weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            state["pos"] += cfg.batch_size
+            agg["loss"] += float(loss.detach())
+            agg["acc"] += acc.cpu()
+            agg["n"] += 1
+            agg["tok"] += int(n.sum())
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == total:
+                el = time.perf_counter() - t_start
+                row = {
+                    "step": state["step"], "epoch": state["epoch"], "loss": agg["loss"] / agg["n"],
+                    "acc": [round(float(a), 4) for a in agg["acc"] / agg["n"]], "lr": sched.get_last_lr()[0],
+                    "grad_norm": float(gnorm), "labels_per_s": agg["tok"] * world / max(el, 1e-9),
+                    "elapsed_s": state["elapsed_s"] + el,
+                }
+                if log:
+                    log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc1=row["acc"][0], acc2=row["acc"][1] if len(row["acc"]) > 1 else 0)
+                agg = {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                save_checkpoint()
+            if max_seconds and time.perf_counter() - t_start > max_seconds:
+                stop["flag"] = True
+    finally:
+        state["elapsed_s"] += time.perf_counter() - t_start
+        bar.close()
+        save_checkpoint()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if log:
+            log.close()
+    done = state["step"] >= total
+    if rank == 0:
+        final = DFlashDraft(draft.config)
+        final.load_state_dict(draft.state_dict())
+        fold_scale_into_fc(final, scale.scale.cpu())
+        final.save_pretrained(out_dir / "draft", dtype=getattr(torch, cfg.save_dtype))
+    return {"step": state["step"], "total_steps": total, "finished": done, "elapsed_s": state["elapsed_s"],
+            "draft": str(out_dir / "draft"), "model": draft}
