@@ -107,3 +107,16 @@ def test_speculate_writes_results_and_summary(tmp_path, tiny_target_dir, tiny_dr
 def test_unknown_hub_id_is_one_clear_line(capsys, tmp_path):
     err = _err(capsys, ["speculate", "--target", "nobody/no-such-model", "--out", str(tmp_path)])
     assert "local folder" in err
+
+
+def test_bench_tau_per_set_summary(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
+    a, b = tmp_path / "setA.jsonl", tmp_path / "setB.jsonl"
+    a.write_text(json.dumps({"prompt": "abc"}) + "\n")
+    b.write_text(json.dumps({"prompt": "xyz"}) + "\n" + json.dumps({"prompt": "hello"}) + "\n")
+    code = main(["bench-tau", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--sets", f"{a},{b}",
+                 "--out", str(tmp_path / "bt"), "--max-new-tokens", "8"])
+    assert code == 0
+    s = json.loads((tmp_path / "bt" / "summary.json").read_text())
+    assert set(s["sets"]) == {"setA", "setB"}
+    assert s["sets"]["setB"]["n_prompts"] == 2 and s["sets"]["setA"]["lossless"] is True
+    assert "setB" in capsys.readouterr().out

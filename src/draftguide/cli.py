@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_draft)
+
+    p = sub.add_parser("bench-tau", help="tau and speedup per held-out benchmark set (T=0), JSON + table")
+    _add_model_args(p)
+    p.add_argument("--sets", default="mtbench,humaneval", help="comma list of mtbench, humaneval, sharegpt-heldout or JSONL files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="prompts per set")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--verify-len", type=int, default=None)
+    p.set_defaults(func=cmd_bench_tau)
     return parser
 
 
@@ -174,6 +183,32 @@ def cmd_train_draft(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         state = "finished" if res["finished"] else "stopped early (resume with --resume)"
         print(f"{state} at step {res['step']}/{res['total_steps']} after {res['elapsed_s']:.0f}s; draft in {res['draft']}")
+    return 0
+
+
+def cmd_bench_tau(args) -> int:
+    from pathlib import Path
+
+    from .datasources import load_source
+    from .runs import environment, write_json
+    from .speculative import run_speculate
+
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    prompt_sets = {s: load_source(s, limit=args.limit) for s in sets}  # fail on a bad set before loading models
+    target, tok, draft = load_models(args)
+    out, res = Path(args.out), {}
+    for name, prompts in prompt_sets.items():
+        tag = Path(name).stem if name.endswith(".jsonl") else name
+        res[tag] = run_speculate(target, tok, draft, prompts, out / tag, max_new_tokens=args.max_new_tokens, verify_len=args.verify_len)
+    keys = ("n_prompts", "tau", "tau_ci95_over_prompts", "tokens_per_s", "baseline_method", "baseline_tokens_per_s", "speedup",
+            "hf_generate_tokens_per_s", "speedup_vs_hf_generate", "lossless")
+    summary = {"target": args.target, "draft": args.draft or "shipped", "max_new_tokens": args.max_new_tokens,
+               "sets": {k: {f: v.get(f) for f in keys} for k, v in res.items()}, "environment": environment()}
+    write_json(out / "summary.json", summary)
+    print(f"\n{'set':<18} {'n':>4} {'tau':>6} {'tok/s':>7} {'base':>7} {'speedup':>8} {'vs HF':>6} {'lossless':>9}")
+    for k, v in res.items():
+        print(f"{k:<18} {v['n_prompts']:>4} {v['tau']:>6.2f} {v['tokens_per_s']:>7.1f} {v['baseline_tokens_per_s']:>7.1f} "
+              f"{v['speedup']:>8.2f} {v['speedup_vs_hf_generate']:>6.2f} {str(v['lossless']):>9}")
     return 0
 
 

