@@ -111,3 +111,23 @@ def test_mismatched_draft_rejected(qwen3_pair):
     other = tiny_target(layers=4)  # draft reads layer 4, which a 4-layer target lacks
     with pytest.raises(DraftGuideError, match="out of range"):
         speculative_generate(other, draft, torch.tensor([[1, 2]]), 4)
+
+
+def test_adaptive_verify_is_lossless_and_picks_by_cost():
+    from draftguide.speculative import best_verify_len
+
+    target, draft, ids = mixed_acceptance_pair()
+    ref, _ = hf_generate(target, ids, 60)
+    flat = [1.0] * (draft.block_size + 1)  # verifying costs nothing extra: verify everything
+    ours, st = speculative_generate(target, draft, ids, 60, verify_costs=flat)
+    assert ours.tolist() == ref.tolist()
+    steep = [1.0 + 10.0 * n for n in range(draft.block_size + 1)]  # every extra token is expensive: verify one
+    ours, st = speculative_generate(target, draft, ids, 60, verify_costs=steep)
+    assert ours.tolist() == ref.tolist() and max(st.acceptance_lengths) <= 2
+    # a confident draft earns a longer verify at the same moderate cost curve than an unsure one
+    V = 50
+    sure = torch.full((7, V), -20.0)
+    sure[:, 0] = 20.0
+    unsure = torch.zeros((7, V))
+    moderate = [1.0 + 0.1 * n for n in range(8)]
+    assert best_verify_len(sure, moderate) == 7 and best_verify_len(unsure, moderate) == 1

@@ -156,3 +156,32 @@ def test_ddp_two_cpu_processes_agree(tiny_data, tmp_path):
     init = DFlashDraft.for_target(tiny_target(), num_layers=1, block_size=4, mask_token_id=3, target_layer_ids=[1, 3]).state_dict()
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # all-reduced gradients: identical weights on both ranks
     assert not torch.equal(r0["fc.weight"], init["fc.weight"])  # ...and they did train
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
+    """A long run stopped by SIGTERM leaves a checkpoint and a draft; --resume finishes the run."""
+    import signal
+    import time
+
+    root, _ = tiny_data
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "draftguide.cli", "train-draft", "--target", str(root / "target"), "--data", str(root / "data"),
+           "--out", str(out), "--steps", "100000", "--block-size", "4", "--draft-layers", "1", "--target-layer-ids", "1", "3",
+           "--anchors-per-seq", "4", "--batch-size", "2", "--vocab-subset", "0", "--mask-token-id", "3", "--log-every", "1",
+           "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped early" in stdout
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["step"]
+    assert 3 <= step < 100000 and (out / "draft" / "model.safetensors").is_file()
+    # resume with a finite budget: continues from the checkpoint rather than from scratch
+    done = subprocess.run(cmd[:cmd.index("--steps") + 1] + [str(step + 2)] + cmd[cmd.index("--steps") + 2:] + ["--resume"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"finished at step {step + 2}/{step + 2}" in done.stdout

@@ -11,6 +11,18 @@ from .targets import DEFAULT_TARGET
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
+def _verify_len(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive integer or 'auto'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer or 'auto'")
+    return n
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"alias, local HF folder or hub id (default {DEFAULT_TARGET})")
     p.add_argument("--draft", default=None, help="DFlash draft folder, or 'init[:LAYERS]' for an untrained draft (default: the shipped draft of the target)")
@@ -30,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--verify-len", type=int, default=None, help="drafted tokens verified per step (default block_size-1)")
+    p.add_argument("--verify-len", type=_verify_len, default=None, help="drafted tokens verified per step: N, or 'auto' (adaptive, from the measured cost curve); default block_size-1")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-greedy timing runs")
@@ -84,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None, help="prompts per set")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--verify-len", type=int, default=None)
+    p.add_argument("--verify-len", type=_verify_len, default=None, help="N or 'auto'")
     p.set_defaults(func=cmd_bench_tau)
     return parser
 

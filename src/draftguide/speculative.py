@@ -84,11 +84,16 @@ def speculative_generate(
     stop_token_ids: list[int] | None = None,
     verify_len: int | None = None,
     generator: torch.Generator | None = None,
+    verify_costs: list[float] | None = None,
 ) -> tuple[torch.Tensor, GenStats]:
     """Returns `(tokens [1, T + n], stats)`. Greedy output equals the target's own greedy output; at
     temperature > 0 rejection sampling keeps the target's distribution. `verify_len` (1..B-1, default
     B-1) verifies only the first drafted tokens: the draft still fills the full block, so its proposals
-    are unchanged, while a shorter target forward can pay off when late offsets are rarely accepted."""
+    are unchanged, while a shorter target forward can pay off when late offsets are rarely accepted.
+    `verify_costs` ([c_1..c_B], seconds of a target forward over n tokens; see `measure_verify_costs`)
+    switches on adaptive verification: each step verifies the n drafted tokens that maximise expected
+    committed tokens per second, the expectation taken from the draft's own confidences. Exactness does
+    not depend on n: it is chosen before the target is consulted."""
     check_sampling(temperature, top_p, top_k)
     _check_prompt(input_ids, max_new_tokens)
     draft.check_target(target)
@@ -118,7 +123,12 @@ def speculative_generate(
         vs = min(n_verify + 1, dlen)
         block = buf[:, start : start + dlen].clone()  # [1, dlen] = [anchor, MASK...]
         h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache)
-        dlogits = draft.logits(h[:, 1:vs], target)[0]  # [vs-1, V]
+        if verify_costs is not None and dlen > 2:
+            dlogits = draft.logits(h[:, 1:dlen], target)[0]  # [dlen-1, V]
+            vs = best_verify_len(dlogits, verify_costs, temperature) + 1
+            dlogits = dlogits[: vs - 1]
+        else:
+            dlogits = draft.logits(h[:, 1:vs], target)[0]  # [vs-1, V]
         if temperature > 0:
             q = probs_from_logits(dlogits, temperature, top_p, top_k)
             block[0, 1:vs] = sample_probs(q, generator)
@@ -151,6 +161,38 @@ def speculative_generate(
     stats.decode_s = _now(dev) - t1
     stats.num_new_tokens = tokens.shape[1] - T0
     return tokens, stats
+
+
+def best_verify_len(dlogits: torch.Tensor, costs: list[float], temperature: float = 0.0) -> int:
+    """n in 1..len(dlogits) maximising (1 + E[accepted | n]) / cost(n + 1), where E[accepted | n] sums the
+    running products of the draft's top-token probabilities (its own estimate of acceptance per offset).
+    # dlogits: [n_max, V]"""
+    conf = torch.softmax(dlogits.float() / max(temperature, 1.0), -1).max(-1).values.cumprod(0)  # [n_max]
+    expected = 1.0 + conf.cumsum(0)  # [n_max]: committed tokens if n = 1..n_max are verified
+    n_max = min(len(costs) - 1, dlogits.shape[0])
+    rate = expected[:n_max] / torch.tensor(costs[1 : n_max + 1], dtype=expected.dtype)
+    return int(rate.argmax()) + 1
+
+
+@torch.inference_mode()
+def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, repeats: int = 3) -> list[float]:
+    """Seconds of one target forward over n = 1..max_tokens new tokens after a `context_len` cache:
+    the cost curve adaptive verification trades against acceptance. Returns [c_1, ..., c_max]."""
+    dev = next(target.parameters()).device
+    vocab = target.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, context_len + max_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
+    target(ids[:, :context_len], **{ck: cache}, use_cache=True, logits_to_keep=1)
+    costs = []
+    for n in range(1, max_tokens + 1):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = _now(dev)
+            target(ids[:, context_len : context_len + n], **{ck: cache}, use_cache=True, output_hidden_states=True)
+            best = min(best, _now(dev) - t0)
+            crop_cache(cache, context_len)
+        costs.append(best)
+    return costs
 
 
 @torch.inference_mode()
@@ -211,7 +253,7 @@ def run_speculate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    verify_len: int | None = None,
+    verify_len: int | str | None = None,
     seed: int = 0,
     baseline: bool = True,
     progress: bool = True,
@@ -237,13 +279,19 @@ def run_speculate(
     warm = encoded[0][1][:, :8].to(dev)
     speculative_generate(target, draft, warm, 4, stop_token_ids=stop)
     greedy_generate(target, warm, 4)
+    costs = None
+    if verify_len == "auto":
+        costs = measure_verify_costs(target, max_tokens=draft.block_size)
+        verify_len = None
+    elif verify_len is not None and not isinstance(verify_len, int):
+        raise DraftGuideError(f"verify_len must be an integer or 'auto', got {verify_len!r}")
 
     rows, spec_tok, spec_s, base = [], 0, 0.0, {"greedy": [0, 0.0], "hf_generate": [0, 0.0]}
     with JsonlWriter(out_dir / "results.jsonl", mode="w") as w:
         for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
             ids = ids.to(dev)
             tokens, st = speculative_generate(
-                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen
+                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs
             )
             new = tokens[0, ids.shape[1]:].tolist()
             rec = {
@@ -269,7 +317,8 @@ def run_speculate(
     summary = {
         "n_prompts": len(rows),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-        "block_size": draft.block_size, "verify_len": verify_len or draft.block_size - 1,
+        "block_size": draft.block_size, "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
+        "verify_costs_s": costs,
         "tau": sum(steps) / len(steps) if steps else float("nan"),
         "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
         "acceptance_histogram": np.bincount(steps, minlength=draft.block_size + 1)[1:].tolist() if steps else [],

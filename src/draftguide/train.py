@@ -265,6 +265,7 @@ def train_draft(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     perm = order(state["epoch"])
     t_start, agg = time.perf_counter(), {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
+    t_log = t_start
     try:
         while state["step"] < total and not stop["flag"]:
             if state["pos"] + cfg.batch_size > len(perm):
@@ -304,17 +305,19 @@ def train_draft(
             agg["tok"] += int(n.sum())
             bar.update(1)
             if state["step"] % cfg.log_every == 0 or state["step"] == total:
-                el = time.perf_counter() - t_start
+                now = time.perf_counter()
+                el = now - t_start
                 row = {
                     "step": state["step"], "epoch": state["epoch"], "loss": agg["loss"] / agg["n"],
                     "acc": [round(float(a), 4) for a in agg["acc"] / agg["n"]], "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(gnorm), "labels_per_s": agg["tok"] * world / max(el, 1e-9),
+                    "grad_norm": float(gnorm), "labels_per_s": agg["tok"] * world / max(now - t_log, 1e-9),
                     "elapsed_s": state["elapsed_s"] + el,
                 }
                 if log:
                     log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc1=row["acc"][0], acc2=row["acc"][1] if len(row["acc"]) > 1 else 0)
                 agg = {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
+                t_log = now
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint()
             if max_seconds and time.perf_counter() - t_start > max_seconds:
