@@ -59,3 +59,11 @@ def test_unknown_source(tmp_path):
 
     with pytest.raises(DraftGuideError, match="unknown prompt source"):
         load_source("nope")
+
+
+def test_gsm_symbolic_is_seeded():
+    from draftguide.datasources import gsm_symbolic
+
+    a, b = gsm_symbolic(3, seed=1), gsm_symbolic(3, seed=1)
+    assert [r["messages"] for r in a] == [r["messages"] for r in b]
+    assert all(r["source"] == "gsm" and r["messages"][0]["content"].strip() for r in a)
