@@ -185,3 +185,13 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"finished at step {step + 2}/{step + 2}" in done.stdout
+
+
+def test_draft_from_checkpoint_equals_saved_draft(tiny_data, tmp_path):
+    from draftguide.train import draft_from_checkpoint
+
+    root, _ = tiny_data
+    _train(root, tmp_path, _cfg(steps=3, save_dtype="float32"))
+    a = draft_from_checkpoint(tmp_path / "checkpoint.pt").state_dict()
+    b = DFlashDraft.from_pretrained(tmp_path / "draft").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

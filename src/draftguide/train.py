@@ -128,6 +128,18 @@ def fold_scale_into_fc(draft: DFlashDraft, scale: torch.Tensor) -> DFlashDraft:
     return draft
 
 
+def draft_from_checkpoint(path: str | Path) -> DFlashDraft:
+    """The plain draft (feature scale folded into fc) from a training checkpoint, e.g. mid-run."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)  # our own training checkpoint
+    from .draft import _config_from_dict
+
+    if "config" not in blob:
+        raise DraftGuideError(f"checkpoint '{path}' has no draft config (written by an older draftguide)")
+    draft = DFlashDraft(_config_from_dict(blob["config"], path))
+    draft.load_state_dict(blob["draft"])
+    return fold_scale_into_fc(draft, blob["scale"]["scale"]).eval()
+
+
 def vocab_subset(samples: list[dict], size: int | None, vocab: int) -> torch.Tensor | None:
     """The `size` most frequent response tokens (sorted ids), or None for the full vocabulary."""
     if size is None or size >= vocab:
@@ -251,6 +263,7 @@ def train_draft(
         torch.save({
             "draft": draft.state_dict(), "scale": scale.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
             "state": state, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "cfg": asdict(cfg),
+            "config": draft.config.to_dict(),
         }, tmp)
         os.replace(tmp, ckpt)
 
