@@ -19,22 +19,28 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a malformed line raises an error naming its line number."""
+def read_jsonl(path: str | Path, bad: list | None = None) -> list[dict]:
+    """Rows of a JSONL file; a malformed line raises an error naming its line number, or, when a list
+    `bad` is given, is appended to it as `(line_number, message)` and skipped."""
     path = Path(path)
     if not path.is_file():
         raise DraftGuideError(f"file '{path}' does not exist")
     rows = []
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DraftGuideError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                row, msg = None, f"{path}:{n}: not valid JSON ({e.msg})"
+            else:
+                msg = f"{path}:{n}: each line must be a JSON object"
             if not isinstance(row, dict):
-                raise DraftGuideError(f"{path}:{n}: each line must be a JSON object")
+                if bad is None:
+                    raise DraftGuideError(msg)
+                bad.append((n, msg))
+                continue
             row.setdefault("_line", n)
             rows.append(row)
     return rows

@@ -16,6 +16,8 @@ class JsonlWriter:
     def __init__(self, path: str | Path, mode: str = "a"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "a" and self.path.is_file():
+            _drop_torn_line(self.path)
         self._f = self.path.open(mode)
 
     def write(self, row: dict) -> None:
@@ -30,6 +32,18 @@ class JsonlWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line left unfinished by a crash, so that appending does not glue a new row onto it."""
+    with path.open("rb+") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.seek(0)
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def write_json(path: str | Path, obj) -> None:
