@@ -98,6 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--verify-len", type=_verify_len, default=None, help="N or 'auto'")
     p.set_defaults(func=cmd_bench_tau)
+
+    p = sub.add_parser("tasks", help="the built-in context-learning task suite")
+    tsub = p.add_subparsers(dest="tasks_command", required=True)
+    b = tsub.add_parser("build", help="generate tasks (CL-bench rows with reference answers and checks) as JSONL")
+    b.add_argument("--out", required=True, help="FILE.jsonl")
+    b.add_argument("--n-per-subcategory", type=int, default=16)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_tasks_build)
+
+    p = sub.add_parser("eval", help="context-learning evaluation: generate, score, summarise (resumable, torchrun-ready)")
+    p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--method", default="greedy")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    p.add_argument("--judge", default="auto", choices=["auto", "rules", "llm"], help="auto: rules where a row has checks, else llm")
+    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint (key from OPENAI_API_KEY)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    p.add_argument("--judge-prompt-file", default=None, help="judge prompt with {rubrics} and {response} placeholders")
+    p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -221,6 +246,42 @@ def cmd_bench_tau(args) -> int:
     for k, v in res.items():
         print(f"{k:<18} {v['n_prompts']:>4} {v['tau']:>6.2f} {v['tokens_per_s']:>7.1f} {v['baseline_tokens_per_s']:>7.1f} "
               f"{v['speedup']:>8.2f} {v['speedup_vs_hf_generate']:>6.2f} {str(v['lossless']):>9}")
+    return 0
+
+
+def cmd_tasks_build(args) -> int:
+    from .tasks import build_tasks, write_tasks
+
+    rows = build_tasks(args.n_per_subcategory, args.seed)
+    print(f"{len(rows)} tasks in {write_tasks(rows, args.out)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from .evaluate import check_judge, check_method, format_table, load_tasks, run_eval
+    from .targets import load_target
+
+    check_method(args.method, args.max_new_tokens)
+    tasks, bad = load_tasks(args.tasks, skip_bad=args.skip_bad)
+    tasks = tasks[: args.limit]
+    judge = None
+    if check_judge(tasks, args.judge):
+        from .judge import LLMJudge, load_prompt
+
+        judge = LLMJudge(args.judge_model, args.judge_base_url, timeout=args.judge_timeout, prompt=load_prompt(args.judge_prompt_file))
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
+    s = run_eval(target, tok, tasks, args.out, method=args.method, max_new_tokens=args.max_new_tokens, judge=args.judge,
+                 llm_judge=judge, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n" + format_table(s))
+        print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
     return 0
 
 

@@ -1,0 +1,365 @@
+"""Context-learning evaluation: task rows in, scored responses and a summary out.
+
+- Tasks are CL-bench rows (see `tasks.py`); `load_tasks` checks each and names the line of a bad one.
+- Methods: `METHODS[name](target, tokenizer, input_ids, max_new_tokens, stop_token_ids, **opts) -> new
+  token ids`. `greedy` is the baseline; later methods register themselves with `@register_method`.
+- Scoring: `rules` (every check passes) or `llm` (`judge.LLMJudge`, all rubrics met); `auto` uses the
+  rules for rows with `checks` and the judge for the others.
+- Runs are resumable: a row per task is appended and flushed to `results.jsonl` (`results.rank{r}.jsonl`
+  under torchrun, one disjoint shard per rank); a rerun skips finished tasks and retries failed ones;
+  at the end everything is merged, in task order, into `results.jsonl` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import DraftGuideError
+
+RESULTS, SUMMARY, RUN = "results.jsonl", "summary.json", "run.json"
+CHECK_TYPES = ("contains", "not_contains", "regex")
+JUDGES = ("auto", "rules", "llm")
+UNKNOWN = "(none)"
+
+# -- methods --------------------------------------------------------------------------------------
+METHODS: dict[str, Callable] = {}
+
+
+def register_method(name: str):
+    """Decorator: `fn(target, tokenizer, input_ids [1, T], max_new_tokens, stop_token_ids, **opts) -> list[int]`
+    (the new tokens only)."""
+
+    def deco(fn):
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_method("greedy")
+def greedy(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], **opts) -> list[int]:
+    from .speculative import greedy_generate
+
+    if opts:
+        raise DraftGuideError(f"method 'greedy' takes no options, got {sorted(opts)}")
+    tokens, _ = greedy_generate(target, input_ids, max_new_tokens, stop_token_ids)
+    return tokens[0, input_ids.shape[1]:].tolist()
+
+
+# -- scoring --------------------------------------------------------------------------------------
+def strip_thinking(text: str) -> str:
+    """Drop `<think>...</think>` blocks; an unclosed one (cut by the token limit) drops the rest; a lone
+    `</think>` (the template opened it in the prompt) keeps what follows it."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text.split("<think>", 1)[0].strip()
+
+
+def score_checks(response: str, checks: list[dict]) -> tuple[bool, list[dict]]:
+    """All checks, case-insensitive: `contains` / `not_contains` a substring, `regex` searched anywhere.
+    Returns (every check passed, [{type, value, passed}])."""
+    low, details = response.lower(), []
+    for c in checks:
+        kind, value = c["type"], str(c["value"])
+        if kind == "contains":
+            ok = value.lower() in low
+        elif kind == "not_contains":
+            ok = value.lower() not in low
+        elif kind == "regex":
+            ok = re.search(value, response, flags=re.I) is not None
+        else:
+            raise DraftGuideError(f"unknown check type {kind!r} (expected one of {', '.join(CHECK_TYPES)})")
+        details.append({"type": kind, "value": value, "passed": ok})
+    return bool(details) and all(d["passed"] for d in details), details
+
+
+# -- task rows ------------------------------------------------------------------------------------
+def _problem(row: dict) -> str | None:
+    """What is wrong with a task row, or None."""
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return "'messages' must be a non-empty list"
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+        return "every message needs a string 'role' and 'content'"
+    if msgs[-1]["role"] != "user":
+        return "the last message must be the user's task"
+    meta = row.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("task_id"), str) or not meta["task_id"]:
+        return "'metadata' must hold a non-empty string 'task_id'"
+    rubrics = row.get("rubrics", [])
+    if not isinstance(rubrics, list) or not all(isinstance(r, str) for r in rubrics):
+        return "'rubrics' must be a list of strings"
+    checks = row.get("checks", [])
+    if not isinstance(checks, list):
+        return "'checks' must be a list"
+    for c in checks:
+        if not isinstance(c, dict) or c.get("type") not in CHECK_TYPES or not isinstance(c.get("value"), (str, int, float)):
+            return f"bad check {c!r}: needs 'type' ({'/'.join(CHECK_TYPES)}) and a 'value'"
+        if c["type"] == "regex":
+            try:
+                re.compile(str(c["value"]))
+            except re.error as e:
+                return f"check regex {c['value']!r} does not compile ({e})"
+    if not rubrics and not checks:
+        return "a task needs 'rubrics' or 'checks' to be scored"
+    return None
+
+
+def load_tasks(source: str, skip_bad: bool = False) -> tuple[list[dict], list[dict]]:
+    """Task rows of a JSONL file, or the built-in suite (`builtin`). A malformed row raises an error
+    naming its line; with `skip_bad` it is returned in the second list ({line, error}) instead."""
+    from .prompts import read_jsonl
+    from .tasks import builtin_tasks_path
+
+    path = builtin_tasks_path() if source == "builtin" else Path(source)
+    raw_bad: list = []
+    rows = read_jsonl(path, bad=raw_bad if skip_bad else None)
+    bad = [{"line": n, "error": msg} for n, msg in raw_bad]
+    tasks, seen = [], {}
+    for row in rows:
+        n = row["_line"]
+        problem = _problem(row)
+        if problem is None and row["metadata"]["task_id"] in seen:
+            problem = f"duplicate task_id {row['metadata']['task_id']!r} (first on line {seen[row['metadata']['task_id']]})"
+        if problem is None:
+            seen[row["metadata"]["task_id"]] = n
+            tasks.append(row)
+        elif skip_bad:
+            bad.append({"line": n, "error": f"{path}:{n}: {problem}"})
+        else:
+            raise DraftGuideError(f"{path}:{n}: {problem} (--skip-bad skips such rows)")
+    if not tasks:
+        raise DraftGuideError(f"no usable tasks in '{path}'")
+    return tasks, sorted(bad, key=lambda b: b["line"])
+
+
+def check_method(method: str, max_new_tokens: int) -> None:
+    if method not in METHODS:
+        raise DraftGuideError(f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    if max_new_tokens < 1:
+        raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def check_judge(tasks: list[dict], judge: str) -> bool:
+    """Whether the run needs the LLM judge; raises if `rules` is asked for tasks without checks."""
+    if judge not in JUDGES:
+        raise DraftGuideError(f"unknown judge {judge!r} (expected one of {', '.join(JUDGES)})")
+    if judge == "rules":
+        bare = next((t for t in tasks if not t.get("checks")), None)
+        if bare is not None:
+            raise DraftGuideError(f"line {bare['_line']}: task {bare['metadata']['task_id']!r} has no 'checks'; use --judge llm")
+        return False
+    return judge == "llm" or any(not t.get("checks") for t in tasks)
+
+
+# -- one task -------------------------------------------------------------------------------------
+def _categories(task: dict) -> dict:
+    m = task["metadata"]
+    return {"task_id": m["task_id"], "context_id": m.get("context_id"),
+            "context_category": m.get("context_category") or UNKNOWN, "sub_category": m.get("sub_category") or UNKNOWN}
+
+
+def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: int, stop: list[int], judge: str,
+                  llm_judge=None, method_options: dict | None = None) -> dict:
+    """Generate and score one task; raises on failure (the run loop records it)."""
+    from .prompts import encode_prompt
+
+    ids = encode_prompt(tokenizer, task).to(next(target.parameters()).device)
+    t0 = time.perf_counter()
+    new = METHODS[method](target, tokenizer, ids, max_new_tokens, stop, **(method_options or {}))
+    gen_s = time.perf_counter() - t0
+    raw = tokenizer.decode(new, skip_special_tokens=True)
+    response = strip_thinking(raw)
+    rec = _categories(task) | {"method": method, "status": "ok", "response": response, "reference_answer": task.get("reference_answer")}
+    if raw.strip() != response:
+        rec["raw_response"] = raw
+    use = "rules" if judge == "rules" or (judge == "auto" and task.get("checks")) else "llm"
+    t1 = time.perf_counter()
+    if use == "rules":
+        passed, details = score_checks(response, task["checks"])
+        rec |= {"judge": "rules", "score": int(passed), "checks": details}
+    else:
+        v = llm_judge(task.get("rubrics", []), response)
+        rec |= {"judge": "llm", "score": v["score"], "rubrics": task.get("rubrics", []), "rubric_results": v["rubric_results"],
+                "judge_rationale": v["rationale"], "judge_tries": v["tries"], "judge_error": v["error"]}
+    rec |= {"prompt_tokens": ids.shape[1], "new_tokens": len(new), "gen_s": gen_s, "judge_s": time.perf_counter() - t1,
+            "error": None}
+    return rec
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _dist_init() -> tuple[int, int, bool]:
+    """(rank, world, whether we created the process group). torchrun sets WORLD_SIZE/RANK."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:  # gloo: only barriers cross processes, so this works next to CUDA ranks too
+        dist.init_process_group("gloo", timeout=timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _result_files(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("results.rank*.jsonl")) + ([out_dir / RESULTS] if (out_dir / RESULTS).is_file() else [])
+
+
+def _latest_rows(out_dir: Path) -> dict[str, dict]:
+    """task_id -> its row: a finished row over a failed one, else the later one."""
+    from .prompts import read_jsonl
+
+    latest: dict[str, dict] = {}
+    for path in _result_files(out_dir):
+        for r in read_jsonl(path, bad=[]):  # a line cut by a crash is simply redone
+            r.pop("_line", None)
+            tid = r.get("task_id")
+            if tid is None or r.get("status") == "bad_row":
+                continue
+            if r.get("status") == "ok" or latest.get(tid, {}).get("status") != "ok":
+                latest[tid] = r
+    return latest
+
+
+def _check_settings(out_dir: Path, settings: dict, rank: int) -> None:
+    """A rerun into the same folder must use the same settings, or resumed rows would mix two runs."""
+    import json
+
+    from .runs import write_json
+
+    path = out_dir / RUN
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise DraftGuideError(f"'{out_dir}' holds a run with other settings ({', '.join(diff)}); use another --out")
+    elif rank == 0:
+        write_json(path, settings)
+
+
+def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "greedy", max_new_tokens: int = 256,
+             judge: str = "auto", llm_judge=None, method_options: dict | None = None, bad_rows: list[dict] = (),
+             settings: dict | None = None, progress: bool = True) -> dict:
+    """Evaluate `tasks` (resuming in `out_dir`), merge and summarise. Under torchrun each rank takes
+    tasks[rank::world]; every rank returns the same summary."""
+    from tqdm.auto import tqdm
+
+    from .prompts import stop_token_ids
+    from .runs import JsonlWriter
+
+    check_method(method, max_new_tokens)
+    if check_judge(tasks, judge) and llm_judge is None:
+        raise DraftGuideError("some tasks need the LLM judge (no 'checks'), but none is configured")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"method": method, "method_options": method_options or {}, "max_new_tokens": max_new_tokens,
+                "judge": judge, **(llm_judge.settings() if llm_judge is not None else {}), **(settings or {})}
+    rank, world, created = _dist_init()
+    try:
+        _check_settings(out_dir, settings, rank)
+        done = {tid for tid, r in _latest_rows(out_dir).items() if r.get("status") == "ok"}
+        todo = [t for t in tasks[rank::world] if t["metadata"]["task_id"] not in done]
+        stop = stop_token_ids(tokenizer, target)
+        name = RESULTS if world == 1 else f"results.rank{rank}.jsonl"
+        with JsonlWriter(out_dir / name) as w:
+            for task in tqdm(todo, desc=f"eval[{rank}]" if world > 1 else "eval", disable=not progress or rank != 0):
+                try:
+                    rec = evaluate_task(target, tokenizer, task, method, max_new_tokens, stop, judge, llm_judge, method_options)
+                except Exception as e:  # recorded and retried by the next run; the run goes on
+                    rec = _categories(task) | {"method": method, "status": "error", "score": None,
+                                               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
+                w.write(rec | ({"rank": rank} if world > 1 else {}))
+        if world > 1:
+            _barrier()
+        try:
+            if rank == 0:
+                finalize(out_dir, tasks, bad_rows, settings)
+        finally:
+            if world > 1:
+                _barrier()  # the others wait for the merged outputs
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    import json
+
+    return json.loads((out_dir / SUMMARY).read_text())
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def finalize(out_dir: str | Path, tasks: list[dict], bad_rows: list[dict] = (), settings: dict | None = None) -> dict:
+    """Merge every results file of `out_dir` into `results.jsonl` (task order, one row per task, then rows
+    of tasks outside this task list, then bad input rows) and write `summary.json`."""
+    from .runs import JsonlWriter, environment, write_json
+
+    out_dir = Path(out_dir)
+    latest = _latest_rows(out_dir)
+    order = [t["metadata"]["task_id"] for t in tasks]
+    rows = [latest.pop(tid) for tid in order if tid in latest]
+    extra = list(latest.values())
+    tmp = out_dir / (RESULTS + ".tmp")
+    with JsonlWriter(tmp, mode="w") as w:
+        for r in rows + extra + [{"task_id": None, "status": "bad_row"} | b for b in bad_rows]:
+            w.write(r)
+    os.replace(tmp, out_dir / RESULTS)
+    for p in out_dir.glob("results.rank*.jsonl"):
+        p.unlink()
+    summary = summarize(rows, n_tasks=len(tasks)) | {"n_bad_rows": len(bad_rows), "bad_rows": list(bad_rows),
+                                                     "settings": settings or {}, "environment": environment()}
+    write_json(out_dir / SUMMARY, summary)
+    return summary
+
+
+def _group(scores: list[int]) -> dict:
+    from .runs import bootstrap_ci
+
+    return {"n": len(scores), "solve_rate": sum(scores) / len(scores) if scores else float("nan"),
+            "ci95": list(bootstrap_ci(scores))}
+
+
+def summarize(rows: list[dict], n_tasks: int | None = None) -> dict:
+    """Solve rate over finished tasks (judge failures count as 0), per category and subcategory with
+    95% bootstrap CIs; failed tasks (errors) are counted apart and left out of the rates."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    cats: dict[str, dict[str, list[int]]] = {}
+    for r in ok:
+        cats.setdefault(r["context_category"], {}).setdefault(r["sub_category"], []).append(int(r["score"]))
+    by_cat = {c: _group([s for v in subs.values() for s in v]) | {"subcategories": {k: _group(v) for k, v in sorted(subs.items())}}
+              for c, subs in sorted(cats.items())}
+    errors = [r for r in rows if r.get("status") == "error"]
+    return _group([int(r["score"]) for r in ok]) | {
+        "n_tasks": n_tasks if n_tasks is not None else len(rows), "n_errors": len(errors),
+        "n_pending": (n_tasks - len(rows)) if n_tasks is not None else 0,
+        "n_judge_failures": sum(1 for r in ok if r.get("judge_error")),
+        "categories": by_cat, "errors": [{"task_id": r["task_id"], "error": r["error"]} for r in errors][:50],
+    }
+
+
+def format_table(summary: dict) -> str:
+    def line(name, g, indent=""):
+        lo, hi = g["ci95"]
+        return f"{indent + name:<44} {g['n']:>5} {g['solve_rate']:>7.3f}  [{lo:.2f}, {hi:.2f}]"
+
+    out = [f"{'category / subcategory':<44} {'n':>5} {'solved':>7}  95% CI"]
+    for c, g in summary["categories"].items():
+        out.append(line(c, g))
+        out += [line(s, sg, "  ") for s, sg in g["subcategories"].items()]
+    out.append(line("overall", summary))
+    extra = [f"{summary[k]} {k[2:].replace('_', ' ')}" for k in ("n_errors", "n_pending", "n_judge_failures", "n_bad_rows")
+             if summary.get(k)]
+    if extra:
+        out.append("(" + ", ".join(extra) + ")")
+    return "\n".join(out)
