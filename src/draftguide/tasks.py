@@ -96,12 +96,12 @@ def _counterfactual(rng: random.Random) -> dict:
 
 
 def _handbook(rng: random.Random) -> dict:
-    names = _words(rng, 10)
-    conditions, drugs = [n.lower() + " fever" for n in names[:5]], [n.lower() + "ine" for n in names[5:]]
+    names = _words(rng, 6)
+    conditions, drugs = [n.lower() + " fever" for n in names[:3]], [n.lower() + "ine" for n in names[3:]]
     lines = [f"- {c.capitalize()} is treated with {d}." for c, d in zip(conditions, drugs)]
     context = ("Excerpt from the Orvane clinical handbook (a fictional medical system; follow it, not real medicine):\n"
                + "\n".join(lines))
-    i = rng.randrange(5)
+    i = rng.randrange(3)
     others = [d for j, d in enumerate(drugs) if j != i]
     return _task(context, f"According to the handbook, which drug treats {conditions[i]}? Answer with only the drug name.",
                  drugs[i], "the drug", distractor=others[0], forbid=others)
@@ -125,12 +125,12 @@ _ITEMS = ["books", "DVDs", "board games", "magazines", "maps", "tools", "music s
 
 
 def _follow_up(rng: random.Random) -> dict:
-    items = rng.sample(_ITEMS, 4)
-    days = rng.sample(range(3, 40), 4)
+    items = rng.sample(_ITEMS, 3)
+    days = rng.sample(range(3, 40), 3)
     lib = _words(rng, 1)[0]
     context = (f"Lending rules of the {lib} community library:\n"
                + "\n".join(f"- {it.capitalize()} may be borrowed for {d} days." for it, d in zip(items, days)))
-    a, b = rng.sample(range(4), 2)
+    a, b = rng.sample(range(3), 2)
     history = [(f"How many days can I borrow {items[a]} for?", f"{items[a].capitalize()} may be borrowed for {days[a]} days.")]
     return _task(context, f"And {items[b]}? Answer with only the number of days.", days[b], "the loan period",
                  distractor=days[a], pattern=_number(days[b]), history=history)
@@ -188,11 +188,11 @@ def _syntax(rng: random.Random) -> dict:
 
 # -- Procedural Task Execution --------------------------------------------------------------------
 def _steps(rng: random.Random) -> dict:
-    colours = rng.sample(COLOURS, 6)
+    colours = rng.sample(COLOURS, 4)
     device = _words(rng, 1)[0]
     lines = [f"{j + 1}. Press the {c} button." for j, c in enumerate(colours)]
     context = f"Reset procedure for the {device} K7 console (follow the steps in order):\n" + "\n".join(lines)
-    k = rng.randrange(5)
+    k = rng.randrange(3)
     forbid = [c for j, c in enumerate(colours) if j not in (k, k + 1)]
     return _task(context, f"Which button do you press right after the {colours[k]} button? Answer with only the colour.",
                  colours[k + 1], "the next button", distractor=colours[k - 1] if k else colours[k + 2], forbid=forbid)
