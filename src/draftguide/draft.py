@@ -421,9 +421,13 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_draft(path: str | os.PathLike, target=None, dtype: torch.dtype | None = None, device="cpu") -> DFlashDraft:
-    """Load a draft and, given a target, check that the two fit together."""
+    """Load a draft and, given a target, check that the two fit together. By default the draft takes
+    the target's dtype and device (a bf16 checkpoint next to an fp32 CPU target runs in fp32)."""
     if not Path(path).exists():
         raise DraftGuideError(f"draft folder '{path}' does not exist")
+    if target is not None:
+        p = next(target.parameters())
+        dtype, device = dtype or p.dtype, p.device if device == "cpu" else device
     draft = DFlashDraft.from_pretrained(path, dtype=dtype, device=device)
     if target is not None:
         draft.check_target(target)
