@@ -17,7 +17,7 @@ import dflash.model as official
 from draftguide.draft import resolve_draft
 from draftguide.prompts import BUILTIN_PROMPTS, encode_prompt, load_prompts, stop_token_ids
 from draftguide.runs import environment, write_json
-from draftguide.speculative import speculative_generate
+from draftguide.speculative import measure_verify_costs, speculative_generate
 from draftguide.targets import load_target
 
 official._cuda_time = lambda: (torch.cuda.synchronize() if torch.cuda.is_available() else None, time.perf_counter())[1]
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/official_vs_ours.json")
+    ap.add_argument("--also-auto", action="store_true", help="also time ours with adaptive verification (no official counterpart)")
     args = ap.parse_args()
 
     target, tok = load_target(args.target, device=args.device)
@@ -44,7 +45,8 @@ def main() -> None:
     speculative_generate(target, draft, warm, 8, stop_token_ids=stop)
     official.dflash_generate(ref, target, warm, 8, stop)
 
-    rows, ours_total, theirs_total = [], 0.0, 0.0
+    costs = measure_verify_costs(target, max_tokens=draft.block_size) if args.also_auto else None
+    rows, ours_total, theirs_total, auto_total = [], 0.0, 0.0, 0.0
     for row in prompts:
         ids = encode_prompt(tok, row).to(args.device)
         t_ours, t_theirs = [], []
@@ -58,16 +60,25 @@ def main() -> None:
                     res = official.dflash_generate(ref, target, ids, args.max_new_tokens, stop, return_stats=True)
                     t_theirs.append(time.perf_counter() - t0)
         same = out.tolist() == res.output_ids.tolist() and st.acceptance_lengths == res.acceptance_lengths
+        auto_s = None
+        if costs is not None:
+            t0 = time.perf_counter()
+            out_auto, _ = speculative_generate(target, draft, ids, args.max_new_tokens, stop_token_ids=stop, verify_costs=costs)
+            auto_s = time.perf_counter() - t0
+            auto_total += auto_s
+            same = same and out_auto.tolist() == out.tolist()
         ours_total += min(t_ours)
         theirs_total += min(t_theirs)
         rows.append({"id": row.get("id"), "new_tokens": st.num_new_tokens, "tau": st.tau, "ours_s": min(t_ours),
-                     "official_s": min(t_theirs), "identical": same})
+                     "official_s": min(t_theirs), "ours_auto_verify_s": auto_s, "identical": same})
         print(f"{row.get('id')}: ours {min(t_ours):.2f}s  official {min(t_theirs):.2f}s  tau {st.tau:.2f}  identical {same}")
     result = {
         "benchmark": "speculative loop: draftguide vs official dflash_generate (same weights, greedy)",
         "target": args.target, "draft": args.draft or "shipped", "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats, "timing": "best of repeats per prompt, order alternated",
         "ours_s": ours_total, "official_s": theirs_total, "ratio_official_over_ours": theirs_total / ours_total,
+        "ours_auto_verify_s": auto_total if costs else None,
+        "ratio_official_over_ours_auto_verify": theirs_total / auto_total if costs else None,
         "all_identical": all(r["identical"] for r in rows), "prompts": rows, "environment": environment(),
     }
     write_json(Path(args.out), result)

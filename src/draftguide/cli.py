@@ -123,6 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-prompt-file", default=None, help="judge prompt with {rubrics} and {response} placeholders")
     p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diagnose", help="readout diagnostic: gold-token rank and log p under the target and the draft (teacher forcing)")
+    _add_model_args(p)
+    p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--modes", default="next,block", help="comma list of next, block")
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    p.add_argument("--solved-from", default=None, help="eval results.jsonl whose scores say which tasks the target solves")
+    p.add_argument("--no-solve", action="store_true", help="without --solved-from: leave solve status unknown instead of running greedy eval")
+    p.add_argument("--solve-max-new-tokens", type=int, default=256, help="greedy eval length when solve status is computed")
+    p.add_argument("--reference-from", default=None, help="results.jsonl whose 'response' per task_id replaces reference_answer")
+    p.add_argument("--no-controls", action="store_true", help="skip the noise-feature and random-draft controls")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_diagnose)
     return parser
 
 
@@ -282,6 +297,49 @@ def cmd_eval(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print("\n" + format_table(s))
         print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .diagnostic import CONTROLS, MODES
+    from .evaluate import load_tasks
+    from .report import compute_solved, results_field, run_diagnose, solved_from
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise DraftGuideError(f"--modes {args.modes!r}: expected a comma list of {', '.join(MODES)}")
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    refs = {k: v for k, v in results_field(args.reference_from, "response").items() if isinstance(v, str)} if args.reference_from else None
+    solved = solved_from(args.solved_from) if args.solved_from else None
+    target, tok, draft = load_models(args)
+    source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
+    if solved is None and not args.no_solve:
+        solved, _ = compute_solved(target, tok, tasks, Path(args.out), args.solve_max_new_tokens,
+                                        {"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+    opts = [("--target", args.target), ("--draft", args.draft), ("--modes", ",".join(modes)), ("--limit", args.limit),
+            ("--solved-from", args.solved_from), ("--reference-from", args.reference_from)]
+    cmd = ["draftguide", "diagnose", "--tasks", args.tasks, "--out", args.out]
+    cmd += [x for flag, val in opts if val is not None for x in (flag, str(val))]
+    cmd += [flag for flag, on in (("--no-solve", args.no_solve), ("--no-controls", args.no_controls)) if on]
+    s = run_diagnose(target, tok, draft, tasks, args.out, modes=modes, controls=() if args.no_controls else CONTROLS,
+                     references=refs, solved=solved, command=shlex.join(cmd), n_boot=args.n_boot, seed=args.seed,
+                     settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype],
+                               "tasks": source, "modes": modes, "limit": args.limit, "solved_from": args.solved_from,
+                               "reference_from": args.reference_from})
+    v = s["verdict_detail"]
+    print(f"\n{s['n_tasks']} tasks, {s['n_tokens']} answer tokens ({s['n_skipped']} tasks skipped without a reference)")
+    for mode, g in s["modes"].items():
+        a = g["all"]
+        print(f"{mode:>6}: mean log p target {a['mean_logp']['target']['mean']:.3f}  draft {a['mean_logp']['draft']['mean']:.3f}  "
+              f"median rank target {a['median_rank']['target']['median']:.0f}  draft {a['median_rank']['draft']['median']:.0f}  "
+              f"draft rank win {a['rank_vs_target']['draft']['win']['mean']:.2f}")
+    print(f"verdict: {s['verdict']} (mean per-task log p diff {v['mean_per_task_logp_diff']:.3f}, 95% CI "
+          f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] on {v['basis']})")
+    print(f"wrote {args.out}/tokens.jsonl, summary.json, report.md and figures")
     return 0
 
 
