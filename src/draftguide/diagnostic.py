@@ -310,7 +310,7 @@ def group_stats(cols: dict[str, np.ndarray], sel: np.ndarray, n_boot: int = 1000
         r = cols[f"{n}_rank"][sel]
         out.setdefault("rank_vs_target", {})[n] = {
             "win": bs.mean(r < t_rank), "tie": bs.mean(r == t_rank), "loss": bs.mean(r > t_rank)}
-        out.setdefault("p_win_rate", {})[n] = float(np.mean(cols[f"{n}_p"][sel] > t_p))
+        out.setdefault("p_win_rate", {})[n] = bs.mean(cols[f"{n}_p"][sel] > t_p)
     return out
 
 
