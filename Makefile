@@ -21,9 +21,14 @@ venv: $(STAMP)
 
 # The shipped draft is the default once it exists; until then an untrained one shows the machinery.
 DEMO_DRAFT ?= $(if $(wildcard src/draftguide/models/smollm2-135m-dflash/config.json),src/draftguide/models/smollm2-135m-dflash,init)
+# Greedy solve status of the built-in suite, measured once and shipped (the diagnostic splits by it).
+SOLVED     := src/draftguide/data/tasks_v1.greedy-smollm2-135m.results.jsonl
+SOLVE_ARG  := $(if $(wildcard $(SOLVED)),--solved-from $(SOLVED),--no-solve)
 
+# The main job: the go/no-go readout diagnostic on the built-in suite, then speculative decoding.
 demo: $(STAMP)
-	$(VENV)/bin/draftguide speculate --draft $(DEMO_DRAFT) --prompts builtin --out runs/demo-speculate --max-new-tokens 64
+	$(VENV)/bin/draftguide diagnose --draft $(DEMO_DRAFT) --tasks builtin $(SOLVE_ARG) --out runs/demo/diagnose
+	$(VENV)/bin/draftguide speculate --draft $(DEMO_DRAFT) --prompts builtin --out runs/demo/speculate --max-new-tokens 64 --verify-len auto
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
