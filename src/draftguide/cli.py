@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--vocab-subset", type=int, default=16384, help="loss over the N most frequent response tokens (0 = full vocabulary)")
     p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--no-normalize-features", action="store_true", help="feed raw target features to fc while training")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; --resume continues")
@@ -221,6 +222,7 @@ def cmd_train_draft(args) -> int:
         anchors_per_seq=args.anchors_per_seq, batch_size=args.batch_size, max_len=args.max_len, steps=args.steps,
         epochs=args.epochs, lr=args.lr, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
         vocab_subset=args.vocab_subset or None, mask_token_id=args.mask_token_id,
+        normalize_features=not args.no_normalize_features,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
     )
     try:

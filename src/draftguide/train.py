@@ -293,7 +293,8 @@ def train_draft(
                 hs = target(ids, attention_mask=(torch.arange(ids.shape[1], device=dev) < lengths[:, None]).long(), output_hidden_states=True, logits_to_keep=1).hidden_states
                 feats = extract_features(hs, draft.target_layer_ids)  # [b, T, n*d]
                 if not state["scale_fitted"]:
-                    scale.fit(feats)
+                    if cfg.normalize_features:
+                        scale.fit(feats)
                     if world > 1:  # all ranks must agree on the scale
                         import torch.distributed as dist
 
