@@ -76,6 +76,24 @@ def test_context_over_prior():
         assert len(ctx) > 2500 and 0.3 < pos / len(ctx) < 0.7  # buried in the middle
 
 
+def test_negated_or_reversed_answers_fail():
+    by_sub = {}
+    for t in build_tasks(4, seed=0):
+        by_sub.setdefault(t["metadata"]["sub_category"], []).append(t)
+    for t in by_sub["Observation log"]:  # "does not glow" is not "glowed"
+        stem = t["reference_answer"][:4]
+        assert score_checks(f"The liquid {t['reference_answer']}.", t["checks"])[0]
+        assert not score_checks(f"The liquid does not {stem}.", t["checks"])[0]
+    for t in by_sub["Instruction steps"]:  # the order reversed: "<asked> comes right after the <answer> button"
+        ref = t["reference_answer"]
+        assert score_checks(f"In the next step you press the {ref} button.", t["checks"])[0]
+        assert not score_checks(f"You press that button right after the {ref} button.", t["checks"])[0]
+    for t in by_sub["Table comparison"]:  # the sample named first is the answer; the other may follow
+        ref, other = t["reference_answer"], t["distractor_answer"]
+        assert score_checks(f"Sample {ref} had the higher yield, compared with sample {other}.", t["checks"])[0]
+        assert not score_checks(f"Sample {other} had the higher yield, not sample {ref}.", t["checks"])[0]
+
+
 def test_cli_build(tmp_path, capsys):
     out = tmp_path / "t.jsonl"
     assert main(["tasks", "build", "--out", str(out), "--n-per-subcategory", "2", "--seed", "3"]) == 0

@@ -8,6 +8,10 @@ real-world fact a counterfactual overrides, or another item of the context).
 Every task can only be solved from its context: counterfactual facts, invented rules, operators,
 glossaries and procedures, data tables, multi-turn follow-ups, and a long document with the answer in
 its middle. Answers are a word, a name or a number, and each question asks for the answer alone.
+Difficulty is calibrated on greedy SmolLM2-135M-Instruct (the default target): short lists, a direct
+question or the rule spelled out make some subcategories solvable by it, while others (an invented
+operator, a multi-step procedure, state simulation, an observation log) stay near its floor; the measured
+per-task solve status ships as `data/tasks_v1.greedy-smollm2-135m.results.jsonl`.
 Rows come out interleaved by subcategory, so the first N rows (`--limit N`) cover every subcategory.
 """
 
@@ -49,18 +53,35 @@ def _number(n: int) -> str:
     return rf"(?<![\d.]){n}(?!\.?\d)"
 
 
-def _task(context: str, question: str, answer, what: str, *, distractor, forbid=(), pattern=None, history=()) -> dict:
+def _first(answer: str, others) -> str:
+    """A regex: `answer` is named before any of `others` (which may follow, e.g. "X, compared with Y")."""
+    import re
+
+    return rf"^(?:(?!{'|'.join(re.escape(o) for o in others)})[\s\S])*?{re.escape(answer)}"
+
+
+def _task(context: str, question: str, answer, what: str, *, distractor, forbid=(), reject=(), pattern=None,
+          history=(), first=False) -> dict:
     """One task: context as the system message, optional earlier (user, assistant) turns, the question.
-    Checks: the answer appears (`pattern` as a regex if given) and no `forbid` string does."""
+    Checks: the answer appears (`pattern` as a regex if given) and no `forbid` string (a wrong answer) nor
+    `reject` string (a negated or reversed statement of the answer, e.g. "does not") does; with `first`,
+    the `forbid` strings may appear after the answer (the answer is the item named first)."""
+    if first:
+        pattern, forbid_checks = _first(str(answer), forbid), ()
+    else:
+        forbid_checks = forbid
     msgs = [{"role": "system", "content": context}]
     for u, a in history:
         msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
     msgs.append({"role": "user", "content": question})
     checks = [{"type": "regex", "value": pattern} if pattern else {"type": "contains", "value": str(answer)}]
-    checks += [{"type": "not_contains", "value": str(f)} for f in forbid]
+    checks += [{"type": "not_contains", "value": str(f)} for f in (*forbid_checks, *reject)]
     rubrics = [f"The response gives {answer} as {what}."]
     if forbid:
-        rubrics.append(f"The response does not give {', '.join(map(str, forbid))} as {what}.")
+        rubrics.append(f"The response does not give {', '.join(map(str, forbid))} as {what}"
+                       + (f" (naming {answer} first)." if first else "."))
+    if reject:
+        rubrics.append(f"The response does not negate or reverse {answer} as {what}.")
     rubrics.append("The response is short and answers only what was asked.")
     return {"messages": msgs, "rubrics": rubrics, "reference_answer": str(answer), "checks": checks,
             "distractor_answer": str(distractor)}
@@ -96,15 +117,12 @@ def _counterfactual(rng: random.Random) -> dict:
 
 
 def _handbook(rng: random.Random) -> dict:
-    names = _words(rng, 6)
-    conditions, drugs = [n.lower() + " fever" for n in names[:3]], [n.lower() + "ine" for n in names[3:]]
-    lines = [f"- {c.capitalize()} is treated with {d}." for c, d in zip(conditions, drugs)]
-    context = ("Excerpt from the Orvane clinical handbook (a fictional medical system; follow it, not real medicine):\n"
-               + "\n".join(lines))
-    i = rng.randrange(3)
-    others = [d for j, d in enumerate(drugs) if j != i]
-    return _task(context, f"According to the handbook, which drug treats {conditions[i]}? Answer with only the drug name.",
-                 drugs[i], "the drug", distractor=others[0], forbid=others)
+    name, drug = _words(rng, 2)
+    condition, drug = name + " fever", drug.lower() + "ine"
+    context = ("Treatment list of the Orvane clinical handbook (a fictional medical system; follow it, not real "
+               f"medicine):\n- {condition}: treat with {drug}.")
+    return _task(context, f"According to the handbook, which drug treats {condition}? Answer with only the drug name.",
+                 drug, "the drug", distractor="paracetamol", forbid=["paracetamol"])
 
 
 def _long_document(rng: random.Random) -> dict:
@@ -125,15 +143,15 @@ _ITEMS = ["books", "DVDs", "board games", "magazines", "maps", "tools", "music s
 
 
 def _follow_up(rng: random.Random) -> dict:
-    items = rng.sample(_ITEMS, 3)
-    days = rng.sample(range(3, 40), 3)
+    items = rng.sample(_ITEMS, 2)
+    days = rng.sample(range(3, 40), 2)
     lib = _words(rng, 1)[0]
-    context = (f"Lending rules of the {lib} community library:\n"
-               + "\n".join(f"- {it.capitalize()} may be borrowed for {d} days." for it, d in zip(items, days)))
-    a, b = rng.sample(range(3), 2)
-    history = [(f"How many days can I borrow {items[a]} for?", f"{items[a].capitalize()} may be borrowed for {days[a]} days.")]
-    return _task(context, f"And {items[b]}? Answer with only the number of days.", days[b], "the loan period",
-                 distractor=days[a], pattern=_number(days[b]), history=history)
+    rule = [f"{it[0].upper() + it[1:]} may be borrowed for {d} days." for it, d in zip(items, days)]  # "DVDs" kept
+    context = f"Lending rules of the {lib} community library:\n" + "\n".join(f"- {r}" for r in rule)
+    a, b = rng.sample(range(2), 2)
+    history = [(f"How many days can I borrow {items[a]} for?", rule[a])]
+    return _task(context, f"And how many days can I borrow {items[b]} for? Answer with only the number of days.",
+                 days[b], "the loan period", distractor=days[a], pattern=_number(days[b]), history=history)
 
 
 # -- Rule System Application ----------------------------------------------------------------------
@@ -167,7 +185,8 @@ def _game(rng: random.Random) -> dict:
 def _units(rng: random.Random) -> dict:
     big, small = [w.lower() for w in _words(rng, 2)]
     k, n = rng.randrange(3, 13), rng.randrange(2, 7)
-    context = f"Measures of the Zandorian standard: 1 {big} equals {k} {small}s. No other conversion applies."
+    context = (f"Measures of the Zandorian standard: 1 {big} equals {k} {small}s. No other conversion applies. "
+               f"To convert {big}s to {small}s, multiply the number of {big}s by {k}.")
     return _task(context, f"How many {small}s are there in {n} {big}s? Answer with only the number.", n * k, "the count",
                  distractor=n + k, pattern=_number(n * k))
 
@@ -177,25 +196,28 @@ _CONSTRUCTS = ["a loop", "a condition", "a function definition", "a variable dec
 
 def _syntax(rng: random.Random) -> dict:
     lang = _words(rng, 1)[0]
-    keys = [w.lower() for w in _words(rng, len(_CONSTRUCTS), syllables=1 + rng.randrange(1, 3))]
-    lines = [f"- {c.capitalize()} starts with the keyword `{k}`." for c, k in zip(_CONSTRUCTS, keys)]
+    constructs = rng.sample(_CONSTRUCTS, 3)
+    keys = [w.lower() for w in _words(rng, len(constructs))]
+    lines = [f"- {c.capitalize()} starts with the keyword `{k}`." for c, k in zip(constructs, keys)]
     context = f"Reference of the {lang} programming language:\n" + "\n".join(lines)
-    i = rng.randrange(len(_CONSTRUCTS))
+    i = rng.randrange(len(constructs))
     others = [k for j, k in enumerate(keys) if j != i]
-    return _task(context, f"In {lang}, which keyword starts {_CONSTRUCTS[i]}? Answer with only the keyword.",
-                 keys[i], "the keyword", distractor=others[0], forbid=others)
+    return _task(context, f"In {lang}, which keyword starts {constructs[i]}? Answer with only the keyword.",
+                 keys[i], "the keyword", distractor=others[0], forbid=others, first=True)
 
 
 # -- Procedural Task Execution --------------------------------------------------------------------
 def _steps(rng: random.Random) -> dict:
-    colours = rng.sample(COLOURS, 4)
+    colours = rng.sample(COLOURS, 3)
     device = _words(rng, 1)[0]
     lines = [f"{j + 1}. Press the {c} button." for j, c in enumerate(colours)]
     context = f"Reset procedure for the {device} K7 console (follow the steps in order):\n" + "\n".join(lines)
-    k = rng.randrange(3)
+    k = rng.randrange(2)
     forbid = [c for j, c in enumerate(colours) if j not in (k, k + 1)]
     return _task(context, f"Which button do you press right after the {colours[k]} button? Answer with only the colour.",
-                 colours[k + 1], "the next button", distractor=colours[k - 1] if k else colours[k + 2], forbid=forbid)
+                 colours[k + 1], "the next button",
+                 distractor=colours[k - 1] if k else colours[k + 2], forbid=forbid,
+                 reject=[f"after the {colours[k + 1]}"])  # the order reversed
 
 
 def _apply_procedure(rng: random.Random) -> dict:
@@ -213,15 +235,16 @@ _TOPICS = [("billing", "says they were charged twice for one order"), ("sign-in"
 
 
 def _routing(rng: random.Random) -> dict:
-    topics = rng.sample(_TOPICS, 5)
-    teams = ["team " + w for w in _words(rng, 5)]
+    topics = rng.sample(_TOPICS, 2)
+    teams = ["team " + w for w in _words(rng, 2)]
     lines = [f"- {t.capitalize()} problems go to {team}." for (t, _), team in zip(topics, teams)]
     context = "Support routing rules of Halvard Ltd (every ticket goes to exactly one team):\n" + "\n".join(lines)
-    i = rng.randrange(5)
+    i = rng.randrange(2)
     others = [tm.split()[1] for j, tm in enumerate(teams) if j != i]
     team = teams[i].split()[1]
-    return _task(context, f"A customer {topics[i][1]}. Which team gets the ticket? Answer with only the team name.",
-                 team, "the team", distractor=others[0], forbid=others)
+    return _task(context, f"A customer has a {topics[i][0]} problem: the customer {topics[i][1]}. Which team gets the "
+                 "ticket? Answer with only the team name.",
+                 team, "the team", distractor=others[0], forbid=others, first=True)
 
 
 _SUBSTITUTES = [("butter", ["ghee", "lard", "tallow"]), ("sugar", ["honey", "molasses", "treacle"]),
@@ -231,18 +254,18 @@ _SUBSTITUTES = [("butter", ["ghee", "lard", "tallow"]), ("sugar", ["honey", "mol
 
 
 def _substitution(rng: random.Random) -> dict:
-    chosen = [(orig, rng.choice(subs)) for orig, subs in rng.sample(_SUBSTITUTES, 4)]
+    chosen = [(orig, rng.choice(subs)) for orig, subs in rng.sample(_SUBSTITUTES, 2)]
     kitchen = _words(rng, 1)[0]
     lines = [f"- Wherever a recipe says {o}, use {s} instead." for o, s in chosen]
     context = f"House rules of the {kitchen} kitchen, applied to every recipe before cooking:\n" + "\n".join(lines)
-    orig, sub = chosen[rng.randrange(4)]
-    verb = rng.choice(["weigh out", "warm", "measure", "set aside"])
-    return _task(context, f"The recipe says: '{verb.capitalize()} the {orig}.' In this kitchen, what do you actually "
-                 f"{verb}? Answer with only the ingredient.", sub, "the ingredient", distractor=orig, forbid=[orig])
+    orig, sub = chosen[rng.randrange(2)]
+    return _task(context, f"In this kitchen, which ingredient is used instead of {orig}? "
+                 "Answer with only the ingredient.", sub, "the ingredient", distractor=orig,
+                 forbid=[s for _, s in chosen if s != sub], first=True)
 
 
 # -- Empirical Discovery & Simulation -------------------------------------------------------------
-def _table(rng: random.Random, n: int = 6):
+def _table(rng: random.Random, n: int):
     samples = ["sample " + w for w in _words(rng, n)]
     temps = [rng.randrange(20, 90) for _ in range(n)]
     yields = rng.sample(range(11, 99), n)
@@ -252,7 +275,7 @@ def _table(rng: random.Random, n: int = 6):
 
 
 def _table_lookup(rng: random.Random) -> dict:
-    context, samples, temps, yields = _table(rng)
+    context, samples, temps, yields = _table(rng, 2)
     i = rng.randrange(len(samples))
     wrong = temps[i] if temps[i] != yields[i] else yields[i - 1]  # the neighbouring column, or row
     return _task(context, f"What was the yield of {samples[i]}, in grams? Answer with only the number.", yields[i],
@@ -260,12 +283,12 @@ def _table_lookup(rng: random.Random) -> dict:
 
 
 def _table_compare(rng: random.Random) -> dict:
-    context, samples, _, yields = _table(rng)
+    context, samples, _, yields = _table(rng, 2)
     order = sorted(range(len(samples)), key=lambda j: -yields[j])
     names = [s.split()[1] for s in samples]
     best = names[order[0]]
-    return _task(context, "Which sample had the highest yield? Answer with only the sample name.", best,
-                 "the sample", distractor=names[order[1]], forbid=[n for n in names if n != best])
+    return _task(context, "Which sample had the higher yield? Answer with only the sample name.", best,
+                 "the sample", distractor=names[order[1]], forbid=[n for n in names if n != best], first=True)
 
 
 def _simulation(rng: random.Random) -> dict:
@@ -296,7 +319,7 @@ def _observations(rng: random.Random) -> dict:
     i = rng.randrange(3)
     return _task(context, f"Based on the log, what does the liquid do when {_a(colours[i])} crystal is dropped in? "
                  "Answer with one word.", outcomes[i][0], "the outcome", distractor=outcomes[(i + 1) % 3][0],
-                 pattern=outcomes[i][1])
+                 forbid=[o for o, _ in outcomes if o != outcomes[i][0]], reject=["not ", "n't"], pattern=outcomes[i][1])
 
 
 CATEGORIES: dict[str, dict] = {
