@@ -41,6 +41,15 @@ def test_frozen_file_is_the_generator_output(builtin):
     assert [{k: v for k, v in t.items() if k != "_line"} for t in builtin] == fresh
 
 
+def test_shipped_greedy_results_match_the_frozen_suite(builtin):
+    """The greedy solve status shipped for `diagnose --solved-from` was measured on this very suite."""
+    from draftguide.prompts import read_jsonl
+
+    rows = read_jsonl(builtin_tasks_path().parent / "tasks_v1.greedy-smollm2-135m.results.jsonl")
+    assert [r["task_id"] for r in rows] == [t["metadata"]["task_id"] for t in builtin]
+    assert all(r["status"] == "ok" and r["reference_answer"] == t["reference_answer"] for r, t in zip(rows, builtin))
+
+
 def test_rows_are_valid_cl_bench_rows():
     tasks, bad = load_tasks("builtin")  # the evaluator's own row checks
     assert bad == [] and len(tasks) == len(load_builtin_tasks())
