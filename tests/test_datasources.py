@@ -67,3 +67,14 @@ def test_gsm_symbolic_is_seeded():
     a, b = gsm_symbolic(3, seed=1), gsm_symbolic(3, seed=1)
     assert [r["messages"] for r in a] == [r["messages"] for r in b]
     assert all(r["source"] == "gsm" and r["messages"][0]["content"].strip() for r in a)
+
+
+def test_cl_task_prompts_never_repeat_the_evaluation_suite():
+    from draftguide.datasources import load_source
+    from draftguide.tasks import load_builtin_tasks
+
+    train = load_source("cltasks:2")
+    assert len(train) == 32 and all(r["source"] == "cltasks" for r in train)
+    assert all(r["messages"][-1]["role"] == "user" for r in train)  # prompts only, no gold answer turn
+    held = {str(t["messages"]) for t in load_builtin_tasks()}
+    assert not any(str(r["messages"]) in held for r in train)

@@ -117,8 +117,20 @@ def gsm_symbolic(n: int, seed: int = 0) -> list[dict]:
     return [{"id": f"gsm-{seed}-{i}", "source": "gsm", "messages": [{"role": "user", "content": x["question"]}]} for i, x in enumerate(ds)]
 
 
+def cl_tasks(n_per_subcategory: int, seed: int = 0) -> list[dict]:
+    """Context-learning prompts from the built-in generator, with the task's messages only (never its
+    answer). Seeds are offset so they never coincide with the frozen evaluation suite (seed 0)."""
+    from .tasks import build_tasks
+
+    rows = build_tasks(n_per_subcategory, seed=CL_TRAIN_SEED_OFFSET + seed)
+    return [{"id": f"cl-{seed}-{r['metadata']['task_id']}", "source": "cltasks", "messages": r["messages"]} for r in rows]
+
+
+CL_TRAIN_SEED_OFFSET = 1_000_003
+
+
 def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """`sharegpt`, `mtbench`, `humaneval`, `gsm[:N]`, or a JSONL file of prompt rows."""
+    """`sharegpt`, `mtbench`, `humaneval`, `gsm[:N]`, `cltasks[:K]` (K per subcategory), or a JSONL file."""
     name, _, arg = spec.partition(":")
     if name == "sharegpt":
         return sharegpt(limit=limit)
@@ -130,8 +142,10 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict
         return humaneval(limit=limit)
     if name == "gsm":
         return gsm_symbolic(int(arg or limit or 1000), seed=seed)
+    if name == "cltasks":
+        return cl_tasks(int(arg or 8), seed=seed)[:limit]
     if Path(spec).is_file():
         from .prompts import load_prompts
 
         return load_prompts(spec)[:limit]
-    raise DraftGuideError(f"unknown prompt source '{spec}' (sharegpt, gsm[:N], mtbench, humaneval or a JSONL file)")
+    raise DraftGuideError(f"unknown prompt source '{spec}' (sharegpt, gsm[:N], cltasks[:K], mtbench, humaneval or a JSONL file)")
