@@ -23,11 +23,13 @@ def _verify_len(text: str):
     return n
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draft: bool = False) -> None:
+    """--target, --dtype, --device (None: cuda:LOCAL_RANK when a GPU is there, else cpu), and --draft."""
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"alias, local HF folder or hub id (default {DEFAULT_TARGET})")
-    p.add_argument("--draft", default=None, help="DFlash draft folder, or 'init[:LAYERS]' for an untrained draft (default: the shipped draft of the target)")
+    if draft:
+        p.add_argument("--draft", default=None, help="DFlash draft folder, or 'init[:LAYERS]' for an untrained draft (default: the shipped draft of the target)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=device, help="default: cuda:LOCAL_RANK if available, else cpu" if device is None else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("speculate", help="lossless speculative decoding with a DFlash draft, timed against plain greedy")
-    _add_model_args(p)
+    _add_target_args(p, device="cpu", draft=True)
     p.add_argument("--prompts", default="builtin", help="JSONL with 'messages' or 'prompt' per row, or 'builtin'")
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -49,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_speculate)
 
     p = sub.add_parser("make-data", help="target-generated responses to prompts, for draft training (resumable)")
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu")
+    _add_target_args(p, device="cpu")
     p.add_argument("--prompts", nargs="+", required=True, help="sources: sharegpt, gsm[:N], or JSONL files (mtbench/humaneval are held out)")
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -64,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("train-draft", help="train a DFlash draft for a target on make-data samples (resumable, torchrun-ready)")
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    _add_target_args(p, device=None)
     p.add_argument("--data", required=True, help="folder written by make-data")
     p.add_argument("--out", required=True)
     p.add_argument("--target-layer-ids", type=int, nargs="+", default=None)
@@ -92,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_draft)
 
     p = sub.add_parser("bench-tau", help="tau and speedup per held-out benchmark set (T=0), JSON + table")
-    _add_model_args(p)
+    _add_target_args(p, device="cpu", draft=True)
     p.add_argument("--sets", default="mtbench,humaneval", help="comma list of mtbench, humaneval, sharegpt-heldout or JSONL files")
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None, help="prompts per set")
@@ -111,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="context-learning evaluation: generate, score, summarise (resumable, torchrun-ready)")
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
     p.add_argument("--out", required=True)
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    _add_target_args(p, device=None)
     p.add_argument("--method", default="greedy")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="the first N tasks")
@@ -126,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("diagnose", help="readout diagnostic: gold-token rank and log p under the target and the draft (teacher forcing)")
-    _add_model_args(p)
+    _add_target_args(p, device="cpu", draft=True)
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin'")
     p.add_argument("--out", required=True)
     p.add_argument("--modes", default="next,block", help="comma list of next, block")
