@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .errors import DraftGuideError
 from .prompts import encode_prompt, stop_token_ids
 from .runs import JsonlWriter, write_json
 
@@ -23,8 +24,6 @@ SAMPLES = "samples.jsonl"
 def read_samples(data_dir: str | Path) -> list[dict]:
     path = Path(data_dir) / SAMPLES
     if not path.is_file():
-        from .errors import DraftGuideError
-
         raise DraftGuideError(f"no {SAMPLES} in '{data_dir}': run `draftguide make-data` first")
     rows = []
     with path.open() as f:
