@@ -195,3 +195,16 @@ def test_draft_from_checkpoint_equals_saved_draft(tiny_data, tmp_path):
     a = draft_from_checkpoint(tmp_path / "checkpoint.pt").state_dict()
     b = DFlashDraft.from_pretrained(tmp_path / "draft").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_fits_the_whole_schedule(tiny_data, tmp_path):
+    """--time-budget-minutes re-plans total steps from the first steps' speed: the run finishes (LR decayed
+    to ~0) well before the nominal 100k steps and near the budget."""
+    root, _ = tiny_data
+    res = _train(root, tmp_path, _cfg(steps=100_000, time_budget_s=4.0))
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert res["finished"] and 11 <= res["total_steps"] < 100_000
+    assert log[-1]["step"] == res["total_steps"] and log[-1]["lr"] < 1e-6
+    assert res["elapsed_s"] < 4.0 * 2  # generous: the CPU is shared; the plan keeps 3% slack
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["time_budget_s"] == 4.0 and saved["total_steps"] == res["total_steps"]

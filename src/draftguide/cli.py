@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; --resume continues")
+    p.add_argument("--time-budget-minutes", type=float, default=None, help="fit the whole schedule (warmup + cosine to 0) into this much wall time: total steps are re-planned from the speed of the first steps")
+    p.add_argument("--no-tf32", action="store_true", help="exact fp32 matmuls on CUDA while training (default: TF32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_draft)
@@ -220,6 +222,7 @@ def cmd_train_draft(args) -> int:
         vocab_subset=args.vocab_subset or None, mask_token_id=args.mask_token_id,
         normalize_features=not args.no_normalize_features,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+        time_budget_s=args.time_budget_minutes * 60 if args.time_budget_minutes else None, tf32=not args.no_tf32,
     )
     try:
         target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)

@@ -61,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     mask_token_id: int | None = None
     save_dtype: str = "bfloat16"  # dtype of the final official-layout draft
+    time_budget_s: float | None = None  # fit the schedule (warmup + cosine to 0) into this much wall time
+    tf32: bool = True  # TF32 matmuls on CUDA (training only; features differ from fp32 by ~1e-3 relative)
 
 
 def loss_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
@@ -179,6 +181,25 @@ def _anchor_tensor(batch, lengths, n, rng) -> torch.Tensor:
     return out
 
 
+PROBE_STEPS = 11  # steps 2..11 time the loop when a time budget is set (step 1 pays one-off costs)
+
+
+def _fit_budget(state: dict, budget_s: float, elapsed_s: float, t_probe: float | None, world: int, dev) -> float:
+    """At step 1 start the clock; at PROBE_STEPS set total so warmup + cosine end inside the budget
+    (3% kept for the final save). Rank 0 decides and broadcasts, so every rank stops at the same step."""
+    if state["step"] == 1:
+        return elapsed_s
+    per_step = (elapsed_s - t_probe) / (PROBE_STEPS - 1)
+    left = budget_s - state["elapsed_s"] - elapsed_s
+    total = torch.tensor([min(state["total"], state["step"] + max(0, int(0.97 * left / per_step)))], device=dev)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(total, 0)
+    state["total"], state["planned"] = int(total), True
+    return t_probe
+
+
 def train_draft(
     target,
     tokenizer,
@@ -221,6 +242,9 @@ def train_draft(
 
     steps_per_epoch = max(1, len(samples) // cfg.batch_size)
     total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
+    if dev.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = draft
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -228,11 +252,13 @@ def train_draft(
         model = DDP(draft, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    warm = max(1, int(cfg.warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
-    )
-    state = {"step": 0, "epoch": 0, "pos": 0, "seed": cfg.seed, "scale_fitted": False, "elapsed_s": 0.0}
+    state = {"step": 0, "epoch": 0, "pos": 0, "seed": cfg.seed, "scale_fitted": False, "elapsed_s": 0.0, "total": total}
+
+    def lr_factor(s: int) -> float:  # reads state["total"]: a time budget may re-plan it after a few steps
+        warm = max(1, int(cfg.warmup_ratio * state["total"]))
+        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, state["total"] - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ckpt = out_dir / "checkpoint.pt"
     if resume and ckpt.is_file():
         blob = torch.load(ckpt, map_location=dev, weights_only=False)  # our own file, written below
@@ -240,16 +266,21 @@ def train_draft(
         scale.load_state_dict(blob["scale"])
         opt.load_state_dict(blob["opt"])
         sched.load_state_dict(blob["sched"])
-        state = blob["state"]
+        state.update(blob["state"])
+        if not state.get("planned"):  # a resumed run may change --steps/--epochs; a budget-planned total stays
+            state["total"] = total
         torch.set_rng_state(blob["torch_rng"])
         random.setstate(blob["py_rng"])
     elif resume and rank == 0:
         print(f"draftguide: no checkpoint in {out_dir}; starting fresh")
     else:
         random.seed(cfg.seed)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "train_config.json", asdict(cfg) | {"data": str(data_dir), "n_samples": len(samples), "total_steps": total, "world_size": world})
+    def write_config():
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(out_dir / "train_config.json", asdict(cfg) | {"data": str(data_dir), "n_samples": len(samples), "total_steps": state["total"], "world_size": world})
+
+    write_config()
 
     def order(epoch: int) -> list[int]:  # same permutation on every rank and on resume
         perm = list(range(len(samples)))
@@ -274,13 +305,13 @@ def train_draft(
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if rank == 0 or world == 1 else {}
     log = JsonlWriter(out_dir / "log.jsonl") if rank == 0 else None
-    bar = tqdm(total=total, initial=state["step"], desc="train-draft", disable=not progress or rank != 0)
+    bar = tqdm(total=state["total"], initial=state["step"], desc="train-draft", disable=not progress or rank != 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     perm = order(state["epoch"])
     t_start, agg = time.perf_counter(), {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
-    t_log = t_start
+    t_log, t_probe = t_start, None
     try:
-        while state["step"] < total and not stop["flag"]:
+        while state["step"] < state["total"] and not stop["flag"]:
             if state["pos"] + cfg.batch_size > len(perm):
                 state["epoch"] += 1
                 state["pos"] = 0
@@ -318,7 +349,11 @@ def train_draft(
             agg["n"] += 1
             agg["tok"] += int(n.sum())
             bar.update(1)
-            if state["step"] % cfg.log_every == 0 or state["step"] == total:
+            if cfg.time_budget_s and state["step"] in (1, PROBE_STEPS) and "planned" not in state:
+                t_probe = _fit_budget(state, cfg.time_budget_s, time.perf_counter() - t_start, t_probe, world, dev)
+                bar.total = state["total"]
+                write_config()
+            if state["step"] % cfg.log_every == 0 or state["step"] == state["total"]:
                 now = time.perf_counter()
                 el = now - t_start
                 row = {
@@ -344,11 +379,11 @@ def train_draft(
             signal.signal(s, h)
         if log:
             log.close()
-    done = state["step"] >= total
+    done = state["step"] >= state["total"]
     if rank == 0:
         final = DFlashDraft(draft.config)
         final.load_state_dict(draft.state_dict())
         fold_scale_into_fc(final, scale.scale.cpu())
         final.save_pretrained(out_dir / "draft", dtype=getattr(torch, cfg.save_dtype))
-    return {"step": state["step"], "total_steps": total, "finished": done, "elapsed_s": state["elapsed_s"],
+    return {"step": state["step"], "total_steps": state["total"], "finished": done, "elapsed_s": state["elapsed_s"],
             "draft": str(out_dir / "draft"), "model": draft}
