@@ -135,24 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models)")
+    _add_target_args(p, device=None, draft=True)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="model id reported and accepted (default: the --target value)")
+    p.add_argument("--max-pending", type=int, default=64, help="requests allowed to wait for the model; more get 503")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def load_models(args):
     """Target, tokenizer and a draft checked against the target."""
-    import torch
+    from .pipeline import load_pair
 
-    from .draft import resolve_draft
-    from .targets import load_target
-
-    from pathlib import Path
-
-    if args.draft and not args.draft.startswith("init") and not Path(args.draft).exists():
-        raise DraftGuideError(f"draft folder '{args.draft}' does not exist")  # before a slow target load
-    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
-    draft = resolve_draft(args.draft, target, tok, target_name=args.target)
-    draft.to(device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
-    return target, tok, draft
+    return load_pair(args.target, args.draft, DTYPES[args.dtype], args.device)
 
 
 def cmd_speculate(args) -> int:
@@ -338,6 +336,21 @@ def cmd_diagnose(args) -> int:
     print(f"verdict: {s['verdict']} (mean per-task log p diff {v['mean_per_task_logp_diff']:.3f}, 95% CI "
           f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] on {v['basis']})")
     print(f"wrote {args.out}/tokens.jsonl, summary.json, report.md and figures")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .pipeline import DraftGuide
+    from .server import serve
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise DraftGuideError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from e
+    dg = DraftGuide(*load_models(args), name=args.model_name or args.target)
+    print(f"serving {dg.name} on http://{args.host}:{args.port}/v1 (POST /chat/completions, GET /models)", file=sys.stderr)
+    serve(dg, args.host, args.port, max_pending=args.max_pending)
     return 0
 
 
