@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .errors import DraftGuideError
+from .runs import record_command
 from .targets import DEFAULT_TARGET
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="FILE.jsonl")
     b.add_argument("--n-per-subcategory", type=int, default=16)
     b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=cmd_tasks_build)
+    b.set_defaults(func=cmd_tasks_build, run_folder=False)  # --out is a file
 
     p = sub.add_parser("eval", help="context-learning evaluation: generate, score, summarise (resumable, torchrun-ready)")
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
@@ -135,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("profile", help="compute budget: prefill vs context, draft, speculative, TTT and guided costs, decode bandwidth")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--context-lens", default="256,512,1024,2048,4096", help="comma list of prefill context lengths")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per decode/speculative/guided run")
+    p.add_argument("--anchors", type=int, default=64, help="blocks in the multi-anchor draft pass")
+    p.add_argument("--ttt-steps", type=int, default=4)
+    p.add_argument("--ttt-context", type=int, default=1024, help="TTT context length (the nearest of --context-lens)")
+    p.add_argument("--copy-mb", type=int, default=256, help="tensor size of the copy-bandwidth measurement")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models)")
     _add_target_args(p, device=None, draft=True)
@@ -297,7 +311,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    import shlex
     from pathlib import Path
 
     from .diagnostic import CONTROLS, MODES
@@ -339,6 +352,38 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 2:
+        raise DraftGuideError(f"{flag} {text!r}: expected a comma list of integers >= 2")
+    return vals
+
+
+def cmd_profile(args) -> int:
+    from .profiling import cost_rows, run_profile
+
+    lens = _int_list(args.context_lens, "--context-lens")
+    if min(args.repeats, args.new_tokens, args.anchors, args.ttt_steps, args.copy_mb) < 1:
+        raise DraftGuideError("--repeats, --new-tokens, --anchors, --ttt-steps and --copy-mb must be >= 1")
+    target, tok, draft = load_models(args)
+    s = run_profile(target, tok, draft, args.out, context_lens=lens, repeats=args.repeats, new_tokens=args.new_tokens,
+                    anchors=args.anchors, ttt_steps=args.ttt_steps, ttt_context=args.ttt_context,
+                    copy_megabytes=args.copy_mb, command=args.command,
+                    settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype]})
+    print(f"\n{'operation':<52} {'median ms':>10}")
+    for r in s["prefill"]:
+        print(f"{'target prefill, ' + str(r['context_len']) + ' tokens':<52} {1e3 * r['median_s']:>10.2f}")
+    for name, sec, note in cost_rows(s):
+        print(f"{name:<52} {1e3 * sec:>10.2f}  {note}")
+    print(f"decode bandwidth {s['decode']['achieved_bandwidth_GBps']:.2f} GB/s of {s['copy_bandwidth']['GBps']:.2f} GB/s copy "
+          f"({100 * s['bandwidth_fraction']:.0f}%)")
+    print(f"wrote {args.out}/summary.json, report.md and profile.png")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .pipeline import DraftGuide
     from .server import serve
@@ -355,12 +400,17 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars: noise next to our own progress
+    args.command = shlex.join(["draftguide", *argv])
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0 and getattr(args, "run_folder", True) and getattr(args, "out", None):
+            record_command(args.out, args.command)
+        return code
     except DraftGuideError as e:
         print(f"draftguide: error: {e}", file=sys.stderr)
         return 2
