@@ -32,7 +32,9 @@ def test_costs_and_bandwidth(profile):
     d = s["decode"]
     assert d["speculative_tau"] >= 1 and d["greedy_tokens_per_s"] > 0 and d["verify_8_s"] > 0
     assert d["achieved_bandwidth_GBps"] == pytest.approx(d["weight_bytes_per_token"] * d["greedy_tokens_per_s"] / 1e9)
-    assert s["copy_bandwidth"]["GBps"] > 0 and s["bandwidth_fraction"] > 0
+    m = s["memory_bandwidth"]
+    assert m["copy_GBps"] > 0 and m["read_GBps"] > 0
+    assert s["bandwidth_fraction"] == pytest.approx(d["achieved_bandwidth_GBps"] / max(m["copy_GBps"], m["read_GBps"]))
     assert s["draft"]["multi_anchor"]["anchors"] == 4 and s["draft"]["block_step"]["median_s"] > 0
 
 

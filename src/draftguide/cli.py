@@ -147,8 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchors", type=int, default=64, help="blocks in the multi-anchor draft pass")
     p.add_argument("--ttt-steps", type=int, default=4)
     p.add_argument("--ttt-context", type=int, default=1024, help="TTT context length (the nearest of --context-lens)")
-    p.add_argument("--copy-mb", type=int, default=256, help="tensor size of the copy-bandwidth measurement")
+    p.add_argument("--copy-mb", type=int, default=256, help="tensor size of the read/copy bandwidth measurement")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="one paper-style markdown over diagnose/eval/speculate/bench-tau/profile/... run folders")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (unknown ones are skipped with a warning)")
+    p.add_argument("--out", required=True, help="folder for report.md and its figures")
+    p.set_defaults(func=cmd_report, run_folder=False)
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models)")
     _add_target_args(p, device=None, draft=True)
@@ -378,9 +383,18 @@ def cmd_profile(args) -> int:
         print(f"{'target prefill, ' + str(r['context_len']) + ' tokens':<52} {1e3 * r['median_s']:>10.2f}")
     for name, sec, note in cost_rows(s):
         print(f"{name:<52} {1e3 * sec:>10.2f}  {note}")
-    print(f"decode bandwidth {s['decode']['achieved_bandwidth_GBps']:.2f} GB/s of {s['copy_bandwidth']['GBps']:.2f} GB/s copy "
-          f"({100 * s['bandwidth_fraction']:.0f}%)")
+    m = s["memory_bandwidth"]
+    print(f"decode bandwidth {s['decode']['achieved_bandwidth_GBps']:.2f} GB/s; measured read {m['read_GBps']:.2f} GB/s, "
+          f"copy {m['copy_GBps']:.2f} GB/s ({100 * s['bandwidth_fraction']:.0f}% of the higher)")
     print(f"wrote {args.out}/summary.json, report.md and profile.png")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .paper import write_report
+
+    path = write_report(args.runs, args.out, command=args.command)
+    print(f"wrote {path}")
     return 0
 
 
