@@ -121,18 +121,16 @@ def speculate_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
              f"same run. Command: `{run.command}`.", ""]
     hist = s.get("acceptance_histogram") or []
     if hist:
-        from .report import _plt, _save
+        from .report import _plt
 
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar(range(1, len(hist) + 1), hist, color="#dd8452")
         ax.set_xlabel("tokens committed per verify step")
         ax.set_ylabel("steps")
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        _save(plt, fig, fig_dir / "acceptance.png", "")
-        lines += [f"![acceptance]({fig_dir.parent.name}/{fig_dir.name}/acceptance.png)", "",
-                  f"*Figure {count.figure()}*: acceptance lengths over all {sum(hist)} verify steps of n = {s['n_prompts']} "
-                  f"prompts (tau {s['tau']:.2f}, 95% CI {_ci(s['tau_ci95_over_prompts'])}). Command: `{run.command}`.", ""]
+        lines += _figure(plt, fig, fig_dir / "acceptance.png", count,
+                         f"acceptance lengths over all {sum(hist)} verify steps of n = {s['n_prompts']} prompts (tau "
+                         f"{s['tau']:.2f}, 95% CI {_ci(s['tau_ci95_over_prompts'])}). Command: `{run.command}`.")
     return lines
 
 
@@ -148,7 +146,7 @@ def bench_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
 
 
 def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
-    from .report import _fmt, _plt, _save
+    from .report import _fmt, _plt
 
     s = run.summary
     st = s.get("settings", {})
@@ -172,12 +170,20 @@ def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
         ax.set_xticklabels([f"{c}\n(n={g['n']})" for c, g in cats], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel("solve rate")
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        _save(plt, fig, fig_dir / "solve_rate.png", "")
-        lines += [f"![solve rate]({fig_dir.parent.name}/{fig_dir.name}/solve_rate.png)", "",
-                  f"*Figure {count.figure()}*: solve rate by category, bars 95% bootstrap CI over tasks, n per bar below it "
-                  f"(overall {s['solve_rate']:.3f} on n = {s['n']}). Command: `{run.command}`.", ""]
+        lines += _figure(plt, fig, fig_dir / "solve_rate.png", count,
+                         f"solve rate by category, bars 95% bootstrap CI over tasks, n per bar below it (overall "
+                         f"{s['solve_rate']:.3f} on n = {s['n']}). Command: `{run.command}`.")
     return lines
+
+
+def _figure(plt, fig, path: Path, count: Counter, caption: str) -> list[str]:
+    """Save a figure drawn here under `figures/<run>/` and return its markdown with a numbered caption."""
+    from .report import _save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(plt, fig, path, caption)
+    return [f"![{path.stem}]({path.parent.parent.name}/{path.parent.name}/{path.name})", "",
+            f"*Figure {count.figure()}*: {caption}", ""]
 
 
 def _num(x, digits: int = 1) -> str:
