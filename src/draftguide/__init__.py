@@ -14,6 +14,7 @@ _LAZY = {
     "build_tasks": "tasks", "load_builtin_tasks": "tasks",
     "run_eval": "evaluate", "register_method": "evaluate",
     "run_diagnose": "report", "score_sequence": "diagnostic",
+    "DraftGuide": "pipeline", "run_profile": "profiling", "write_report": "paper", "create_app": "server",
 }
 
 
