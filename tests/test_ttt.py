@@ -223,3 +223,78 @@ def test_lazy_exports():
 
     assert draftguide.ttt_adapt is ttt_adapt and draftguide.AdaptedDraft is AdaptedDraft
     assert draftguide.TTTReport.__name__ == "TTTReport"
+
+
+# -- the diagnostic with TTT --------------------------------------------------------------------------
+def _diag_tasks():
+    from test_diagnostic import _task
+
+    return [_task("t0", "tulip", context="The code word is tulip. Say tulip when asked."),
+            _task("t1", "12 apples", "B", "b", context="Anna has 12 apples and 3 pears in her basket."),
+            _task("t2", "Lyon", "A", "a", context="In this story the capital of France is Lyon, not Paris.")]
+
+
+def _ttt_numbers(records):
+    return {(r["task_id"], r["token_index"]): (r["next"]["ttt"]["logp"], r["next"]["ttt"]["rank"], r["block"]["ttt"]["logp"],
+                                                r["ttt_report"]["loss_after"]) for r in records}
+
+
+def test_diagnose_ttt_does_not_leak_across_tasks():
+    from conftest import char_tokenizer
+
+    from draftguide.diagnostic import diagnose, prepare_tasks
+    from draftguide.ttt import TTTConfig
+
+    target, tok = tiny_target(), char_tokenizer()
+    draft = tiny_draft(target, mask_token_id=3)
+    base = _state(draft)
+    cfg = TTTConfig(steps=4, lr=1e-2, anchors_per_step=8)
+    tasks = _diag_tasks()
+    fwd = diagnose(target, draft, prepare_tasks(tasks, tok), controls=(), ttt=cfg)
+    rev = diagnose(target, draft, prepare_tasks(tasks[::-1], tok), controls=(), ttt=cfg)
+    alone = diagnose(target, draft, prepare_tasks(tasks[2:], tok), controls=(), ttt=cfg)
+    assert _ttt_numbers(fwd) == _ttt_numbers(rev)  # exactly, in any order
+    assert {k: v for k, v in _ttt_numbers(fwd).items() if k[0] == "t2"} == _ttt_numbers(alone)
+    assert all(torch.equal(base[k], v) for k, v in draft.state_dict().items())  # base draft untouched
+    assert any(r["next"]["ttt"]["logp"] != r["next"]["draft"]["logp"] for r in fwd)  # TTT changed the readout
+    for r in fwd:
+        assert r["ttt_report"]["loss_after"] < r["ttt_report"]["loss_before"]
+
+
+def test_diagnose_ttt_zero_steps_equals_base_draft():
+    from conftest import char_tokenizer
+
+    from draftguide.diagnostic import diagnose, prepare_tasks
+    from draftguide.ttt import TTTConfig
+
+    target, tok = tiny_target(), char_tokenizer()
+    draft = tiny_draft(target, mask_token_id=3)
+    recs = diagnose(target, draft, prepare_tasks(_diag_tasks(), tok), controls=(), ttt=TTTConfig(steps=0))
+    for r in recs:
+        for mode in ("next", "block"):
+            assert r[mode]["ttt"]["logp"] == r[mode]["draft"]["logp"] and r[mode]["ttt"]["rank"] == r[mode]["draft"]["rank"]
+
+
+def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
+    import json
+
+    from draftguide.cli import main
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
+    out = tmp_path / "out"
+    argv = ["diagnose", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
+            "--out", str(out), "--no-solve", "--n-boot", "50", "--modes", "next", "--ttt", "--ttt-steps", "3",
+            "--ttt-lr", "0.01", "--ttt-rank", "4"]
+    assert main(argv) == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["modes"]["next"]["all"]["mean_logp"]) == {"target", "draft", "ttt", "noise", "random"}
+    t = s["ttt"]
+    assert t["config"]["steps"] == 3 and t["config"]["rank"] == 4 and t["n_tasks"] == 3
+    assert t["verdict"] in {"draft_better", "draft_equal", "draft_worse"} and t["verdict_detail"]["pathway"] == "ttt"
+    assert t["mean_context_loss_after"] < t["mean_context_loss_before"]
+    assert len((out / "ttt.jsonl").read_text().splitlines()) == 3
+    assert {json.loads(r)["pathway"] for r in (out / "tokens.jsonl").read_text().splitlines()} >= {"draft_next", "ttt_next"}
+    report = (out / "report.md").read_text()
+    assert "## Test-time training" in report and "--ttt-steps 3" in report
+    assert "ttt verdict" in capsys.readouterr().out

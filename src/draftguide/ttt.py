@@ -91,6 +91,13 @@ class TTTConfig:
     def kwargs(self, **override) -> dict:
         return asdict(self) | override
 
+    def validate(self) -> "TTTConfig":
+        """Raise a one-line DraftGuideError for a bad option (before any model is loaded)."""
+        _check_options(self.steps, self.lr, self.rank, self.anchors_per_step, self.dropout, 1)
+        if not self.target_modules:
+            raise DraftGuideError("TTT needs at least one target module (e.g. fc)")
+        return self
+
 
 class AdaptedDraft(DFlashDraft):
     """A draft with LoRA adapters on some of its linear layers; build it with `ttt_adapt` or `load_adapter`.
