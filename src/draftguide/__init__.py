@@ -15,6 +15,7 @@ _LAZY = {
     "run_eval": "evaluate", "register_method": "evaluate",
     "run_diagnose": "report", "score_sequence": "diagnostic",
     "DraftGuide": "pipeline", "run_profile": "profiling", "write_report": "paper", "create_app": "server",
+    "ttt_adapt": "ttt", "AdaptedDraft": "ttt", "TTTReport": "ttt",
 }
 
 

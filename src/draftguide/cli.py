@@ -34,6 +34,24 @@ def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draf
     p.add_argument("--device", default=device, help="default: cuda:LOCAL_RANK if available, else cpu" if device is None else None)
 
 
+def _add_ttt_args(p: argparse.ArgumentParser) -> None:
+    """--ttt-* options of test-time training (the draft adapted on each context with LoRA)."""
+    p.add_argument("--ttt-steps", type=int, default=16, help="TTT optimizer steps per context (default 16)")
+    p.add_argument("--ttt-lr", type=float, default=1e-3, help="TTT learning rate (default 1e-3)")
+    p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--ttt-anchors", type=int, default=16, help="random context anchors per TTT step (default 16)")
+    p.add_argument("--ttt-modules", default="fc,q_proj,k_proj,v_proj", help="comma list of draft modules with LoRA")
+
+
+def _ttt_config(args, **override):
+    from .ttt import TTTConfig
+
+    modules = tuple(m.strip() for m in args.ttt_modules.split(",") if m.strip())
+    fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank, anchors_per_step=args.ttt_anchors,
+                  target_modules=modules, seed=args.seed) | override
+    return TTTConfig(**fields).validate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftguide", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-controls", action="store_true", help="skip the noise-feature and random-draft controls")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttt", action="store_true", help="also score the draft adapted (TTT) on each task's context, beside the base draft")
+    _add_ttt_args(p)
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("profile", help="compute budget: prefill vs context, draft, speculative, TTT and guided costs, decode bandwidth")
@@ -326,6 +346,7 @@ def cmd_diagnose(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise DraftGuideError(f"--modes {args.modes!r}: expected a comma list of {', '.join(MODES)}")
+    ttt = _ttt_config(args) if args.ttt else None
     tasks = load_tasks(args.tasks)[0][: args.limit]
     refs = {k: v for k, v in results_field(args.reference_from, "response").items() if isinstance(v, str)} if args.reference_from else None
     solved = solved_from(args.solved_from) if args.solved_from else None
@@ -339,11 +360,14 @@ def cmd_diagnose(args) -> int:
     cmd = ["draftguide", "diagnose", "--tasks", args.tasks, "--out", args.out]
     cmd += [x for flag, val in opts if val is not None for x in (flag, str(val))]
     cmd += [flag for flag, on in (("--no-solve", args.no_solve), ("--no-controls", args.no_controls)) if on]
+    if ttt is not None:
+        cmd += ["--ttt", "--ttt-steps", str(ttt.steps), "--ttt-lr", f"{ttt.lr:g}", "--ttt-rank", str(ttt.rank),
+                "--ttt-anchors", str(ttt.anchors_per_step), "--ttt-modules", ",".join(ttt.target_modules)]
     s = run_diagnose(target, tok, draft, tasks, args.out, modes=modes, controls=() if args.no_controls else CONTROLS,
                      references=refs, solved=solved, command=shlex.join(cmd), n_boot=args.n_boot, seed=args.seed,
                      settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype],
                                "tasks": source, "modes": modes, "limit": args.limit, "solved_from": args.solved_from,
-                               "reference_from": args.reference_from})
+                               "reference_from": args.reference_from}, ttt=ttt)
     v = s["verdict_detail"]
     print(f"\n{s['n_tasks']} tasks, {s['n_tokens']} answer tokens ({s['n_skipped']} tasks skipped without a reference)")
     for mode, g in s["modes"].items():
@@ -353,6 +377,14 @@ def cmd_diagnose(args) -> int:
               f"draft rank win {a['rank_vs_target']['draft']['win']['mean']:.2f}")
     print(f"verdict: {s['verdict']} (mean per-task log p diff {v['mean_per_task_logp_diff']:.3f}, 95% CI "
           f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] on {v['basis']})")
+    if ttt is not None:
+        t, tv = s["ttt"], s["ttt"]["verdict_detail"]
+        for mode, g in t["gain_over_base"].items():
+            print(f"   ttt {mode:>6}: mean per-task log p gain over the base draft {g['mean_per_task_logp_gain']:+.3f} "
+                  f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]")
+        print(f"ttt verdict: {t['verdict']} (log p diff {tv['mean_per_task_logp_diff']:.3f}, 95% CI [{tv['ci95'][0]:.3f}, "
+              f"{tv['ci95'][1]:.3f}]); context loss {t['mean_context_loss_before']:.3f} -> {t['mean_context_loss_after']:.3f}, "
+              f"{t['mean_ttt_seconds']:.2f} s TTT per task")
     print(f"wrote {args.out}/tokens.jsonl, summary.json, report.md and figures")
     return 0
 
