@@ -14,6 +14,7 @@ _LAZY = {
     "build_tasks": "tasks", "load_builtin_tasks": "tasks",
     "run_eval": "evaluate", "register_method": "evaluate",
     "run_diagnose": "report", "score_sequence": "diagnostic",
+    "guided_generate": "guided", "power_sample": "baselines", "dola_generate": "baselines",
 }
 
 
