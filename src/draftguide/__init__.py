@@ -16,6 +16,7 @@ _LAZY = {
     "run_diagnose": "report", "score_sequence": "diagnostic",
     "DraftGuide": "pipeline", "run_profile": "profiling", "write_report": "paper", "create_app": "server",
     "ttt_adapt": "ttt", "AdaptedDraft": "ttt", "TTTReport": "ttt",
+    "guided_generate": "guided", "power_sample": "baselines", "dola_generate": "baselines",
 }
 
 

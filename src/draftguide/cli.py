@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="context-learning evaluation: generate, score, summarise (resumable, torchrun-ready)")
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
     p.add_argument("--out", required=True)
-    _add_target_args(p, device=None)
-    p.add_argument("--method", default="greedy")
+    _add_target_args(p, device=None, draft=True)
+    p.add_argument("--method", default="greedy", help="greedy, guided, guided-noise, power or dola")
+    _add_method_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="the first N tasks")
     p.add_argument("--judge", default="auto", choices=["auto", "rules", "llm"], help="auto: rules where a row has checks, else llm")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="compute budget: prefill vs context, draft, speculative, TTT and guided costs, decode bandwidth")
     _add_target_args(p, device="cpu", draft=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--context-lens", default="256,512,1024,2048,4096", help="comma list of prefill context lengths")
+    p.add_argument("--context-lens", type=_int_list, default="256,512,1024,2048,4096", help="comma list of prefill context lengths")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
     p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per decode/speculative/guided run")
     p.add_argument("--anchors", type=int, default=64, help="blocks in the multi-anchor draft pass")
@@ -182,7 +183,117 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id reported and accepted (default: the --target value)")
     p.add_argument("--max-pending", type=int, default=64, help="requests allowed to wait for the model; more get 503")
     p.set_defaults(func=cmd_serve)
+
+    sweep = sub.add_parser("sweep", help="parameter sweeps")
+    sweep_sub = sweep.add_subparsers(dest="sweep_kind", required=True)
+    b = sweep_sub.add_parser("beta", help="solve rate vs beta for draft-guided decoding, its noise control and baselines (PNG, JSON, markdown)")
+    b.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows with checks, or 'builtin'")
+    b.add_argument("--out", required=True)
+    _add_target_args(b, device="cpu", draft=True)
+    b.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma list in [0, 1]")
+    b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola ('' for none)")
+    b.add_argument("--no-noise", action="store_true", help="skip the noise control")
+    b.add_argument("--max-new-tokens", type=int, default=48)
+    b.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    _add_method_args(b, beta=False)
+    b.set_defaults(func=cmd_sweep_beta)
+
+    p = sub.add_parser("generate", help="stream a (draft-guided) answer to a prompt to the terminal")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="continue the text as is (no chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    _add_method_args(p, baselines=False)
+    p.set_defaults(func=cmd_generate)
     return parser
+
+
+# -- method options (eval, sweep, generate) ------------------------------------------------------------
+# flag -> (option name, methods it applies to)
+METHOD_FLAGS = {
+    "beta": ("beta", ("guided", "guided-noise")),
+    "beta_schedule": ("beta_schedule", ("guided", "guided-noise")),
+    "mix": ("mix", ("guided", "guided-noise")),
+    "guard_top_k": ("guard_top_k", ("guided", "guided-noise")),
+    "speculative": ("speculative", ("guided", "guided-noise")),
+    "alpha": ("alpha", ("power",)),
+    "n_mcmc": ("n_mcmc", ("power",)),
+    "power_block_size": ("block_size", ("power",)),
+    "dola_layers": ("candidate_layers", ("dola",)),
+    "relative_top": ("relative_top", ("dola",)),
+    "seed": ("seed", ("guided", "guided-noise", "power")),
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a comma list of integers") from None
+
+
+def _add_method_args(p: argparse.ArgumentParser, beta: bool = True, baselines: bool = True) -> None:
+    g = p.add_argument_group("draft-guided decoding (methods guided, guided-noise)")
+    if beta:
+        g.add_argument("--beta", type=float, default=None, help="weight of the draft logits, in [0, 1]")
+    g.add_argument("--beta-schedule", choices=["fixed", "adaptive"], default=None, help="adaptive: beta * JS(target, draft) / ln 2 per token")
+    g.add_argument("--mix", choices=["logits", "logprobs"], default=None)
+    g.add_argument("--guard-top-k", type=int, default=None, help="guidance only re-ranks the target's top-k tokens")
+    g.add_argument("--speculative", action="store_true", help="exact speculative guided greedy (same tokens, fewer target passes)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the noise control / Power Sampling / sampling")
+    if baselines:
+        g = p.add_argument_group("baselines (methods power, dola)")
+        g.add_argument("--alpha", type=float, default=None, help="Power Sampling exponent (default 4)")
+        g.add_argument("--n-mcmc", type=int, default=None, help="MH steps per block (default 4)")
+        g.add_argument("--power-block-size", type=int, default=None, help="tokens grown per block (default 16)")
+        g.add_argument("--dola-layers", type=_int_list, default=None, help="DoLa candidate layers (hidden-state indices), comma list")
+        g.add_argument("--relative-top", type=float, default=None, help="DoLa plausibility filter (default 0.1)")
+
+
+def _draft_spec(args) -> str:
+    """The draft as a JSON-able option: an absolute folder, `init[:N]`, or the target's shipped draft."""
+    from pathlib import Path
+
+    from .draft import SHIPPED_DRAFTS
+
+    if args.draft is None:
+        shipped = SHIPPED_DRAFTS.get(args.target)
+        if shipped is None or not shipped.is_dir():
+            raise DraftGuideError(f"no shipped draft for target '{args.target}': pass --draft PATH")
+        return str(shipped)
+    if args.draft.startswith("init"):
+        return args.draft
+    if not Path(args.draft).exists():
+        raise DraftGuideError(f"draft folder '{args.draft}' does not exist")
+    return str(Path(args.draft).resolve())
+
+
+def _flags_for(args, method: str) -> dict:
+    """Options of `method` from the flags given for it (a sweep runs several methods: others are ignored)."""
+    return {name: getattr(args, flag) for flag, (name, methods) in METHOD_FLAGS.items()
+            if method in methods and _given(args, flag)}
+
+
+def _given(args, flag: str) -> bool:
+    v = getattr(args, flag, None)
+    return v is not None and v is not False  # 0 and 0.0 are given values
+
+
+def _method_options(args, method: str) -> dict:
+    """The options of `method` from the flags given; a flag given for another method is an error."""
+    from .evaluate import check_method_options
+
+    for flag, (_, methods) in METHOD_FLAGS.items():
+        if _given(args, flag) and method not in methods:
+            raise DraftGuideError(f"--{flag.replace('_', '-')} does not apply to method {method!r} (only {', '.join(methods)})")
+    opts = _flags_for(args, method)
+    if method in ("guided", "guided-noise"):
+        opts["draft"] = _draft_spec(args)
+    check_method_options(method, opts)
+    return opts
 
 
 def load_models(args):
@@ -317,6 +428,7 @@ def cmd_eval(args) -> int:
     from .targets import load_target
 
     check_method(args.method, args.max_new_tokens)
+    opts = _method_options(args, args.method)
     tasks, bad = load_tasks(args.tasks, skip_bad=args.skip_bad)
     tasks = tasks[: args.limit]
     judge = None
@@ -328,7 +440,7 @@ def cmd_eval(args) -> int:
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     s = run_eval(target, tok, tasks, args.out, method=args.method, max_new_tokens=args.max_new_tokens, judge=args.judge,
-                 llm_judge=judge, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+                 llm_judge=judge, method_options=opts, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
     if int(os.environ.get("RANK", "0")) == 0:
         print("\n" + format_table(s))
         print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
@@ -389,20 +501,12 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        vals = []
-    if not vals or min(vals) < 2:
-        raise DraftGuideError(f"{flag} {text!r}: expected a comma list of integers >= 2")
-    return vals
-
-
 def cmd_profile(args) -> int:
     from .profiling import cost_rows, run_profile
 
-    lens = _int_list(args.context_lens, "--context-lens")
+    lens = args.context_lens
+    if not lens or min(lens) < 2:
+        raise DraftGuideError(f"--context-lens {lens}: expected a comma list of integers >= 2")
     if min(args.repeats, args.new_tokens, args.anchors, args.ttt_steps, args.copy_mb) < 1:
         raise DraftGuideError("--repeats, --new-tokens, --anchors, --ttt-steps and --copy-mb must be >= 1")
     target, tok, draft = load_models(args)
@@ -442,6 +546,83 @@ def cmd_serve(args) -> int:
     dg = DraftGuide(*load_models(args), name=args.model_name or args.target)
     print(f"serving {dg.name} on http://{args.host}:{args.port}/v1 (POST /chat/completions, GET /models)", file=sys.stderr)
     serve(dg, args.host, args.port, max_pending=args.max_pending)
+    return 0
+
+
+def cmd_sweep_beta(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import load_tasks
+    from .sweep_beta import parse_betas, run_beta_sweep, sweep_runs
+    from .targets import load_target
+
+    import torch
+
+    betas = parse_betas(args.betas)
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    sweep_runs(betas, baselines)  # unknown baselines fail here
+    if args.max_new_tokens < 1:
+        raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    guided_opts = _flags_for(args, "guided")
+    base_opts = {m: _flags_for(args, m) for m in baselines if m != "greedy"}
+    draft = _draft_spec(args)
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
+    s = run_beta_sweep(target, tok, tasks, args.out, betas=betas, draft=draft, max_new_tokens=args.max_new_tokens,
+                       baselines=baselines, noise=not args.no_noise, guided_options=guided_opts, baseline_options=base_opts,
+                       settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+    print(f"\n{'beta':>5} {'guided':>22} {'noise':>22}")
+    noise = {p["beta"]: p for p in s["curves"]["noise"]}
+    fmt = lambda p: f"{p['solve_rate']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-"  # noqa: E731
+    for p in s["curves"]["guided"]:
+        print(f"{p['beta']:>5g} {fmt(p):>22} {fmt(noise.get(p['beta'])):>22}")
+    for name, g in s["baselines"].items():
+        print(f"{name:>5} {fmt(g):>22}")
+    print(f"wrote {args.out}/summary.json, report.md, beta_sweep.png and flips.jsonl")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    from .guided import check_guided, guided_generate
+    from .prompts import encode_prompt, stop_token_ids
+    from .sampling import check_sampling
+
+    beta = 0.0 if args.beta is None else args.beta
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    check_guided(beta, args.beta_schedule or "fixed", args.mix or "logits", args.guard_top_k, None)
+    if args.speculative and args.temperature > 0:
+        raise DraftGuideError("--speculative is exact for greedy decoding only: use --temperature 0")
+    if args.max_new_tokens < 1:
+        raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    target, tok, draft = load_models(args)
+    row = {"prompt": args.prompt} if args.raw or tok.chat_template is None else {"messages": [{"role": "user", "content": args.prompt}]}
+    ids = encode_prompt(tok, row).to(args.device)
+    new: list[int] = []
+    shown = ""
+
+    def on_token(t: int) -> None:  # decode the whole answer each time: multi-token characters come out whole
+        nonlocal shown
+        new.append(t)
+        text = tok.decode(new, skip_special_tokens=True)
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    gen = torch.Generator(device=args.device).manual_seed(args.seed or 0)
+    t0 = time.perf_counter()
+    _, st = guided_generate(target, draft, ids, beta=beta, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target),
+                            beta_schedule=args.beta_schedule or "fixed", mix=args.mix or "logits", guard_top_k=args.guard_top_k,
+                            speculative=args.speculative, generator=gen, on_token=on_token)
+    dt = time.perf_counter() - t0
+    print(f"\n[{st.tokens} tokens in {dt:.1f}s ({st.tokens / dt:.1f} tok/s), beta {beta:g}, {len(st.flips)} tokens flipped by guidance]",
+          file=sys.stderr)
     return 0
 
 

@@ -330,8 +330,9 @@ class DFlashDraft(nn.Module):
         ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
         h = noise_embedding
         cos, sin = self.rotary_emb(h, position_ids)
-        if cache is not None and attention_mask is not None:
-            raise ValueError("the cached (inference) mode takes no attention mask")
+        if cache is not None and attention_mask is not None and not isinstance(attention_mask, BlockMask):
+            # a BlockMask may go with a cache: its context columns then cover cached + new context
+            raise ValueError("the cached (inference) mode takes no dense attention mask")
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
