@@ -125,3 +125,26 @@ def test_readme_example_on_the_default_pair(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(_readme_example(), "README.md", "exec"), {})
     assert (tmp_path / "runs" / "notebook-diagnose" / "summary.json").is_file()
+
+
+def test_guided_through_the_pipeline(dg):
+    greedy = dg.generate("hello", max_new_tokens=10)
+    assert dg.generate("hello", max_new_tokens=10, method="guided", beta=0.0).tokens == greedy.tokens  # beta 0 = target
+    tok = dg.generate("hello", max_new_tokens=10, beta=0.5)
+    spec = dg.generate("hello", max_new_tokens=10, beta=0.5, speculative=True)
+    assert tok.method == spec.method == "guided" and spec.tokens == tok.tokens  # exact speculative guided greedy
+    assert (tok.stats["n_flips"] == 0) == (tok.tokens == greedy.tokens)  # a flip is where guidance overrode the target
+    sampled = dg.generate("hello", max_new_tokens=10, temperature=1.0, seed=1)  # plain sampling: guided at beta 0
+    assert sampled.method == "greedy" and len(sampled.tokens) == 10
+
+
+def test_adapt_and_reset(dg):
+    base = dg.draft
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    report = dg.adapt("The code word is tulip. The code word is tulip.", steps=2, anchors_per_step=4, eval_anchors=4)
+    assert dg.draft is not base and report.steps == 2 and report.loss_after == report.loss_after
+    dg.generate("hello", max_new_tokens=4, speculative=True)  # the adapted draft drafts
+    dg.reset()
+    assert dg.draft is base and all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    g = dg.generate("hello", max_new_tokens=4, speculative=True, ttt={"steps": 1, "anchors_per_step": 2, "eval_anchors": 2})
+    assert g.ttt["steps"] == 1 and dg.draft is base

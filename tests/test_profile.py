@@ -38,6 +38,15 @@ def test_costs_and_bandwidth(profile):
     assert s["draft"]["multi_anchor"]["anchors"] == 4 and s["draft"]["block_step"]["median_s"] > 0
 
 
+def test_ttt_and_guided_costs(profile):
+    s, _ = profile
+    t, g = s["ttt"], s["guided"]
+    assert t["available"] and t["steps"] == 1 and t["context_len"] == 64 and t["step_s"] > 0
+    assert t["ttt16_over_prefill"] == pytest.approx(16 * t["step_s"] / s["prefill"][1]["median_s"])
+    assert g["available"] and g["token_over_greedy"] == pytest.approx(g["token_s_per_token"] / s["decode"]["greedy_s_per_token"])
+    assert g["speculative_s_per_token"] > 0
+
+
 def test_outputs_written(profile):
     s, out = profile
     assert json.loads((out / "summary.json").read_text())["kind"] == "profile"
@@ -62,5 +71,5 @@ def test_cli_profile_records_its_command(tmp_path, tiny_target_dir, tiny_draft_d
 
 
 def test_cli_profile_bad_lengths(capsys, tmp_path):
-    assert main(["profile", "--out", str(tmp_path), "--context-lens", "a,b"]) == 2
+    assert main(["profile", "--out", str(tmp_path), "--context-lens", "1,64"]) == 2
     assert "--context-lens" in capsys.readouterr().err

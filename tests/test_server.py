@@ -190,3 +190,15 @@ def test_serve_binds_localhost_by_default():
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000
+
+
+def test_guided_and_ttt_body_fields(client, dg):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, extra_body={"beta": 0.5})
+    assert r.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5).text
+    assert r.model_extra["draftguide"]["method"] == "guided" and r.model_extra["draftguide"]["n_flips"] is not None
+    base = dg.draft
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, extra_body={
+        "method": "speculative", "ttt": {"steps": 1, "anchors_per_step": 2, "eval_anchors": 2}})
+    assert r.model_extra["draftguide"]["ttt"]["steps"] == 1 and dg.draft is base  # adapted for the request, then reset
+    status, err = _post(client.base_url.__str__().rstrip("/"), json.dumps({"messages": MSG, "ttt": {"steps": -1}}).encode())
+    assert status == 400 and "steps" in err["error"]["message"]

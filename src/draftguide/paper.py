@@ -23,7 +23,8 @@ from .errors import DraftGuideError
 from .runs import read_command
 
 TITLES = {"diagnose": "Readout diagnostic", "profile": "Compute profile", "speculate": "Speculative decoding",
-          "bench-tau": "Acceptance length per benchmark set", "eval": "Context-learning evaluation"}
+          "bench-tau": "Acceptance length per benchmark set", "eval": "Context-learning evaluation",
+          "sweep-beta": "Draft-guided decoding: solve rate vs beta"}
 
 
 @dataclass
@@ -45,6 +46,8 @@ def detect_kind(summary: dict, folder: Path) -> str | None:
         return "speculate"
     if isinstance(summary.get("sets"), dict):
         return "bench-tau"
+    if isinstance(summary.get("curves"), dict) and "baselines" in summary:
+        return "sweep-beta"
     if "solve_rate" in summary and "categories" in summary:
         return "eval"
     if (folder / "report.md").is_file():

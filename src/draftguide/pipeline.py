@@ -104,9 +104,11 @@ class Generation:
 def _stats_dict(st) -> dict:
     if st is None:
         return {}
-    d = asdict(st) if is_dataclass(st) else dict(st) if isinstance(st, dict) else {}
+    d = st.to_dict() if hasattr(st, "to_dict") else asdict(st) if is_dataclass(st) else dict(st) if isinstance(st, dict) else {}
     if hasattr(st, "tau") and getattr(st, "acceptance_lengths", None):
         d["tau"] = st.tau
+    if "flips" in d:
+        d["n_flips"] = len(d["flips"])  # tokens where guidance changed the target's choice
     return d
 
 
@@ -278,7 +280,7 @@ class DraftGuide:
         # beta = 0 is the target alone: plain sampling at temperature > 0
         return guided_generate(self.target, self.draft, ids, beta=beta, max_new_tokens=n, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop_token_ids=stop_ids, speculative=speculative,
-                               generator=gen, on_token=on_token, **options)
+                               generator=gen, on_token=lambda t: on_token([t]), **options)
 
     # -- the readout diagnostic ---------------------------------------------------------------------
     def diagnose(self, tasks="builtin", out: str = "runs/diagnose", *, modes=("next", "block"), limit: int | None = None,

@@ -169,7 +169,8 @@ def _completion(g: Generation, cid: str, created: int, model: str) -> dict:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason}],
         "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
                   "total_tokens": g.prompt_tokens + len(g.tokens)},
-        "draftguide": {"method": g.method, "seconds": g.stats.get("seconds"), "tau": g.stats.get("tau"), "ttt": g.ttt},
+        "draftguide": {"method": g.method, "seconds": g.stats.get("seconds"), "tau": g.stats.get("tau"),
+                       "n_flips": g.stats.get("n_flips"), "ttt": g.ttt},
     }
 
 
