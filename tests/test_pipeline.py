@@ -144,6 +144,8 @@ def test_adapt_and_reset(dg):
     report = dg.adapt("The code word is tulip. The code word is tulip.", steps=2, anchors_per_step=4, eval_anchors=4)
     assert dg.draft is not base and report.steps == 2 and report.loss_after == report.loss_after
     dg.generate("hello", max_new_tokens=4, speculative=True)  # the adapted draft drafts
+    with pytest.raises(DraftGuideError, match="already adapted"):
+        dg.generate("hello", max_new_tokens=4, ttt=True)
     dg.reset()
     assert dg.draft is base and all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     g = dg.generate("hello", max_new_tokens=4, speculative=True, ttt={"steps": 1, "anchors_per_step": 2, "eval_anchors": 2})

@@ -25,12 +25,21 @@ MSG = [{"role": "user", "content": "hello there"}]
 
 
 class Boom(DraftGuide):
-    """Raises inside the model call when the prompt asks for it: a bug in one request."""
+    """Raises inside the model call when the prompt asks for it (a bug in one request); records how many
+    tokens each model call decoded."""
 
-    def _decode(self, method, ids, *args):
+    decoded: list[int] = []
+
+    def _decode(self, method, ids, n, beta, speculative, temperature, top_p, top_k, stop_ids, seed, on_token, options):
         if "boom" in self.tokenizer.decode(ids[0].tolist()).replace(" ", ""):  # the char tokenizer spaces out
             raise RuntimeError("kaboom")
-        return super()._decode(method, ids, *args)
+        self.decoded.append(0)
+
+        def counting(new):
+            self.decoded[-1] += len(new)
+            on_token(new)
+
+        return super()._decode(method, ids, n, beta, speculative, temperature, top_p, top_k, stop_ids, seed, counting, options)
 
 
 def _free_port() -> int:
@@ -202,3 +211,12 @@ def test_guided_and_ttt_body_fields(client, dg):
     assert r.model_extra["draftguide"]["ttt"]["steps"] == 1 and dg.draft is base  # adapted for the request, then reset
     status, err = _post(client.base_url.__str__().rstrip("/"), json.dumps({"messages": MSG, "ttt": {"steps": -1}}).encode())
     assert status == 400 and "steps" in err["error"]["message"]
+
+
+def test_a_client_that_goes_away_frees_the_model(client, dg):
+    stream = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=400, stream=True)
+    next(iter(stream))
+    stream.close()  # disconnect after the first chunk: the worker stops at its next token
+    assert client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices[0].message.content
+    abandoned = dg.decoded[-2]  # requests are serialized: the abandoned one ran just before
+    assert 1 <= abandoned < 400

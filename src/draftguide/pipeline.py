@@ -181,8 +181,8 @@ class DraftGuide:
         """Decode a reply to `prompt` (see `encode`). `method`: greedy (the target alone), speculative
         (lossless, the same output faster when the draft is good), guided (target and draft logits mixed
         with weight `beta`; `speculative=True` for its exact block-verified variant); default: guided if
-        beta else speculative if `speculative` else greedy. `ttt`: adapt the draft on this prompt first
-        (True or ttt_adapt options), reset after. `stream=True` returns an iterator of text pieces;
+        beta else speculative if `speculative` else greedy. `ttt`: adapt the base draft on this prompt
+        first (True or ttt_adapt options), reset after. `stream=True` returns an iterator of text pieces;
         otherwise a `Generation` (`on_text` still sees the pieces as they come)."""
         kw = dict(max_new_tokens=max_new_tokens, method=method, beta=beta, speculative=speculative,
                   temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ttt=ttt, **options)
@@ -240,6 +240,8 @@ class DraftGuide:
                 raise _StopString
 
         with self._lock:
+            if ttt and self._adapted is not None:
+                raise DraftGuideError("the draft is already adapted (adapt()); call reset() first or drop ttt")
             report = self.adapt(ids, **({} if ttt is True else ttt)) if ttt else None
             try:
                 t0 = time.perf_counter()

@@ -150,7 +150,7 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
             return _error(503, f"server busy: {worker.max_pending} requests already waiting", "server_busy")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(_sse(worker, messages, kw, cid, created, name), media_type="text/event-stream")
+            return StreamingResponse(_sse(StreamJob(worker, messages, kw), cid, created, name), media_type="text/event-stream")
         try:
             g: Generation = await worker.run(lambda: dg.generate(messages, **kw))
         except DraftGuideError as e:
@@ -180,49 +180,56 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _sse(worker: Worker, messages: list[dict], kw: dict, cid: str, created: int, model: str):
-    """Chunks as the worker thread decodes; an error becomes an `error` event; a client that goes away
-    cancels the generation at its next token."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    gone = False
+class StreamJob:
+    """A generation queued on the worker as soon as the request is admitted (so the pending count is
+    released even if the response is never iterated); its text pieces arrive on the event loop."""
 
-    def on_text(delta: str) -> None:  # worker thread
-        if gone:
-            raise Cancelled
-        loop.call_soon_threadsafe(pieces.put_nowait, delta)
+    def __init__(self, worker: Worker, messages: list[dict], kw: dict):
+        loop = asyncio.get_running_loop()
+        self.pieces: asyncio.Queue = asyncio.Queue()
+        self.gone = False  # the client went away: the worker stops at its next token
 
-    def work() -> Generation | None:
-        try:
-            return worker.dg.generate(messages, on_text=on_text, **kw)
-        except Cancelled:
-            return None
+        def on_text(delta: str) -> None:  # worker thread
+            if self.gone:
+                raise Cancelled
+            loop.call_soon_threadsafe(self.pieces.put_nowait, delta)
 
-    task = asyncio.ensure_future(worker.run(work))
+        def work() -> Generation | None:
+            try:
+                return worker.dg.generate(messages, on_text=on_text, **kw)
+            except Cancelled:
+                return None
+
+        self.task = asyncio.ensure_future(worker.run(work))
+
+
+async def _sse(job: StreamJob, cid: str, created: int, model: str):
+    """SSE chunks as the worker decodes; a failure becomes an in-band `error` event (headers are sent)."""
     try:
         yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
         while True:
-            getter = asyncio.ensure_future(pieces.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            getter = asyncio.ensure_future(job.pieces.get())
+            await asyncio.wait({getter, job.task}, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 yield _chunk(cid, created, model, {"content": getter.result()})
                 continue
             getter.cancel()
-            while not pieces.empty():
-                yield _chunk(cid, created, model, {"content": pieces.get_nowait()})
+            while not job.pieces.empty():  # pieces queued before the task finished come first
+                yield _chunk(cid, created, model, {"content": job.pieces.get_nowait()})
             break
         try:
-            g = task.result()
-        except Exception as e:  # headers are sent: report in-band, as OpenAI does
+            g = job.task.result()
+        except Exception as e:
             kind = "invalid_request_error" if isinstance(e, DraftGuideError) else "server_error"
             if kind == "server_error":
                 log.exception("streaming request failed")
-            yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}' if kind == 'server_error' else str(e), 'type': kind}})}\n\n"
+            msg = str(e) if kind == "invalid_request_error" else f"{type(e).__name__}: {e}"
+            yield f"data: {json.dumps({'error': {'message': msg, 'type': kind}})}\n\n"
         else:
             yield _chunk(cid, created, model, {}, g.finish_reason if g else "stop")
         yield "data: [DONE]\n\n"
     finally:
-        gone = True  # noqa: F841 (read by on_text in the worker thread)
+        job.gone = True
 
 
 def serve(dg: DraftGuide, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
