@@ -220,3 +220,31 @@ def test_a_client_that_goes_away_frees_the_model(client, dg):
     assert client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices[0].message.content
     abandoned = dg.decoded[-2]  # requests are serialized: the abandoned one ran just before
     assert 1 <= abandoned < 400
+
+
+def test_cli_serve_in_a_subprocess(tiny_target_dir, tiny_draft_dir):
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "draftguide.cli", "serve", "--target", str(tiny_target_dir), "--draft",
+                             str(tiny_draft_dir), "--port", str(port), "--model-name", "tiny-cli"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=10, max_retries=0)
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            try:
+                assert [m.id for m in c.models.list().data] == ["tiny-cli"]
+                break
+            except APIError:
+                time.sleep(0.2)
+        r = c.chat.completions.create(model="tiny-cli", messages=MSG, max_tokens=5, extra_body={"method": "speculative"})
+        assert r.usage.completion_tokens == 5
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"serving tiny-cli on http://127.0.0.1:{port}/v1" in out
