@@ -201,6 +201,13 @@ def test_serve_binds_localhost_by_default():
     assert args.host == "127.0.0.1" and args.port == 8000
 
 
+def test_cli_serve_rejects_contradictory_defaults_before_loading(capsys):
+    from draftguide.cli import main
+
+    assert main(["serve", "--method", "greedy", "--beta", "0.5"]) == 2
+    assert "needs method 'guided'" in capsys.readouterr().err
+
+
 def test_guided_and_ttt_body_fields(client, dg):
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, extra_body={"beta": 0.5})
     assert r.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5).text
@@ -248,3 +255,18 @@ def test_cli_serve_in_a_subprocess(tiny_target_dir, tiny_draft_dir):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"serving tiny-cli on http://127.0.0.1:{port}/v1" in out
+
+
+def test_server_defaults_serve_clients_that_send_only_model_and_messages(dg):
+    defaults = {"method": "guided", "beta": 0.5, "max_new_tokens": 6}
+    with running(create_app(dg, defaults=defaults)) as url:
+        c = OpenAI(base_url=url, api_key="none", timeout=30, max_retries=0)
+        r = c.chat.completions.create(model="tiny", messages=MSG)  # what CL-bench's infer.py sends
+        assert r.model_extra["draftguide"]["method"] == "guided" and r.usage.completion_tokens == 6
+        assert r.choices[0].message.content == dg.generate(MSG, beta=0.5, max_new_tokens=6).text
+        r = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=3, extra_body={"beta": 0.0})
+        assert r.model_extra["draftguide"]["method"] == "greedy" and r.usage.completion_tokens == 3
+        r = c.chat.completions.create(model="tiny", messages=MSG, extra_body={"method": "speculative"})
+        assert r.model_extra["draftguide"]["method"] == "speculative"
+    with pytest.raises(Exception, match="needs method 'guided'"):
+        create_app(dg, defaults={"method": "greedy", "beta": 0.5})

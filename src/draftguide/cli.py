@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="model id reported and accepted (default: the --target value)")
     p.add_argument("--max-pending", type=int, default=64, help="requests allowed to wait for the model; more get 503")
+    g = p.add_argument_group("defaults for requests that do not set them (clients that send only model and messages)")
+    g.add_argument("--method", default=None, choices=["greedy", "speculative", "guided"])
+    g.add_argument("--beta", type=float, default=0.0, help="guidance weight (implies method guided)")
+    g.add_argument("--speculative", action="store_true", help="speculative greedy, or exact speculative guided greedy")
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--ttt", action="store_true", help="adapt the draft on every request's prompt (--ttt-* options), then reset")
+    _add_ttt_args(g)
     p.set_defaults(func=cmd_serve)
 
     sweep = sub.add_parser("sweep", help="parameter sweeps")
@@ -543,9 +550,16 @@ def cmd_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise DraftGuideError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from e
+    from .pipeline import resolve_method
+
+    resolve_method(args.method, args.beta, args.speculative)  # before the models load
+    if args.max_tokens < 1:
+        raise DraftGuideError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    defaults = {"method": args.method, "beta": args.beta, "speculative": args.speculative, "max_new_tokens": args.max_tokens,
+                "ttt": _ttt_config(args, seed=0).kwargs() if args.ttt else None}
     dg = DraftGuide(*load_models(args), name=args.model_name or args.target)
     print(f"serving {dg.name} on http://{args.host}:{args.port}/v1 (POST /chat/completions, GET /models)", file=sys.stderr)
-    serve(dg, args.host, args.port, max_pending=args.max_pending)
+    serve(dg, args.host, args.port, max_pending=args.max_pending, defaults=defaults)
     return 0
 
 

@@ -4,9 +4,9 @@
     GET  /v1/models             the one model served
 
 Extra body fields: `beta` (guidance weight), `method` (greedy | speculative | guided), `speculative`,
-`top_k`, `ttt` (true or ttt_adapt options: the draft is adapted on this request's prompt, then reset).
-So any `openai` client (e.g. CL-bench's inference script) evaluates guided decoding unchanged, passing
-the extras through `extra_body`.
+`top_k`, `ttt` (true or ttt_adapt options: the draft is adapted on this request's prompt, then reset),
+passed by `openai` clients through `extra_body`. The server's `defaults` fill what a request leaves out,
+so a client that sends only `model` and `messages` (CL-bench's `infer.py`) gets guided decoding unchanged.
 
 One model, one worker thread: requests run one at a time in arrival order (the model and an adapted
 draft are shared state), at most `max_pending` wait (more get 503); the event loop stays free for
@@ -81,10 +81,21 @@ class ChatRequest(BaseModel):
             raise ValueError(f"unknown method {v!r} (expected one of {', '.join(METHODS)})")
         return v
 
-    def generate_kwargs(self, default_max_tokens: int) -> dict:
-        return dict(max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-                    method=self.method, beta=self.beta, speculative=self.speculative, temperature=self.temperature,
-                    top_p=self.top_p, top_k=self.top_k, stop=self.stop, seed=self.seed or 0, ttt=self.ttt)
+    def generate_kwargs(self, defaults: dict) -> dict:
+        """`DraftGuide.generate` options: the request's, and the server's `defaults` for what it leaves out."""
+        kw = dict(max_new_tokens=self.max_completion_tokens or self.max_tokens, method=self.method, beta=self.beta,
+                  speculative=self.speculative, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                  stop=self.stop, seed=self.seed or 0, ttt=self.ttt)
+        for key, value in defaults.items():
+            if not set(REQUEST_FIELDS.get(key, (key,))) & self.model_fields_set:
+                kw[key] = value
+        return kw
+
+
+# generate() option -> the request fields that set it; the decoding method's three fields go together, so a
+# request's own `beta` is never combined with a default `method`, say
+_METHOD = ("method", "beta", "speculative")
+REQUEST_FIELDS = {"max_new_tokens": ("max_tokens", "max_completion_tokens"), **dict.fromkeys(_METHOD, _METHOD)}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
@@ -113,13 +124,17 @@ class Worker:
             self.pending -= 1
 
 
-def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: int = 64, default_max_tokens: int = 512):
+def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: int = 64, defaults: dict | None = None):
+    """`defaults`: generate() options for requests that do not set them (e.g. method/beta/ttt, so that a
+    client sending only model and messages gets guided decoding); max_new_tokens defaults to 512."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException
 
     name = model_name or dg.name
+    defaults = {"max_new_tokens": 512} | (defaults or {})
+    resolve_method(defaults.get("method"), defaults.get("beta", 0.0), defaults.get("speculative", False))
     worker = Worker(dg, max_pending)
     app = FastAPI(title="draftguide", version=__import__("draftguide").__version__)
     app.state.worker = worker
@@ -141,7 +156,7 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
     async def chat(req: ChatRequest):
         try:  # everything checkable is checked before a stream starts: its errors can only be in-band
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            kw = req.generate_kwargs(default_max_tokens)
+            kw = req.generate_kwargs(defaults)
             resolve_method(kw["method"], kw["beta"], kw["speculative"])
             check_sampling(req.temperature, req.top_p, req.top_k)
         except DraftGuideError as e:
@@ -233,10 +248,11 @@ async def _sse(job: StreamJob, cid: str, created: int, model: str):
 
 
 def serve(dg: DraftGuide, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
-          max_pending: int = 64, log_level: str = "info") -> None:
+          max_pending: int = 64, defaults: dict | None = None, log_level: str = "info") -> None:
     import uvicorn
 
-    uvicorn.run(create_app(dg, model_name, max_pending=max_pending), host=host, port=port, log_level=log_level)
+    app = create_app(dg, model_name, max_pending=max_pending, defaults=defaults)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 __all__ = ["ChatRequest", "create_app", "serve"]
