@@ -84,7 +84,7 @@ def test_sweep_beta_outputs(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_fil
     assert s["curves"]["guided"][0]["solve_rate"] == s["baselines"]["greedy"]["solve_rate"]
     assert s["curves"]["guided"][2]["flips"]["flips_per_token"] > 0
     assert "| 0.5 |" in (out / "report.md").read_text()
-    assert not (out / "noise_b0").exists()
+    assert not (out / "noise_b0").exists() and not (out / "greedy").exists()
 
 
 def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):

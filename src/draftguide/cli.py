@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sweep_sub.add_parser("beta", help="solve rate vs beta for draft-guided decoding, its noise control and baselines (PNG, JSON, markdown)")
     b.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows with checks, or 'builtin'")
     b.add_argument("--out", required=True)
-    _add_target_args(b, device="cpu", draft=True)
+    _add_target_args(b, device=None, draft=True)
     b.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma list in [0, 1]")
     b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola ('' for none)")
     b.add_argument("--no-noise", action="store_true", help="skip the noise control")
@@ -471,7 +471,8 @@ def cmd_sweep_beta(args) -> int:
     base_opts = {m: _flags_for(args, m) for m in baselines if m != "greedy"}
     draft = _draft_spec(args)
     tasks = load_tasks(args.tasks)[0][: args.limit]
-    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     s = run_beta_sweep(target, tok, tasks, args.out, betas=betas, draft=draft, max_new_tokens=args.max_new_tokens,
                        baselines=baselines, noise=not args.no_noise, guided_options=guided_opts, baseline_options=base_opts,

@@ -3,7 +3,8 @@ axes, and greedy / Power Sampling / DoLa as reference lines; plus where guidance
 
 Each point is one resumable `run_eval` folder under the sweep's folder (`guided_b0.3`, `noise_b0.3`,
 `greedy`, ...), so an interrupted sweep picks up where it stopped. beta=0 is the target's greedy decoding
-for guided and noise alike (exactly, by construction), so it is run once and used for both curves.
+for guided and noise alike (exactly, by construction), so it is run once and used for both curves and
+for the greedy reference line.
 The numbers are computed first (`summarize_sweep`); the figure and report.md only read them.
 """
 
@@ -38,7 +39,8 @@ def sweep_runs(betas: list[float], baselines=BASELINES, noise: bool = True) -> l
     for name in baselines:
         if name not in BASELINES:
             raise DraftGuideError(f"unknown baseline {name!r} (expected some of {', '.join(BASELINES)})")
-        runs.append((name, name, {}))
+        if not (name == "greedy" and 0 in betas):  # guided at beta 0 *is* greedy: no second run
+            runs.append((name, name, {}))
     return runs
 
 
@@ -62,6 +64,8 @@ def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list
         run_eval(target, tokenizer, tasks, out_dir / name, method=method, max_new_tokens=max_new_tokens, judge="rules",
                  method_options=opts, settings=settings, progress=progress)
         results[name] = _rows(out_dir / name / RESULTS)
+    if "greedy" in baselines and 0 in betas:
+        results["greedy"] = results["guided_b0"]
     summary = summarize_sweep(results, betas, noise) | {
         "max_new_tokens": max_new_tokens, "draft": draft, "guided_options": guided_options or {},
         "baseline_options": baseline_options or {}, "settings": settings or {}, "environment": environment(),
