@@ -32,11 +32,13 @@ def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draf
     p.add_argument("--device", default=device, help="default: cuda:LOCAL_RANK if available, else cpu" if device is None else None)
 
 
-def _add_ttt_args(p: argparse.ArgumentParser) -> None:
-    """--ttt-* options of test-time training (the draft adapted on each context with LoRA)."""
-    p.add_argument("--ttt-steps", type=int, default=16, help="TTT optimizer steps per context (default 16)")
-    p.add_argument("--ttt-lr", type=float, default=1e-3, help="TTT learning rate (default 1e-3)")
-    p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank (default 8)")
+def _add_ttt_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    """--ttt-* options of test-time training (the draft adapted on each context with LoRA); `grid`: steps, lr
+    and rank are swept (comma lists of their own) and only the other options are added."""
+    if not grid:
+        p.add_argument("--ttt-steps", type=int, default=16, help="TTT optimizer steps per context (default 16)")
+        p.add_argument("--ttt-lr", type=float, default=1e-3, help="TTT learning rate (default 1e-3)")
+        p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--ttt-anchors", type=int, default=16, help="random context anchors per TTT step (default 16)")
     p.add_argument("--ttt-modules", default="fc,q_proj,k_proj,v_proj", help="comma list of draft modules with LoRA")
 
@@ -45,8 +47,9 @@ def _ttt_config(args, **override):
     from .ttt import TTTConfig
 
     modules = tuple(m.strip() for m in args.ttt_modules.split(",") if m.strip())
-    fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank, anchors_per_step=args.ttt_anchors,
-                  target_modules=modules, seed=args.seed) | override
+    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=args.seed) | override
+    if hasattr(args, "ttt_steps"):
+        fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank) | fields
     return TTTConfig(**fields).validate()
 
 
@@ -155,6 +158,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttt", action="store_true", help="also score the draft adapted (TTT) on each task's context, beside the base draft")
     _add_ttt_args(p)
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("ttt-tau", help="acceptance length before/after test-time training on the context, with delta-tau CIs")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--sets", default="suite,suite-doc,builtin",
+                   help="comma list of suite (chat prompts of the built-in tasks), suite-doc (their documents, first part), "
+                        "builtin, mtbench, humaneval, sharegpt-heldout or JSONL prompt files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=8, help="contexts per set (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--context-tokens", type=int, default=256, help="suite-doc: tokens of each document kept as context")
+    p.add_argument("--seed", type=int, default=0)
+    _add_ttt_args(p)
+    p.set_defaults(func=cmd_ttt_tau)
+
+    sweep = sub.add_parser("sweep", help="parameter sweeps with tables and figures")
+    sweep_sub = sweep.add_subparsers(dest="sweep_kind", required=True)
+    p = sweep_sub.add_parser("ttt", help="TTT: context loss, readout log-prob gap and tau versus steps, lr and rank")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--tasks", default="builtin", help="JSONL of tasks with reference answers, or 'builtin'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=8, help="the first N tasks (default 8)")
+    p.add_argument("--steps", default="0,4,16,64", help="comma list of TTT step counts")
+    p.add_argument("--lr", default="1e-3", help="comma list of learning rates")
+    p.add_argument("--rank", default="8", help="comma list of LoRA ranks")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the target's continuation tau is measured on")
+    p.add_argument("--seed", type=int, default=0)
+    _add_ttt_args(p, grid=True)
+    p.set_defaults(func=cmd_sweep_ttt)
     return parser
 
 
@@ -370,6 +401,58 @@ def cmd_diagnose(args) -> int:
               f"{tv['ci95'][1]:.3f}]); context loss {t['mean_context_loss_before']:.3f} -> {t['mean_context_loss_after']:.3f}, "
               f"{t['mean_ttt_seconds']:.2f} s TTT per task")
     print(f"wrote {args.out}/tokens.jsonl, summary.json, report.md and figures")
+    return 0
+
+
+def cmd_ttt_tau(args) -> int:
+    import shlex
+
+    from .ttt_measure import parse_sets, run_ttt_tau, tau_table
+
+    ttt = _ttt_config(args)
+    sets = parse_sets(args.sets)
+    if args.max_new_tokens < 2 or (args.limit is not None and args.limit < 1) or args.context_tokens < 3:
+        raise DraftGuideError("--max-new-tokens must be >= 2, --limit >= 1 and --context-tokens >= 3")
+    target, tok, draft = load_models(args)
+    argv = ["draftguide", "ttt-tau", "--sets", ",".join(sets), "--out", args.out, "--max-new-tokens", str(args.max_new_tokens),
+            "--context-tokens", str(args.context_tokens), "--ttt-steps", str(ttt.steps), "--ttt-lr", f"{ttt.lr:g}",
+            "--ttt-rank", str(ttt.rank), "--ttt-anchors", str(ttt.anchors_per_step)]
+    argv += ["--draft", args.draft] if args.draft else []
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    s = run_ttt_tau(target, tok, draft, sets, args.out, ttt, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                    context_tokens=args.context_tokens, command=shlex.join(argv))
+    print("\n" + tau_table(s))
+    print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
+    return 0
+
+
+def cmd_sweep_ttt(args) -> int:
+    import shlex
+
+    from .evaluate import load_tasks
+    from .ttt_measure import parse_list, run_sweep_ttt
+
+    steps = parse_list(args.steps, int, "--steps")
+    lrs, ranks = parse_list(args.lr, float, "--lr"), parse_list(args.rank, int, "--rank")
+    if min(steps) < 0:
+        raise DraftGuideError(f"--steps {args.steps!r}: step counts must be >= 0")
+    for lr, rank in ((lr, rank) for lr in lrs for rank in ranks):
+        _ttt_config(args, steps=max(steps), lr=lr, rank=rank)  # each grid point valid, before loading models
+    ttt = _ttt_config(args, steps=max(steps), lr=lrs[0], rank=ranks[0])  # the options the grid does not vary
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    target, tok, draft = load_models(args)
+    argv = ["draftguide", "sweep", "ttt", "--tasks", args.tasks, "--out", args.out, "--steps", ",".join(map(str, steps)),
+            "--lr", ",".join(f"{v:g}" for v in lrs), "--rank", ",".join(map(str, ranks)), "--max-new-tokens", str(args.max_new_tokens)]
+    argv += ["--draft", args.draft] if args.draft else []
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    s = run_sweep_ttt(target, tok, draft, tasks, args.out, ttt, steps=steps, lrs=lrs, ranks=ranks,
+                      max_new_tokens=args.max_new_tokens, command=shlex.join(argv))
+    print(f"\n{'lr':>8} {'rank':>5} {'steps':>6} {'ctx loss':>9} {'logp gap':>9} {'tau':>7} {'d tau':>7}")
+    for r in s["table"]:
+        mark = "  <- best" if r is s["best"] or all(r[k] == s["best"][k] for k in ("lr", "rank", "steps")) else ""
+        d = "" if r["delta_tau"] is None else f"{r['delta_tau']:+.3f}"
+        print(f"{r['lr']:>8g} {r['rank']:>5} {r['steps']:>6} {r['context_loss']:>9.3f} {r['logp_gap']:>9.3f} {r['tau']:>7.3f} {d:>7}{mark}")
+    print(f"wrote {args.out}/points.jsonl, summary.json, report.md and sweep.png")
     return 0
 
 
