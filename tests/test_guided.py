@@ -156,3 +156,20 @@ def test_bad_input(qwen3_pair, kw, msg):
     kw = {"max_new_tokens": 4} | kw
     with pytest.raises(DraftGuideError, match=msg):
         guided_generate(target, draft, _prompt(4), **kw)
+
+
+def test_adapted_draft_from_ttt(qwen3_pair):
+    """An `AdaptedDraft` from `ttt_adapt` is a draft like any other: guided decoding runs with it, exactly
+    (speculative == token by token), it changes what guidance does, and reset() gives the base back."""
+    from draftguide.ttt import ttt_adapt
+
+    target, draft = qwen3_pair
+    ids = _prompt(40, seed=8)
+    base, _ = guided_generate(target, draft, ids, beta=1.0, max_new_tokens=16)
+    adapted = ttt_adapt(draft, target, ids, steps=4, lr=5e-2, rank=4, anchors_per_step=8)
+    out, st = guided_generate(target, adapted, ids, beta=1.0, max_new_tokens=16)
+    spec, _ = guided_generate(target, adapted, ids, beta=1.0, max_new_tokens=16, speculative=True)
+    assert spec.tolist() == out.tolist() and out.tolist() != base.tolist()
+    assert adapted.reset() is draft
+    again, _ = guided_generate(target, draft, ids, beta=1.0, max_new_tokens=16)
+    assert again.tolist() == base.tolist()

@@ -96,3 +96,14 @@ def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):
     assert guided.out == spec.out and guided.out.strip() and "tokens in" in guided.err
     assert main(base + ["--beta", "2"]) == 2
     assert "beta must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_eval_guided_with_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "t", "--method", "guided", "--beta", "1", "--ttt",
+                 "--ttt-steps", "2", "--ttt-anchors", "4") == 0
+    rows = _rows(tmp_path / "t")
+    assert all(r["status"] == "ok" and r["ttt"]["loss_after"] < r["ttt"]["loss_before"] for r in rows)
+    run = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert run["method_options"]["ttt"]["steps"] == 2
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", "--method", "dola", "--ttt") == 2
+    assert "--ttt does not apply" in capsys.readouterr().err

@@ -15,6 +15,7 @@ _LAZY = {
     "run_eval": "evaluate", "register_method": "evaluate",
     "run_diagnose": "report", "score_sequence": "diagnostic",
     "guided_generate": "guided", "power_sample": "baselines", "dola_generate": "baselines",
+    "ttt_adapt": "ttt", "AdaptedDraft": "ttt", "TTTReport": "ttt",
 }
 
 

@@ -57,6 +57,8 @@ def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list
     for i, (name, method, opts) in enumerate(runs, 1):
         if method.startswith("guided"):
             opts = {"draft": draft, **(guided_options or {}), **opts}
+            if method == "guided-noise":
+                opts.pop("ttt", None)  # the noise control reads no draft prediction: nothing to adapt
         else:
             opts = {**(baseline_options or {}).get(method, {}), **opts}
         if progress:
