@@ -54,6 +54,7 @@ def test_eval_baseline_methods(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "power", "--n-mcmc", "2",
                  "--power-block-size", "4") == 0
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "d", "--method", "dola", "--dola-layers", "0,2") == 0
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "s", "--method", "sample", "--temperature", "0.7") == 0
     assert all(r["status"] == "ok" and r["tokens_per_output_token"] >= 1 for r in _rows(tmp_path / "p"))
     assert all(set(r["premature_layers"]) <= {0, 2} for r in _rows(tmp_path / "d"))
 

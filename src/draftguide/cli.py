@@ -131,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
     p.add_argument("--out", required=True)
     _add_target_args(p, device=None, draft=True)
-    p.add_argument("--method", default="greedy", help="greedy, guided, guided-noise, power or dola")
+    p.add_argument("--method", default="greedy", help="greedy, sample, guided, guided-noise, power or dola")
     _add_method_args(p)
+    g = p.add_argument_group("sampling (methods sample, guided, guided-noise; default greedy, sample: 1.0)")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
     _add_guided_ttt_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="the first N tasks")
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     _add_target_args(b, device=None, draft=True)
     b.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma list in [0, 1]")
-    b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola ('' for none)")
+    b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola, sample ('' for none)")
     b.add_argument("--no-noise", action="store_true", help="skip the noise control")
     b.add_argument("--max-new-tokens", type=int, default=48)
     b.add_argument("--limit", type=int, default=None, help="the first N tasks")
@@ -229,7 +233,10 @@ METHOD_FLAGS = {
     "power_block_size": ("block_size", ("power",)),
     "dola_layers": ("candidate_layers", ("dola",)),
     "relative_top": ("relative_top", ("dola",)),
-    "seed": ("seed", ("guided", "guided-noise", "power")),
+    "seed": ("seed", ("guided", "guided-noise", "power", "sample")),
+    "temperature": ("temperature", ("guided", "guided-noise", "sample")),
+    "top_p": ("top_p", ("guided", "guided-noise", "sample")),
+    "top_k": ("top_k", ("guided", "guided-noise", "sample")),
 }
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import DraftGuideError
 from .evaluate import RESULTS, run_eval
 
-BASELINES = ("greedy", "power", "dola")
+BASELINES = ("greedy", "power", "dola", "sample")
+DEFAULT_BASELINES = ("greedy", "power", "dola")
 MAX_EXAMPLES = 30
 
 
@@ -29,7 +30,7 @@ def parse_betas(text: str) -> list[float]:
     return betas
 
 
-def sweep_runs(betas: list[float], baselines=BASELINES, noise: bool = True) -> list[tuple[str, str, dict]]:
+def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = True) -> list[tuple[str, str, dict]]:
     """(folder name, method, options) of every run in the sweep; guided options are added by the caller."""
     runs = []
     for b in betas:
@@ -45,7 +46,7 @@ def sweep_runs(betas: list[float], baselines=BASELINES, noise: bool = True) -> l
 
 
 def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list[float], draft: str,
-                   max_new_tokens: int = 48, baselines=BASELINES, noise: bool = True, guided_options: dict | None = None,
+                   max_new_tokens: int = 48, baselines=DEFAULT_BASELINES, noise: bool = True, guided_options: dict | None = None,
                    baseline_options: dict[str, dict] | None = None, settings: dict | None = None,
                    progress: bool = True) -> dict:
     """Run every point (resuming), then write summary.json, flips.jsonl, beta_sweep.png and report.md."""
@@ -152,7 +153,8 @@ def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: b
 
 
 # -- figure and report ------------------------------------------------------------------------------------
-COLOURS = {"guided": "#dd8452", "noise": "#8c8c8c", "greedy": "#4c72b0", "power": "#55a868", "dola": "#8172b3"}
+COLOURS = {"guided": "#dd8452", "noise": "#8c8c8c", "greedy": "#4c72b0", "power": "#55a868", "dola": "#8172b3",
+           "sample": "#937860"}
 
 
 def plot_sweep(summary: dict, path: Path) -> str:
