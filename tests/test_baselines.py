@@ -141,3 +141,15 @@ def test_bad_input(target):
         dola_generate(target, ids, candidate_layers=[99], max_new_tokens=4)
     with pytest.raises(DraftGuideError, match="relative_top"):
         dola_generate(target, ids, relative_top=0.0, max_new_tokens=4)
+
+
+def test_sample_generate(target):
+    from draftguide.baselines import sample_generate
+
+    ids = _prompt(5, seed=6)
+    greedy, _ = greedy_generate(target, ids, 10)
+    cold, _ = sample_generate(target, ids, temperature=0.0, max_new_tokens=10)
+    assert cold.tolist() == greedy.tolist()
+    draw = lambda s: sample_generate(target, ids, temperature=2.0, max_new_tokens=10,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(s))[0].tolist()
+    assert draw(1) == draw(1) != draw(2)

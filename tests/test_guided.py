@@ -156,3 +156,44 @@ def test_bad_input(qwen3_pair, kw, msg):
     kw = {"max_new_tokens": 4} | kw
     with pytest.raises(DraftGuideError, match=msg):
         guided_generate(target, draft, _prompt(4), **kw)
+
+
+def test_adapted_draft_from_ttt(qwen3_pair):
+    """An `AdaptedDraft` from `ttt_adapt` is a draft like any other: guided decoding runs with it, exactly
+    (speculative == token by token), it changes what guidance does, and reset() gives the base back."""
+    from draftguide.ttt import ttt_adapt
+
+    target, draft = qwen3_pair
+    ids = _prompt(40, seed=8)
+    base, _ = guided_generate(target, draft, ids, beta=1.0, max_new_tokens=16)
+    adapted = ttt_adapt(draft, target, ids, steps=4, lr=5e-2, rank=4, anchors_per_step=8)
+    out, st = guided_generate(target, adapted, ids, beta=1.0, max_new_tokens=16)
+    spec, _ = guided_generate(target, adapted, ids, beta=1.0, max_new_tokens=16, speculative=True)
+    assert spec.tolist() == out.tolist() and out.tolist() != base.tolist()
+    assert adapted.reset() is draft
+    again, _ = guided_generate(target, draft, ids, beta=1.0, max_new_tokens=16)
+    assert again.tolist() == base.tolist()
+
+
+@pytest.mark.slow
+def test_default_pair_end_to_end():
+    """SmolLM2-135M with its shipped draft on two built-in tasks: beta 0 is greedy, the speculative path is
+    exact at beta 0.5, and guidance flips some tokens at beta 1."""
+    from draftguide.draft import resolve_draft
+    from draftguide.evaluate import load_tasks
+    from draftguide.prompts import encode_prompt, stop_token_ids
+    from draftguide.targets import load_target
+
+    target, tok = load_target("smollm2-135m")
+    draft = resolve_draft(None, target, tok, target_name="smollm2-135m")
+    stop = stop_token_ids(tok, target)
+    for task in load_tasks("builtin")[0][:2]:
+        ids = encode_prompt(tok, task)
+        ref, _ = greedy_generate(target, ids, 24, stop)
+        out, _ = guided_generate(target, draft, ids, beta=0.0, max_new_tokens=24, stop_token_ids=stop)
+        assert out.tolist() == ref.tolist()
+        tbt, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=24, stop_token_ids=stop)
+        spec, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=24, stop_token_ids=stop, speculative=True)
+        assert spec.tolist() == tbt.tolist()
+        _, st = guided_generate(target, draft, ids, beta=1.0, max_new_tokens=24, stop_token_ids=stop)
+        assert st.flips

@@ -54,6 +54,7 @@ def test_eval_baseline_methods(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "power", "--n-mcmc", "2",
                  "--power-block-size", "4") == 0
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "d", "--method", "dola", "--dola-layers", "0,2") == 0
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "s", "--method", "sample", "--temperature", "0.7") == 0
     assert all(r["status"] == "ok" and r["tokens_per_output_token"] >= 1 for r in _rows(tmp_path / "p"))
     assert all(set(r["premature_layers"]) <= {0, 2} for r in _rows(tmp_path / "d"))
 
@@ -84,7 +85,7 @@ def test_sweep_beta_outputs(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_fil
     assert s["curves"]["guided"][0]["solve_rate"] == s["baselines"]["greedy"]["solve_rate"]
     assert s["curves"]["guided"][2]["flips"]["flips_per_token"] > 0
     assert "| 0.5 |" in (out / "report.md").read_text()
-    assert not (out / "noise_b0").exists()
+    assert not (out / "noise_b0").exists() and not (out / "greedy").exists()
 
 
 def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):
@@ -96,3 +97,14 @@ def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):
     assert guided.out == spec.out and guided.out.strip() and "tokens in" in guided.err
     assert main(base + ["--beta", "2"]) == 2
     assert "beta must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_eval_guided_with_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "t", "--method", "guided", "--beta", "1", "--ttt",
+                 "--ttt-steps", "2", "--ttt-anchors", "4") == 0
+    rows = _rows(tmp_path / "t")
+    assert all(r["status"] == "ok" and r["ttt"]["loss_after"] < r["ttt"]["loss_before"] for r in rows)
+    run = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert run["method_options"]["ttt"]["steps"] == 2
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", "--method", "dola", "--ttt") == 2
+    assert "--ttt does not apply" in capsys.readouterr().err

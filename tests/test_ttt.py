@@ -298,3 +298,108 @@ def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_ta
     report = (out / "report.md").read_text()
     assert "## Test-time training" in report and "--ttt-steps 3" in report
     assert "ttt verdict" in capsys.readouterr().out
+
+
+# -- measurements: replayed acceptance, ttt-tau, the sweep, CLI errors -------------------------------
+@pytest.mark.parametrize("stop_at", [None, 25])
+def test_replayed_acceptance_equals_speculative_decoding(stop_at):
+    from draftguide.speculative import greedy_generate
+    from draftguide.ttt_measure import replay_acceptance
+
+    target, draft, prompt = mixed_acceptance_pair()
+    P, n = prompt.shape[1], 60
+    full, _ = greedy_generate(target, prompt, n)
+    stop = [int(full[0, P + stop_at])] if stop_at is not None else None
+    with ttt_adapt(draft, target, prompt, steps=3, lr=1e-2) as adapted:
+        for d in (draft, adapted):
+            seq, st = speculative_generate(target, d, prompt, n, stop_token_ids=stop)
+            with torch.no_grad():
+                feats = extract_features(target(seq, output_hidden_states=True).hidden_states, d.target_layer_ids)
+            assert replay_acceptance(d, target, feats, seq, P, P + n) == st.acceptance_lengths
+            assert sum(st.acceptance_lengths) == seq.shape[1] - P - 1  # the first token comes from the prefill
+
+
+def test_tau_summary_pools_steps_and_bootstraps_deltas():
+    from draftguide.ttt_measure import tau_summary
+
+    rep = {"loss_before": 2.0, "loss_after": 1.0, "seconds": 1.0, "prefill_ratio": 4.0}
+    rows = [{"context_tokens": 10, "acceptance_base": [1, 1], "acceptance_ttt": [2], "delta_tau": 1.0, "identical_output": True, "ttt": rep},
+            {"context_tokens": 30, "acceptance_base": [1, 3], "acceptance_ttt": [2, 2], "delta_tau": 0.0, "identical_output": True, "ttt": rep}]
+    s = tau_summary(rows)
+    assert s["tau_base"] == 6 / 4 and s["tau_ttt"] == 6 / 3 and s["delta_tau_mean"] == 0.5
+    assert s["delta_tau_ci95"][0] <= 0.5 <= s["delta_tau_ci95"][1] and s["contexts_improved"] == 1
+    assert s["mean_context_tokens"] == 20 and s["identical_output"]
+
+
+def test_cli_ttt_tau(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
+    import json
+
+    from draftguide.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"count: {' '.join(map(str, range(i, i + 12)))}"}) + "\n"
+                               for i in range(3)))
+    out = tmp_path / "tau"
+    argv = ["ttt-tau", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--sets", f"suite-doc,{prompts}",
+            "--limit", "2", "--context-tokens", "40", "--max-new-tokens", "12", "--ttt-steps", "3", "--ttt-lr", "0.01", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["sets"]) == {"suite-doc", "p"} and s["all"]["n_contexts"] == 4
+    assert s["all"]["identical_output"]  # greedy: the same continuation before and after TTT
+    rows = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["ttt"]["steps"] == 3 and r["ttt"]["loss_after"] < r["ttt"]["loss_before"] for r in rows)
+    assert all(r["delta_tau"] == pytest.approx(r["tau_ttt"] - r["tau_base"]) for r in rows)
+    assert [r["context_tokens"] for r in rows if r["set"] == "suite-doc"] == [40, 40]
+    assert "delta (95% CI)" in capsys.readouterr().out
+
+
+def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
+    import json
+
+    from draftguide.cli import main
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "ttt", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
+            "--steps", "0,2,4", "--lr", "0.01", "--rank", "2,4", "--max-new-tokens", "10", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["table"]) == 6 and all(r["n_tasks"] == 3 for r in s["table"])
+    by = {(r["rank"], r["steps"]): r for r in s["table"]}
+    assert by[(2, 0)]["tau"] == by[(4, 0)]["tau"] and by[(2, 0)]["delta_tau"] == 0  # step 0 = the base draft
+    assert by[(2, 4)]["context_loss"] < by[(2, 0)]["context_loss"]
+    assert s["best"] in s["table"]
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and "**best**" in (out / "report.md").read_text()
+    assert "<- best" in capsys.readouterr().out
+    assert len((out / "points.jsonl").read_text().splitlines()) == 3 * 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["diagnose", "--ttt", "--ttt-steps=-1"], "steps"),
+    (["diagnose", "--ttt", "--ttt-rank", "0"], "rank"),
+    (["diagnose", "--ttt", "--ttt-lr", "0"], "learning rate"),
+    (["diagnose", "--ttt", "--ttt-modules", ","], "at least one target module"),
+    (["ttt-tau", "--ttt-anchors", "0"], "anchors_per_step"),
+    (["ttt-tau", "--sets", ""], "--sets is empty"),
+    (["ttt-tau", "--max-new-tokens", "1"], "--max-new-tokens"),
+    (["sweep", "ttt", "--steps", "0,x"], "--steps"),
+    (["sweep", "ttt", "--steps=-4,4"], "must be >= 0"),
+    (["sweep", "ttt", "--lr", "0.1,-1"], "learning rate"),
+    (["sweep", "ttt", "--rank", "0"], "rank"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
+    from draftguide.cli import main
+
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("draftguide: error:") and err.count("\n") == 1 and message in err
+
+
+def test_unknown_context_set_is_a_clear_error():
+    from conftest import char_tokenizer
+
+    from draftguide.ttt_measure import load_contexts
+
+    with pytest.raises(DraftGuideError, match="unknown context set"):
+        load_contexts("nope", char_tokenizer())

@@ -1,4 +1,5 @@
-"""Decoding baselines for draft-guided decoding: Power Sampling and DoLa, both with a target KV cache.
+"""Decoding baselines for draft-guided decoding, all with a target KV cache: temperature sampling, Power
+Sampling and DoLa.
 
 - Power Sampling (Karan & Du 2025, arXiv 2510.14901): Metropolis-Hastings over whole continuations
   targeting p(x)^alpha, grown block by block.
@@ -17,6 +18,46 @@ from transformers import DynamicCache
 from .errors import DraftGuideError
 from .guided import js_divergence
 from .speculative import GenStats, _check_prompt, _now, cache_kwarg, crop_cache
+
+
+# -- temperature sampling ----------------------------------------------------------------------------
+@torch.inference_mode()
+def sample_generate(
+    target,
+    input_ids: torch.Tensor,  # [1, T]
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int,
+    stop_token_ids: list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, GenStats]:
+    """Plain autoregressive sampling with a KV cache (temperature 0: greedy)."""
+    from .sampling import check_sampling, sample
+
+    check_sampling(temperature, top_p, top_k)
+    _check_prompt(input_ids, max_new_tokens)
+    pick = lambda out: sample(out.logits[:, -1], temperature, top_p, top_k, generator)[:, None]  # noqa: E731
+    return _autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, GenStats(input_ids.shape[1]))
+
+
+def _autoregressive(target, input_ids, max_new_tokens: int, stop_token_ids, pick, stats: GenStats, hidden: bool = False):
+    """One target forward per token with a KV cache; `pick(model output) -> [1, 1]` chooses each token."""
+    dev, T0, stop = input_ids.device, input_ids.shape[1], set(stop_token_ids or ())
+    cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
+    t0 = _now(dev)
+    feed, pos, new = input_ids, torch.arange(T0, device=dev)[None], []
+    while True:
+        out = target(feed, position_ids=pos, **{ck: cache}, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
+        tok = pick(out)
+        new.append(tok)
+        if len(new) >= max_new_tokens or int(tok) in stop:
+            break
+        feed, pos = tok, torch.tensor([[T0 + len(new) - 1]], device=dev)
+    stats.decode_s = _now(dev) - t0
+    stats.num_new_tokens = len(new)
+    return torch.cat([input_ids, *new], 1), stats
 
 
 # -- Power Sampling ----------------------------------------------------------------------------------
@@ -219,23 +260,15 @@ def dola_generate(
     if norm is None:
         raise DraftGuideError("DoLa needs the target's final norm (model.norm); this architecture has none")
     head = target.get_output_embeddings()
-    dev, T0, stop = input_ids.device, input_ids.shape[1], set(stop_token_ids or ())
-    cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
-    stats = DolaStats(num_input_tokens=T0, premature_layers=[])
-    t0 = _now(dev)
-    feed, pos, new = input_ids, torch.arange(T0, device=dev)[None], []
-    while True:
-        out = target(feed, position_ids=pos, **{ck: cache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    stats = DolaStats(num_input_tokens=input_ids.shape[1], premature_layers=[])
+
+    def pick(out) -> torch.Tensor:
         scores, layer = dola_scores(out.hidden_states, out.logits[:, -1], head, norm, cands, relative_top)
-        tok = scores.argmax(-1, keepdim=True)  # [1, 1]
-        new.append(tok)
         stats.premature_layers.append(int(layer[0]))
-        if len(new) >= max_new_tokens or int(tok) in stop:
-            break
-        feed, pos = tok, torch.tensor([[T0 + len(new) - 1]], device=dev)
-    stats.decode_s = _now(dev) - t0
-    stats.num_new_tokens = len(new)
-    return torch.cat([input_ids, *new], 1), stats
+        return scores.argmax(-1, keepdim=True)  # [1, 1]
+
+    return _autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, stats, hidden=True)
 
 
-__all__ = ["PowerStats", "DolaStats", "dola_generate", "dola_scores", "mh_log_ratio", "power_sample", "token_logprobs"]
+__all__ = ["PowerStats", "DolaStats", "dola_generate", "dola_scores", "mh_log_ratio", "power_sample", "sample_generate",
+           "token_logprobs"]

@@ -34,11 +34,13 @@ def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draf
     p.add_argument("--device", default=device, help="default: cuda:LOCAL_RANK if available, else cpu" if device is None else None)
 
 
-def _add_ttt_args(p: argparse.ArgumentParser) -> None:
-    """--ttt-* options of test-time training (the draft adapted on each context with LoRA)."""
-    p.add_argument("--ttt-steps", type=int, default=16, help="TTT optimizer steps per context (default 16)")
-    p.add_argument("--ttt-lr", type=float, default=1e-3, help="TTT learning rate (default 1e-3)")
-    p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank (default 8)")
+def _add_ttt_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    """--ttt-* options of test-time training (the draft adapted on each context with LoRA); `grid`: steps, lr
+    and rank are swept (comma lists of their own) and only the other options are added."""
+    if not grid:
+        p.add_argument("--ttt-steps", type=int, default=16, help="TTT optimizer steps per context (default 16)")
+        p.add_argument("--ttt-lr", type=float, default=1e-3, help="TTT learning rate (default 1e-3)")
+        p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--ttt-anchors", type=int, default=16, help="random context anchors per TTT step (default 16)")
     p.add_argument("--ttt-modules", default="fc,q_proj,k_proj,v_proj", help="comma list of draft modules with LoRA")
 
@@ -47,8 +49,9 @@ def _ttt_config(args, **override):
     from .ttt import TTTConfig
 
     modules = tuple(m.strip() for m in args.ttt_modules.split(",") if m.strip())
-    fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank, anchors_per_step=args.ttt_anchors,
-                  target_modules=modules, seed=args.seed) | override
+    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=args.seed) | override
+    if hasattr(args, "ttt_steps"):
+        fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank) | fields
     return TTTConfig(**fields).validate()
 
 
@@ -130,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
     p.add_argument("--out", required=True)
     _add_target_args(p, device=None, draft=True)
-    p.add_argument("--method", default="greedy", help="greedy, guided, guided-noise, power or dola")
+    p.add_argument("--method", default="greedy", help="greedy, sample, guided, guided-noise, power or dola")
     _add_method_args(p)
+    g = p.add_argument_group("sampling (methods sample, guided, guided-noise; default greedy, sample: 1.0)")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    _add_guided_ttt_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="the first N tasks")
     p.add_argument("--judge", default="auto", choices=["auto", "rules", "llm"], help="auto: rules where a row has checks, else llm")
@@ -191,18 +199,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ttt_args(g)
     p.set_defaults(func=cmd_serve)
 
-    sweep = sub.add_parser("sweep", help="parameter sweeps")
+    p = sub.add_parser("ttt-tau", help="acceptance length before/after test-time training on the context, with delta-tau CIs")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--sets", default="suite,suite-doc,builtin",
+                   help="comma list of suite (chat prompts of the built-in tasks), suite-doc (their documents, first part), "
+                        "builtin, mtbench, humaneval, sharegpt-heldout or JSONL prompt files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=8, help="contexts per set (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--context-tokens", type=int, default=256, help="suite-doc: tokens of each document kept as context")
+    p.add_argument("--seed", type=int, default=0)
+    _add_ttt_args(p)
+    p.set_defaults(func=cmd_ttt_tau)
+
+    sweep = sub.add_parser("sweep", help="parameter sweeps with tables and figures")
     sweep_sub = sweep.add_subparsers(dest="sweep_kind", required=True)
+    p = sweep_sub.add_parser("ttt", help="TTT: context loss, readout log-prob gap and tau versus steps, lr and rank")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--tasks", default="builtin", help="JSONL of tasks with reference answers, or 'builtin'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=8, help="the first N tasks (default 8)")
+    p.add_argument("--steps", default="0,4,16,64", help="comma list of TTT step counts")
+    p.add_argument("--lr", default="1e-3", help="comma list of learning rates")
+    p.add_argument("--rank", default="8", help="comma list of LoRA ranks")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the target's continuation tau is measured on")
+    p.add_argument("--seed", type=int, default=0)
+    _add_ttt_args(p, grid=True)
+    p.set_defaults(func=cmd_sweep_ttt)
+
     b = sweep_sub.add_parser("beta", help="solve rate vs beta for draft-guided decoding, its noise control and baselines (PNG, JSON, markdown)")
     b.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows with checks, or 'builtin'")
     b.add_argument("--out", required=True)
-    _add_target_args(b, device="cpu", draft=True)
+    _add_target_args(b, device=None, draft=True)
     b.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma list in [0, 1]")
-    b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola ('' for none)")
+    b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola, sample ('' for none)")
     b.add_argument("--no-noise", action="store_true", help="skip the noise control")
     b.add_argument("--max-new-tokens", type=int, default=48)
     b.add_argument("--limit", type=int, default=None, help="the first N tasks")
     _add_method_args(b, beta=False)
+    _add_guided_ttt_args(b)
     b.set_defaults(func=cmd_sweep_beta)
 
     p = sub.add_parser("generate", help="stream a (draft-guided) answer to a prompt to the terminal")
@@ -214,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     _add_method_args(p, baselines=False)
+    _add_guided_ttt_args(p)
     p.set_defaults(func=cmd_generate)
     return parser
 
@@ -231,7 +267,10 @@ METHOD_FLAGS = {
     "power_block_size": ("block_size", ("power",)),
     "dola_layers": ("candidate_layers", ("dola",)),
     "relative_top": ("relative_top", ("dola",)),
-    "seed": ("seed", ("guided", "guided-noise", "power")),
+    "seed": ("seed", ("guided", "guided-noise", "power", "sample")),
+    "temperature": ("temperature", ("guided", "guided-noise", "sample")),
+    "top_p": ("top_p", ("guided", "guided-noise", "sample")),
+    "top_k": ("top_k", ("guided", "guided-noise", "sample")),
 }
 
 
@@ -258,6 +297,19 @@ def _add_method_args(p: argparse.ArgumentParser, beta: bool = True, baselines: b
         g.add_argument("--power-block-size", type=int, default=None, help="tokens grown per block (default 16)")
         g.add_argument("--dola-layers", type=_int_list, default=None, help="DoLa candidate layers (hidden-state indices), comma list")
         g.add_argument("--relative-top", type=float, default=None, help="DoLa plausibility filter (default 0.1)")
+
+
+def _add_guided_ttt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ttt", action="store_true", help="guided decoding with the draft adapted (TTT) on each prompt first")
+    _add_ttt_args(p)
+
+
+def _guided_ttt(args) -> dict | None:
+    """`ttt_adapt` keyword arguments from --ttt-* (JSON-able: they are part of a run's settings), or None."""
+    if not getattr(args, "ttt", False):
+        return None
+    cfg = _ttt_config(args, seed=args.seed or 0).kwargs()
+    return cfg | {"target_modules": list(cfg["target_modules"])}
 
 
 def _draft_spec(args) -> str:
@@ -297,8 +349,12 @@ def _method_options(args, method: str) -> dict:
         if _given(args, flag) and method not in methods:
             raise DraftGuideError(f"--{flag.replace('_', '-')} does not apply to method {method!r} (only {', '.join(methods)})")
     opts = _flags_for(args, method)
+    if getattr(args, "ttt", False) and method != "guided":
+        raise DraftGuideError(f"--ttt does not apply to method {method!r} (only guided)")
     if method in ("guided", "guided-noise"):
         opts["draft"] = _draft_spec(args)
+    if method == "guided" and args.ttt:
+        opts["ttt"] = _guided_ttt(args)
     check_method_options(method, opts)
     return opts
 
@@ -577,11 +633,12 @@ def cmd_sweep_beta(args) -> int:
     sweep_runs(betas, baselines)  # unknown baselines fail here
     if args.max_new_tokens < 1:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    guided_opts = _flags_for(args, "guided")
+    guided_opts = _flags_for(args, "guided") | ({"ttt": _guided_ttt(args)} if args.ttt else {})
     base_opts = {m: _flags_for(args, m) for m in baselines if m != "greedy"}
     draft = _draft_spec(args)
     tasks = load_tasks(args.tasks)[0][: args.limit]
-    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     s = run_beta_sweep(target, tok, tasks, args.out, betas=betas, draft=draft, max_new_tokens=args.max_new_tokens,
                        baselines=baselines, noise=not args.no_noise, guided_options=guided_opts, baseline_options=base_opts,
@@ -628,6 +685,14 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown = text
 
+    ttt = _guided_ttt(args)
+    if ttt:
+        from .ttt import ttt_adapt
+
+        draft = ttt_adapt(draft, target, ids, **ttt)
+        r = draft.report
+        print(f"[TTT on the prompt: {r.steps} steps in {r.seconds:.1f}s, context loss {r.loss_before:.3f} -> {r.loss_after:.3f}]",
+              file=sys.stderr)
     gen = torch.Generator(device=args.device).manual_seed(args.seed or 0)
     t0 = time.perf_counter()
     _, st = guided_generate(target, draft, ids, beta=beta, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -637,6 +702,58 @@ def cmd_generate(args) -> int:
     dt = time.perf_counter() - t0
     print(f"\n[{st.tokens} tokens in {dt:.1f}s ({st.tokens / dt:.1f} tok/s), beta {beta:g}, {len(st.flips)} tokens flipped by guidance]",
           file=sys.stderr)
+    return 0
+
+
+def cmd_ttt_tau(args) -> int:
+    import shlex
+
+    from .ttt_measure import parse_sets, run_ttt_tau, tau_table
+
+    ttt = _ttt_config(args)
+    sets = parse_sets(args.sets)
+    if args.max_new_tokens < 2 or (args.limit is not None and args.limit < 1) or args.context_tokens < 3:
+        raise DraftGuideError("--max-new-tokens must be >= 2, --limit >= 1 and --context-tokens >= 3")
+    target, tok, draft = load_models(args)
+    argv = ["draftguide", "ttt-tau", "--sets", ",".join(sets), "--out", args.out, "--max-new-tokens", str(args.max_new_tokens),
+            "--context-tokens", str(args.context_tokens), "--ttt-steps", str(ttt.steps), "--ttt-lr", f"{ttt.lr:g}",
+            "--ttt-rank", str(ttt.rank), "--ttt-anchors", str(ttt.anchors_per_step)]
+    argv += ["--draft", args.draft] if args.draft else []
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    s = run_ttt_tau(target, tok, draft, sets, args.out, ttt, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                    context_tokens=args.context_tokens, command=shlex.join(argv))
+    print("\n" + tau_table(s))
+    print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
+    return 0
+
+
+def cmd_sweep_ttt(args) -> int:
+    import shlex
+
+    from .evaluate import load_tasks
+    from .ttt_measure import parse_list, run_sweep_ttt
+
+    steps = parse_list(args.steps, int, "--steps")
+    lrs, ranks = parse_list(args.lr, float, "--lr"), parse_list(args.rank, int, "--rank")
+    if min(steps) < 0:
+        raise DraftGuideError(f"--steps {args.steps!r}: step counts must be >= 0")
+    for lr, rank in ((lr, rank) for lr in lrs for rank in ranks):
+        _ttt_config(args, steps=max(steps), lr=lr, rank=rank)  # each grid point valid, before loading models
+    ttt = _ttt_config(args, steps=max(steps), lr=lrs[0], rank=ranks[0])  # the options the grid does not vary
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    target, tok, draft = load_models(args)
+    argv = ["draftguide", "sweep", "ttt", "--tasks", args.tasks, "--out", args.out, "--steps", ",".join(map(str, steps)),
+            "--lr", ",".join(f"{v:g}" for v in lrs), "--rank", ",".join(map(str, ranks)), "--max-new-tokens", str(args.max_new_tokens)]
+    argv += ["--draft", args.draft] if args.draft else []
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    s = run_sweep_ttt(target, tok, draft, tasks, args.out, ttt, steps=steps, lrs=lrs, ranks=ranks,
+                      max_new_tokens=args.max_new_tokens, command=shlex.join(argv))
+    print(f"\n{'lr':>8} {'rank':>5} {'steps':>6} {'ctx loss':>9} {'logp gap':>9} {'tau':>7} {'d tau':>7}")
+    for r in s["table"]:
+        mark = "  <- best" if r is s["best"] or all(r[k] == s["best"][k] for k in ("lr", "rank", "steps")) else ""
+        d = "" if r["delta_tau"] is None else f"{r['delta_tau']:+.3f}"
+        print(f"{r['lr']:>8g} {r['rank']:>5} {r['steps']:>6} {r['context_loss']:>9.3f} {r['logp_gap']:>9.3f} {r['tau']:>7.3f} {d:>7}{mark}")
+    print(f"wrote {args.out}/points.jsonl, summary.json, report.md and sweep.png")
     return 0
 
 

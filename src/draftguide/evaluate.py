@@ -85,17 +85,32 @@ def flip_rows(flips, input_ids, tokenizer) -> list[dict]:
 @register_method("guided")
 def guided(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, beta: float, draft: str,
            beta_schedule: str = "fixed", mix: str = "logits", guard_top_k: int | None = None, speculative: bool = False,
-           control: str | None = None, seed: int = 0):
-    """Draft-guided greedy decoding; the row also gets the flips and the mean effective beta."""
+           control: str | None = None, seed: int = 0, ttt: dict | None = None, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0):
+    """Draft-guided decoding (greedy unless `temperature` > 0); the row also gets the flips (guided argmax
+    vs target argmax) and the mean effective beta. `ttt`
+    (`ttt_adapt` keyword arguments) adapts the draft on this task's prompt first, and resets it after."""
     import torch
 
     from .guided import guided_generate
 
     d = method_draft(target, tokenizer, draft)
-    tokens, st = guided_generate(target, d, input_ids, beta=beta, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                                 beta_schedule=beta_schedule, mix=mix, guard_top_k=guard_top_k, control=control,
-                                 speculative=speculative, generator=torch.Generator().manual_seed(seed))
-    extra = {"flips": flip_rows(st.flips, input_ids, tokenizer), "mean_beta": st.mean_beta}
+    extra = {}
+    if ttt:
+        from .ttt import ttt_adapt
+
+        d = ttt_adapt(d, target, input_ids, **ttt)
+        extra["ttt"] = {k: getattr(d.report, k) for k in ("loss_before", "loss_after", "seconds")}
+    try:
+        tokens, st = guided_generate(target, d, input_ids, beta=beta, max_new_tokens=max_new_tokens,
+                                     stop_token_ids=stop_token_ids, beta_schedule=beta_schedule, mix=mix,
+                                     guard_top_k=guard_top_k, control=control, speculative=speculative,
+                                     temperature=temperature, top_p=top_p, top_k=top_k,
+                                     generator=torch.Generator(device=input_ids.device).manual_seed(seed))
+    finally:
+        if ttt:
+            d.reset()  # the next task starts from the base draft
+    extra |= {"flips": flip_rows(st.flips, input_ids, tokenizer), "mean_beta": st.mean_beta}
     return tokens[0, input_ids.shape[1]:].tolist(), extra
 
 
@@ -103,6 +118,19 @@ def guided(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: li
 def guided_noise(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], **opts):
     """The null control of `guided`: the draft logits replaced by noise with their per-token mean and std."""
     return guided(target, tokenizer, input_ids, max_new_tokens, stop_token_ids, control="noise", **opts)
+
+
+@register_method("sample")
+def sample(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+    import torch
+
+    from .baselines import sample_generate
+
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    tokens, _ = sample_generate(target, input_ids, temperature=temperature, top_p=top_p, top_k=top_k,
+                                max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, generator=gen)
+    return tokens[0, input_ids.shape[1]:].tolist()
 
 
 @register_method("power")

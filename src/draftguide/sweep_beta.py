@@ -3,7 +3,8 @@ axes, and greedy / Power Sampling / DoLa as reference lines; plus where guidance
 
 Each point is one resumable `run_eval` folder under the sweep's folder (`guided_b0.3`, `noise_b0.3`,
 `greedy`, ...), so an interrupted sweep picks up where it stopped. beta=0 is the target's greedy decoding
-for guided and noise alike (exactly, by construction), so it is run once and used for both curves.
+for guided and noise alike (exactly, by construction), so it is run once and used for both curves and
+for the greedy reference line.
 The numbers are computed first (`summarize_sweep`); the figure and report.md only read them.
 """
 
@@ -14,7 +15,8 @@ from pathlib import Path
 from .errors import DraftGuideError
 from .evaluate import RESULTS, run_eval
 
-BASELINES = ("greedy", "power", "dola")
+BASELINES = ("greedy", "power", "dola", "sample")
+DEFAULT_BASELINES = ("greedy", "power", "dola")
 MAX_EXAMPLES = 30
 
 
@@ -28,7 +30,7 @@ def parse_betas(text: str) -> list[float]:
     return betas
 
 
-def sweep_runs(betas: list[float], baselines=BASELINES, noise: bool = True) -> list[tuple[str, str, dict]]:
+def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = True) -> list[tuple[str, str, dict]]:
     """(folder name, method, options) of every run in the sweep; guided options are added by the caller."""
     runs = []
     for b in betas:
@@ -38,12 +40,13 @@ def sweep_runs(betas: list[float], baselines=BASELINES, noise: bool = True) -> l
     for name in baselines:
         if name not in BASELINES:
             raise DraftGuideError(f"unknown baseline {name!r} (expected some of {', '.join(BASELINES)})")
-        runs.append((name, name, {}))
+        if not (name == "greedy" and 0 in betas):  # guided at beta 0 *is* greedy: no second run
+            runs.append((name, name, {}))
     return runs
 
 
 def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list[float], draft: str,
-                   max_new_tokens: int = 48, baselines=BASELINES, noise: bool = True, guided_options: dict | None = None,
+                   max_new_tokens: int = 48, baselines=DEFAULT_BASELINES, noise: bool = True, guided_options: dict | None = None,
                    baseline_options: dict[str, dict] | None = None, settings: dict | None = None,
                    progress: bool = True) -> dict:
     """Run every point (resuming), then write summary.json, flips.jsonl, beta_sweep.png and report.md."""
@@ -55,6 +58,8 @@ def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list
     for i, (name, method, opts) in enumerate(runs, 1):
         if method.startswith("guided"):
             opts = {"draft": draft, **(guided_options or {}), **opts}
+            if method == "guided-noise":
+                opts.pop("ttt", None)  # the noise control reads no draft prediction: nothing to adapt
         else:
             opts = {**(baseline_options or {}).get(method, {}), **opts}
         if progress:
@@ -62,6 +67,8 @@ def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list
         run_eval(target, tokenizer, tasks, out_dir / name, method=method, max_new_tokens=max_new_tokens, judge="rules",
                  method_options=opts, settings=settings, progress=progress)
         results[name] = _rows(out_dir / name / RESULTS)
+    if "greedy" in baselines and 0 in betas:
+        results["greedy"] = results["guided_b0"]
     summary = summarize_sweep(results, betas, noise) | {
         "max_new_tokens": max_new_tokens, "draft": draft, "guided_options": guided_options or {},
         "baseline_options": baseline_options or {}, "settings": settings or {}, "environment": environment(),
@@ -146,7 +153,8 @@ def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: b
 
 
 # -- figure and report ------------------------------------------------------------------------------------
-COLOURS = {"guided": "#dd8452", "noise": "#8c8c8c", "greedy": "#4c72b0", "power": "#55a868", "dola": "#8172b3"}
+COLOURS = {"guided": "#dd8452", "noise": "#8c8c8c", "greedy": "#4c72b0", "power": "#55a868", "dola": "#8172b3",
+           "sample": "#937860"}
 
 
 def plot_sweep(summary: dict, path: Path) -> str:
