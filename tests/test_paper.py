@@ -25,6 +25,11 @@ def runs(tmp_path_factory, tiny_target_dir, tiny_draft_dir):
         "eval": ["eval", "--target", str(tiny_target_dir), "--tasks", str(tasks), "--max-new-tokens", "4", "--judge", "rules"],
         "diagnose": ["diagnose", *pair, "--tasks", str(tasks), "--no-solve", "--n-boot", "50"],
         "profile": ["profile", *pair, "--context-lens", "16,32", "--repeats", "1", "--new-tokens", "4", "--anchors", "2", "--copy-mb", "1"],
+        "ttt-tau": ["ttt-tau", *pair, "--sets", "suite-doc", "--limit", "2", "--context-tokens", "40", "--max-new-tokens", "6",
+                    "--ttt-steps", "1"],
+        "sweep-ttt": ["sweep", "ttt", *pair, "--tasks", str(tasks), "--steps", "0,1", "--max-new-tokens", "4"],
+        "sweep-beta": ["sweep", "beta", *pair, "--tasks", str(tasks), "--betas", "0,1", "--baselines", "greedy",
+                       "--max-new-tokens", "4"],
     }
     for name, argv in cmds.items():
         assert main([*argv, "--out", str(root / name)]) == 0, name
@@ -41,13 +46,16 @@ def test_report_gathers_every_run(runs, capsys):
     assert "junk" in err and "tasks.jsonl" in err and "skipped" in err
     md = (out / "report.md").read_text()
     for name, argv in cmds.items():
-        assert f"`draftguide {argv[0]} " in md, name  # each run's own command, from its folder
-    for title in ("Speculative decoding", "Context-learning evaluation", "Readout diagnostic", "Compute profile"):
-        assert f". {title}: `" in md, title
+        assert f"`draftguide {' '.join(argv[:2 if argv[0] == 'sweep' else 1])} " in md, name  # each run's own command
+    from draftguide.paper import TITLES
+
+    for kind in cmds:
+        assert f". {TITLES[kind]}: `" in md, kind  # every kind recognised
     assert "Verdict" in md and "solve rate" in md and "tau" in md and "95% CI" in md
     links = [line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
     assert len(links) >= 6 and all((out / link).read_bytes()[:4] == b"\x89PNG" for link in links)
-    assert {"heatmap.png", "profile.png", "acceptance.png", "solve_rate.png"} <= {link.rsplit("/", 1)[1] for link in links}
+    assert {"heatmap.png", "profile.png", "acceptance.png", "solve_rate.png", "delta_tau.png", "sweep.png",
+            "beta_sweep.png"} <= {link.rsplit("/", 1)[1] for link in links}
     captions = [line for line in md.splitlines() if line.startswith(("*Table", "*Figure", "*heatmap", "*profile"))]
     assert captions and all("Command: `draftguide" in c for c in captions)
     assert md.count("# ") and "report.md" not in md  # no leftover file links; the run titles are demoted

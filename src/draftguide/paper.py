@@ -24,7 +24,8 @@ from .runs import read_command
 
 TITLES = {"diagnose": "Readout diagnostic", "profile": "Compute profile", "speculate": "Speculative decoding",
           "bench-tau": "Acceptance length per benchmark set", "eval": "Context-learning evaluation",
-          "sweep-beta": "Draft-guided decoding: solve rate vs beta"}
+          "sweep-beta": "Draft-guided decoding: solve rate vs beta", "ttt-tau": "Acceptance length before and after TTT",
+          "sweep-ttt": "TTT sweep: steps, learning rate, rank"}
 
 
 @dataclass
@@ -44,8 +45,12 @@ def detect_kind(summary: dict, folder: Path) -> str | None:
         return "diagnose"
     if "acceptance_histogram" in summary and "tau" in summary:
         return "speculate"
+    if "delta_tau_mean" in (summary.get("all") or {}):
+        return "ttt-tau"
     if isinstance(summary.get("sets"), dict):
         return "bench-tau"
+    if "grid" in summary and "best" in summary:
+        return "sweep-ttt"
     if isinstance(summary.get("curves"), dict) and "baselines" in summary:
         return "sweep-beta"
     if "solve_rate" in summary and "categories" in summary:
@@ -148,6 +153,37 @@ def bench_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
     return lines
 
 
+def ttt_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
+    from .report import _plt
+
+    s = run.summary
+    rows = [*s["sets"].items(), ("all", s["all"])]
+    lines = ["| set | contexts | context tokens | tau base | tau TTT | delta tau [95% CI] | context loss before -> after | TTT s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {v['n_contexts']} | {v['mean_context_tokens']:.0f} | {v['tau_base']:.3f} | {v['tau_ttt']:.3f} | "
+              f"{v['delta_tau_mean']:+.3f} {_ci(v['delta_tau_ci95'])} | {v['mean_context_loss_before']:.3f} -> "
+              f"{v['mean_context_loss_after']:.3f} | {v['mean_ttt_s']:.2f} |" for name, v in rows]
+    t = s.get("ttt", {})
+    lines += ["", f"*Table {count.table()}*: acceptance length of greedy speculative decoding before and after TTT "
+              f"({t.get('steps')} steps, lr {t.get('lr')}, rank {t.get('rank')}) on the same context, n contexts per row, "
+              f"{s.get('max_new_tokens')} new tokens; delta tau = mean per-context difference, 95% bootstrap CI over contexts. "
+              f"Command: `{run.command}`.", ""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5))
+    means = [v["delta_tau_mean"] for _, v in rows]
+    err = [[max(m - v["delta_tau_ci95"][0], 0) for m, (_, v) in zip(means, rows)],
+           [max(v["delta_tau_ci95"][1] - m, 0) for m, (_, v) in zip(means, rows)]]
+    ax.bar(range(len(rows)), means, yerr=err, capsize=3, color="#dd8452")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{name}\n(n={v['n_contexts']})" for name, v in rows], fontsize=8)
+    ax.set_ylabel("delta tau (TTT - base)")
+    lines += _figure(plt, fig, fig_dir / "delta_tau.png", count,
+                     f"mean per-context change of tau by TTT, bars 95% bootstrap CI over contexts, n per bar below it. "
+                     f"Command: `{run.command}`.")
+    return lines
+
+
 def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
     from .report import _fmt, _plt
 
@@ -208,7 +244,7 @@ class Counter:
         return self.f
 
 
-SECTIONS = {"speculate": speculate_section, "bench-tau": bench_tau_section, "eval": eval_section}
+SECTIONS = {"speculate": speculate_section, "bench-tau": bench_tau_section, "eval": eval_section, "ttt-tau": ttt_tau_section}
 
 
 def write_report(dirs: list[str | Path], out_dir: str | Path, command: str = "", warn=None) -> Path:
