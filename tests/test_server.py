@@ -141,6 +141,8 @@ def test_stop_string(client):
     (json.dumps({"messages": MSG, "method": "nope"}).encode(), "unknown method"),
     (json.dumps({"messages": MSG, "beta": 0.5, "method": "greedy"}).encode(), "needs method 'guided'"),
     (json.dumps({"messages": MSG, "beta": 2}).encode(), "beta"),
+    (json.dumps({"messages": MSG, "mix": "logits", "method": "greedy"}).encode(), "not an option of method 'greedy'"),
+    (json.dumps({"messages": MSG, "beta": 0.5, "beta_schedule": "sometimes"}).encode(), "beta_schedule"),
 ])
 def test_malformed_request_is_a_400_json_error(server, body, what):
     status, err = _post(server, body)
@@ -211,6 +213,10 @@ def test_cli_serve_rejects_contradictory_defaults_before_loading(capsys):
 def test_guided_and_ttt_body_fields(client, dg):
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, extra_body={"beta": 0.5})
     assert r.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5).text
+    r2 = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8,
+                                        extra_body={"beta": 0.5, "beta_schedule": "adaptive", "guard_top_k": 2, "mix": "logprobs"})
+    assert r2.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5, beta_schedule="adaptive",
+                                                        guard_top_k=2, mix="logprobs").text
     assert r.model_extra["draftguide"]["method"] == "guided" and r.model_extra["draftguide"]["n_flips"] is not None
     base = dg.draft
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, extra_body={

@@ -23,6 +23,8 @@ from .errors import DraftGuideError
 from .targets import DEFAULT_TARGET
 
 METHODS = ("greedy", "speculative", "guided")
+# keyword options generate() passes through to each method's function
+METHOD_OPTIONS = {"greedy": (), "speculative": ("verify_len",), "guided": ("beta_schedule", "mix", "guard_top_k", "control")}
 
 
 class Cancelled(Exception):
@@ -222,12 +224,9 @@ class DraftGuide:
     def _generate(self, prompt, *, max_new_tokens, method, beta, speculative, temperature, top_p, top_k, stop, seed,
                   ttt, on_text=None, **options) -> Generation:
         from .prompts import stop_token_ids
-        from .sampling import check_sampling
 
-        method = resolve_method(method, beta, speculative)
-        check_sampling(temperature, top_p, top_k)
-        if max_new_tokens < 1:
-            raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        method = check_generate(method=method, beta=beta, speculative=speculative, temperature=temperature, top_p=top_p,
+                                top_k=top_k, max_new_tokens=max_new_tokens, **options)
         ids = self.encode(prompt)  # [1, T]
         stop_ids = stop_token_ids(self.tokenizer, self.target)
         text = TextStream(self.tokenizer, stop_ids, [stop] if isinstance(stop, str) else list(stop or ()))
@@ -306,6 +305,22 @@ class DraftGuide:
             )
 
 
+def check_generate(*, method=None, beta=0.0, speculative=False, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1,
+                   stop=None, seed=0, ttt=None, **options) -> str:
+    """Every generate() option checked before any work; returns the method that will run."""
+    from .sampling import check_sampling
+
+    method = resolve_method(method, beta, speculative)
+    check_sampling(temperature, top_p, top_k)
+    bad = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    if bad:
+        raise DraftGuideError(f"{', '.join(bad)}: not an option of method {method!r} "
+                              f"(it takes {', '.join(METHOD_OPTIONS[method]) or 'none'})")
+    if max_new_tokens < 1:
+        raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return method
+
+
 def resolve_method(method: str | None, beta: float, speculative: bool) -> str:
     if method is None:
         method = "guided" if beta else "speculative" if speculative else "greedy"
@@ -320,4 +335,4 @@ def resolve_method(method: str | None, beta: float, speculative: bool) -> str:
     return method
 
 
-__all__ = ["DraftGuide", "Generation", "METHODS", "TextStream", "load_pair", "resolve_method"]
+__all__ = ["DraftGuide", "Generation", "METHODS", "METHOD_OPTIONS", "check_generate", "TextStream", "load_pair", "resolve_method"]

@@ -5,6 +5,7 @@
 
 Extra body fields: `beta` (guidance weight), `method` (greedy | speculative | guided), `speculative`,
 `top_k`, `ttt` (true or ttt_adapt options: the draft is adapted on this request's prompt, then reset),
+`beta_schedule`, `mix`, `guard_top_k` (guided decoding's options),
 passed by `openai` clients through `extra_body`. The server's `defaults` fill what a request leaves out,
 so a client that sends only `model` and `messages` (CL-bench's `infer.py`) gets guided decoding unchanged.
 
@@ -27,8 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import DraftGuideError
-from .sampling import check_sampling
-from .pipeline import METHODS, Cancelled, DraftGuide, Generation, resolve_method
+from .pipeline import METHODS, Cancelled, DraftGuide, Generation, check_generate, resolve_method
 
 log = logging.getLogger("draftguide.server")
 
@@ -66,6 +66,9 @@ class ChatRequest(BaseModel):
     speculative: bool = False
     top_k: int = Field(default=0, ge=0)
     ttt: bool | dict[str, Any] | None = None
+    beta_schedule: Literal["fixed", "adaptive"] | None = None  # guided only, as the three below
+    mix: Literal["logits", "logprobs"] | None = None
+    guard_top_k: int | None = Field(default=None, ge=1)
 
     @field_validator("n")
     @classmethod
@@ -86,6 +89,7 @@ class ChatRequest(BaseModel):
         kw = dict(max_new_tokens=self.max_completion_tokens or self.max_tokens, method=self.method, beta=self.beta,
                   speculative=self.speculative, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                   stop=self.stop, seed=self.seed or 0, ttt=self.ttt)
+        kw |= {k: getattr(self, k) for k in ("beta_schedule", "mix", "guard_top_k") if getattr(self, k) is not None}
         for key, value in defaults.items():
             if not set(REQUEST_FIELDS.get(key, (key,))) & self.model_fields_set:
                 kw[key] = value
@@ -157,8 +161,7 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
         try:  # everything checkable is checked before a stream starts: its errors can only be in-band
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             kw = req.generate_kwargs(defaults)
-            resolve_method(kw["method"], kw["beta"], kw["speculative"])
-            check_sampling(req.temperature, req.top_p, req.top_k)
+            check_generate(**kw)
         except DraftGuideError as e:
             return _error(400, str(e))
         if not worker.admit():
