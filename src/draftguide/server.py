@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import DraftGuideError
-from .pipeline import METHODS, Cancelled, DraftGuide, Generation, check_generate, resolve_method
+from .pipeline import METHODS, Cancelled, DraftGuide, Generation, check_generate
 
 log = logging.getLogger("draftguide.server")
 
@@ -138,7 +138,7 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
 
     name = model_name or dg.name
     defaults = {"max_new_tokens": 512} | (defaults or {})
-    resolve_method(defaults.get("method"), defaults.get("beta", 0.0), defaults.get("speculative", False))
+    check_generate(**defaults)  # a bad default fails at start, not on every request
     worker = Worker(dg, max_pending)
     app = FastAPI(title="draftguide", version=__import__("draftguide").__version__)
     app.state.worker = worker
