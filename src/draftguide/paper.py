@@ -95,7 +95,7 @@ def _ci(lo_hi) -> str:
 
 
 def embedded(run: Run, fig_dir: Path) -> list[str]:
-    """The run's own report.md, headings two levels down, figures copied and relinked."""
+    """The run's own report.md, headings one level down, figures copied and relinked."""
     text = (run.path / "report.md").read_text()
     fig_dir.mkdir(parents=True, exist_ok=True)
 
@@ -108,11 +108,11 @@ def embedded(run: Run, fig_dir: Path) -> list[str]:
 
     out = []
     for line in text.splitlines():
-        if line.startswith("#"):
-            line = "##" + line if not line.startswith("# ") else "###" + line[1:]
+        if line.startswith("# ") or line == f"Command: `{run.command}`":
+            continue  # the section heading and its command line replace the run's own
+        if line.startswith("##"):
+            line = "#" + line  # one level down, under the section
         out.append(re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", relink, line))
-    if out and out[0].startswith("### "):
-        out = out[1:]  # the run's own title: the section heading replaces it
     return out
 
 
