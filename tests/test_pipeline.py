@@ -102,6 +102,8 @@ def test_diagnose_writes_the_run_folder(dg, tmp_path):
     s = dg.diagnose(tasks, out=tmp_path / "d", controls=False, n_boot=20, progress=False)
     assert s["n_tasks"] == 2 and s["n_tokens"] == len("tulip") + len("rose")
     assert (tmp_path / "d" / "report.md").is_file() and "DraftGuide.from_pretrained('tiny')" in s["command"]
+    s = dg.diagnose(tasks, out=tmp_path / "t", controls=False, ttt={"steps": 1, "anchors_per_step": 2}, n_boot=20, progress=False)
+    assert "ttt" in s["modes"]["next"]["all"]["mean_logp"] and (tmp_path / "t" / "ttt.jsonl").is_file()
 
 
 def _readme_example() -> str:

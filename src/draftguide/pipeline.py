@@ -285,23 +285,30 @@ class DraftGuide:
 
     # -- the readout diagnostic ---------------------------------------------------------------------
     def diagnose(self, tasks="builtin", out: str = "runs/diagnose", *, modes=("next", "block"), limit: int | None = None,
-                 solved_from: str | None = None, controls: bool = True, n_boot: int = 1000, seed: int = 0,
-                 progress: bool = True) -> dict:
+                 solved_from: str | None = None, controls: bool = True, ttt: dict | bool | None = None, n_boot: int = 1000,
+                 seed: int = 0, progress: bool = True) -> dict:
         """`draftguide diagnose` on `tasks` ('builtin', a JSONL path or a list of task rows) with the current
-        draft (adapted or not); writes the run folder `out` and returns its summary."""
+        draft (adapted or not); `ttt` (True or TTTConfig fields): also the draft adapted on each task's context,
+        as `diagnose --ttt`. Writes the run folder `out` and returns its summary."""
         from .diagnostic import CONTROLS
         from .evaluate import load_tasks
         from .report import run_diagnose, solved_from as read_solved
 
         rows = load_tasks(tasks)[0] if isinstance(tasks, str) else list(tasks)
+        config = None
+        if ttt:
+            from .ttt import TTTConfig
+
+            config = TTTConfig(**({} if ttt is True else ttt)).validate()
         with self._lock:
             return run_diagnose(
                 self.target, self.tokenizer, self.draft, rows[:limit], out, modes=list(modes),
                 controls=CONTROLS if controls else (), solved=read_solved(solved_from) if solved_from else None,
-                n_boot=n_boot, seed=seed, progress=progress,
+                n_boot=n_boot, seed=seed, progress=progress, ttt=config,
                 command=f"DraftGuide.from_pretrained({self.name!r}).diagnose({tasks if isinstance(tasks, str) else '<rows>'!r}, out={str(out)!r})",
                 settings={"target": self.name, "tasks": tasks if isinstance(tasks, str) else "(rows)", "modes": list(modes),
-                          "limit": limit, "solved_from": solved_from, "adapted": self._adapted is not None},
+                          "limit": limit, "solved_from": solved_from, "adapted": self._adapted is not None,
+                          "ttt": None if config is None else asdict(config)},
             )
 
 
