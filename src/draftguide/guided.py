@@ -203,9 +203,10 @@ def guided_generate(
     on_token: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, GuidedStats]:
     """Returns `(tokens [1, T + n], stats)`, like `speculative_generate`. Sampling (temperature > 0) draws
-    from the guided logits with the usual top-k / top-p filters. `control="noise"` replaces the draft logits
-    by Gaussian noise with the same per-token mean and std (the null control), seeded by `generator`'s
-    initial seed (0 without one) and the token position. `on_token(token_id)` is called for every new token
+    from the guided logits with the usual top-k / top-p filters. `control="noise"` is the null control: the
+    draft logits are replaced by Gaussian noise with their per-token mean and std inside the same mix, i.e.
+    `(1 - beta) * target + beta * noise` (so guided and noise share the beta axis and meet at beta=0), seeded
+    by `generator`'s initial seed (0 without one) and the token position. `on_token(token_id)` is called for every new token
     in order, as soon as it is committed (streaming)."""
     check_sampling(temperature, top_p, top_k)
     check_guided(beta, beta_schedule, mix, guard_top_k, control)
