@@ -146,23 +146,40 @@ class _Setup:
         return guide(t_logits, d_logits, self.beta, mix=self.mix, beta_schedule=self.beta_schedule, guard_top_k=self.guard_top_k)
 
 
-def _draft_k1(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1):
-    """The draft block at `start` from cached context plus `ctx` (positions len(dcache)..start-1).
-    Returns logits [n, V] of block positions 1..n (position k predicts token start + k).
+def _draft_block(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int) -> torch.Tensor:
+    """Draft states [1, B, d] of the block at `start` from cached context plus `ctx` (positions
+    len(dcache)..start-1); block position k predicts token start + k.
     # ctx: [1, C, n*d], anchor: [1, 1]"""
     d = s.draft
     B = d.block_size
     block = torch.full((1, B), d.mask_token_id, dtype=torch.long, device=anchor.device)
     block[:, :1] = anchor
     pos = torch.arange(start - ctx.shape[1], start + B, device=anchor.device)[None]
-    h = d(d.embed(s.target, block), ctx, pos, cache=dcache)  # [1, B, d]
-    return d.logits(h[:, 1 : n + 1], s.target)[0]
+    return d(d.embed(s.target, block), ctx, pos, cache=dcache)
+
+
+def _draft_k1(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1):
+    """Logits [n, V] of block positions 1..n of `_draft_block`."""
+    return s.draft.logits(_draft_block(s, dcache, ctx, anchor, start)[:, 1 : n + 1], s.target)[0]
+
+
+def _shared_head(s: _Setup, out) -> torch.nn.Module | None:
+    """The target's output head when one call of it can give both next-token logits: the target's logits are
+    exactly head(final state) and the draft adds no scaling of its own. On a CPU a batch-1 step reads the whole
+    vocabulary matrix per call, so sharing the call saves much of guidance's cost. Not at beta 0, which must
+    stay bit-identical to the target's own greedy decoding.
+    # out: the prefill output (logits [1, 1, V], hidden_states[-1]: final states [1, T, d])"""
+    d, head = s.draft, s.target.get_output_embeddings()
+    if s.beta == 0 or d.output_multiplier != 1.0 or d.softcap or head is None:
+        return None
+    same = torch.allclose(head(out.hidden_states[-1][:, -1]).float(), out.logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+    return head if same else None
 
 
 def _prefill(s: _Setup, input_ids: torch.Tensor, tcache, ck: str):
-    """Target prefill; returns its next-token logits [1, V] and features of the prompt [1, T0, n*d]."""
+    """Target prefill; returns its next-token logits [1, V], features of the prompt [1, T0, n*d] and the output."""
     out = s.target(input_ids, **{ck: tcache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-    return out.logits[:, -1], extract_features(out.hidden_states, s.draft.target_layer_ids)
+    return out.logits[:, -1], extract_features(out.hidden_states, s.draft.target_layer_ids), out
 
 
 @torch.inference_mode()
@@ -186,9 +203,10 @@ def guided_generate(
     on_token: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, GuidedStats]:
     """Returns `(tokens [1, T + n], stats)`, like `speculative_generate`. Sampling (temperature > 0) draws
-    from the guided logits with the usual top-k / top-p filters. `control="noise"` replaces the draft logits
-    by Gaussian noise with the same per-token mean and std (the null control), seeded by `generator`'s
-    initial seed (0 without one) and the token position. `on_token(token_id)` is called for every new token
+    from the guided logits with the usual top-k / top-p filters. `control="noise"` is the null control: the
+    draft logits are replaced by Gaussian noise with their per-token mean and std inside the same mix, i.e.
+    `(1 - beta) * target + beta * noise` (so guided and noise share the beta axis and meet at beta=0), seeded
+    by `generator`'s initial seed (0 without one) and the token position. `on_token(token_id)` is called for every new token
     in order, as soon as it is committed (streaming)."""
     check_sampling(temperature, top_p, top_k)
     check_guided(beta, beta_schedule, mix, guard_top_k, control)
@@ -219,14 +237,21 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     t_arg, g_arg, betas, new = [], [], [], []
 
     t0 = _now(dev)
-    t_logits, feats = _prefill(s, input_ids, tcache, ck)
+    t_logits, feats, out = _prefill(s, input_ids, tcache, ck)
     ctx, next_ctx = feats[:, : T0 - 1], feats[:, T0 - 1 :]  # the draft anchored at T0-1 sees context < T0-1
     anchor = input_ids[:, -1:]
+    head = _shared_head(s, out)
+    decoder = target.get_decoder() if head is not None else target
+    dk = cache_kwarg(decoder)
     t1 = _now(dev)
     stats.prefill_s = t1 - t0
     pos = T0  # the position being decoded
     while True:
-        d_logits = _draft_k1(s, dcache, ctx, anchor, pos - 1)  # [1, V]
+        h = _draft_block(s, dcache, ctx, anchor, pos - 1)[:, 1]  # [1, d]
+        if t_logits is None:  # one head call for the target's final state and the draft's k=1 state
+            t_logits, d_logits = head(torch.cat([t_state, h.to(t_state.dtype)])).split(1)
+        else:
+            d_logits = draft.logits(h, target)  # [1, V]
         g, b = s.mixed(t_logits, d_logits, torch.tensor([pos]))
         tok = sample(g, *sampling)  # [1]
         t_arg.append(t_logits.argmax(-1))
@@ -239,9 +264,13 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
         if len(new) >= max_new_tokens or tid in stop:
             break
         anchor, ctx = tok[:, None], next_ctx
-        out = target(anchor, position_ids=torch.tensor([[pos]], device=dev), **{ck: tcache}, use_cache=True,
-                     output_hidden_states=True)
-        t_logits, next_ctx = out.logits[:, -1], extract_features(out.hidden_states, draft.target_layer_ids)
+        out = decoder(anchor, position_ids=torch.tensor([[pos]], device=dev), **{dk: tcache}, use_cache=True,
+                      output_hidden_states=True)
+        next_ctx = extract_features(out.hidden_states, draft.target_layer_ids)
+        if head is None:
+            t_logits = out.logits[:, -1]
+        else:
+            t_logits, t_state = None, out.last_hidden_state[:, -1]  # [1, d]: logits come with the draft's
         pos += 1
 
     tokens = torch.cat([input_ids, torch.stack(new, 1)], 1)
@@ -274,7 +303,7 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token)
         return hit
 
     t0 = _now(dev)
-    t_logits, feats = _prefill(s, input_ids, tcache, ck)
+    t_logits, feats, _ = _prefill(s, input_ids, tcache, ck)
     d_logits = _draft_k1(s, dcache, feats[:, : T0 - 1], input_ids[:, -1:], T0 - 1)  # the first token: one plain step
     g, b = s.mixed(t_logits, d_logits, torch.tensor([T0]))
     buf[0, T0] = g.argmax(-1)[0]
