@@ -403,3 +403,25 @@ def test_unknown_context_set_is_a_clear_error():
 
     with pytest.raises(DraftGuideError, match="unknown context set"):
         load_contexts("nope", char_tokenizer())
+
+
+@pytest.mark.slow
+def test_default_pair_end_to_end():
+    """SmolLM2-135M + the shipped draft: zero-step TTT changes nothing, 8 steps lower the context loss and
+    speculative decoding with the adapted draft stays lossless."""
+    from draftguide.draft import resolve_draft
+    from draftguide.prompts import encode_prompt, stop_token_ids
+    from draftguide.targets import load_target
+    from draftguide.tasks import load_builtin_tasks
+
+    target, tok = load_target("smollm2-135m")
+    draft = resolve_draft(None, target, tok, target_name="smollm2-135m")
+    ids, stop = encode_prompt(tok, load_builtin_tasks()[0]), stop_token_ids(tok, target)
+    base_tokens, base = speculative_generate(target, draft, ids, 24, stop_token_ids=stop)
+    with ttt_adapt(draft, target, ids, steps=0) as adapted:
+        tokens, st = speculative_generate(target, adapted, ids, 24, stop_token_ids=stop)
+    assert torch.equal(tokens, base_tokens) and st.acceptance_lengths == base.acceptance_lengths
+    with ttt_adapt(draft, target, ids, steps=8) as adapted:
+        tokens, st = speculative_generate(target, adapted, ids, 24, stop_token_ids=stop)
+        assert adapted.report.loss_after < adapted.report.loss_before
+    assert torch.equal(tokens, base_tokens)
