@@ -69,9 +69,9 @@ COMMAND_FILE = "command.txt"
 
 
 def record_command(out_dir: str | Path, command: str) -> None:
-    """The command line that produced a run folder, for `draftguide report` captions."""
+    """The command line that produced a run folder, for `draftguide report` captions (rank 0 under torchrun)."""
     out_dir = Path(out_dir)
-    if out_dir.is_dir():
+    if out_dir.is_dir() and os.environ.get("RANK", "0") == "0":
         (out_dir / COMMAND_FILE).write_text(command + "\n")
 
 
