@@ -25,10 +25,13 @@ DEMO_DRAFT ?= $(if $(wildcard src/draftguide/models/smollm2-135m-dflash/config.j
 SOLVED     := src/draftguide/data/tasks_v1.greedy-smollm2-135m.results.jsonl
 SOLVE_ARG  := $(if $(wildcard $(SOLVED)),--solved-from $(SOLVED),--no-solve)
 
-# The main job: the go/no-go readout diagnostic on the built-in suite, then speculative decoding.
+# The main job: the go/no-go readout diagnostic on the built-in suite, then speculative decoding, a quick
+# compute profile (about a minute), and one report over all of it.
 demo: $(STAMP)
 	$(VENV)/bin/draftguide diagnose --draft $(DEMO_DRAFT) --tasks builtin $(SOLVE_ARG) --out runs/demo/diagnose
 	$(VENV)/bin/draftguide speculate --draft $(DEMO_DRAFT) --prompts builtin --out runs/demo/speculate --max-new-tokens 64 --verify-len auto
+	$(VENV)/bin/draftguide profile --draft $(DEMO_DRAFT) --out runs/demo/profile --context-lens 256,1024 --repeats 2 --new-tokens 16 --copy-mb 64
+	$(VENV)/bin/draftguide report runs/demo/* --out runs/demo/report  # skips its own output folder
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

@@ -264,6 +264,6 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_target_dir):
     key = lambda r: (r["task_id"], r["score"], r["response"], r["sub_category"])  # noqa: E731
     assert [key(r) for r in a] == [key(r) for r in b]
     assert sorted(r["rank"] for r in b) == [0, 0, 0, 1, 1]
-    assert sorted(p.name for p in multi.iterdir()) == ["results.jsonl", "run.json", "summary.json"]  # rank files merged
+    assert sorted(p.name for p in multi.iterdir()) == ["command.txt", "results.jsonl", "run.json", "summary.json"]  # rank files merged
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
     assert {k: sa[k] for k in ("n", "solve_rate", "ci95", "categories")} == {k: sb[k] for k in ("n", "solve_rate", "ci95", "categories")}

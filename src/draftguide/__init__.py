@@ -14,6 +14,9 @@ _LAZY = {
     "build_tasks": "tasks", "load_builtin_tasks": "tasks",
     "run_eval": "evaluate", "register_method": "evaluate",
     "run_diagnose": "report", "score_sequence": "diagnostic",
+    "DraftGuide": "pipeline", "run_profile": "profiling", "write_report": "paper", "create_app": "server",
+    "ttt_adapt": "ttt", "AdaptedDraft": "ttt", "TTTReport": "ttt",
+    "guided_generate": "guided", "power_sample": "baselines", "dola_generate": "baselines",
 }
 
 

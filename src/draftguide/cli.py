@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .errors import DraftGuideError
+from .runs import record_command
 from .targets import DEFAULT_TARGET
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
@@ -30,6 +32,27 @@ def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draf
         p.add_argument("--draft", default=None, help="DFlash draft folder, or 'init[:LAYERS]' for an untrained draft (default: the shipped draft of the target)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default=device, help="default: cuda:LOCAL_RANK if available, else cpu" if device is None else None)
+
+
+def _add_ttt_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    """--ttt-* options of test-time training (the draft adapted on each context with LoRA); `grid`: steps, lr
+    and rank are swept (comma lists of their own) and only the other options are added."""
+    if not grid:
+        p.add_argument("--ttt-steps", type=int, default=16, help="TTT optimizer steps per context (default 16)")
+        p.add_argument("--ttt-lr", type=float, default=1e-3, help="TTT learning rate (default 1e-3)")
+        p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--ttt-anchors", type=int, default=16, help="random context anchors per TTT step (default 16)")
+    p.add_argument("--ttt-modules", default="fc,q_proj,k_proj,v_proj", help="comma list of draft modules with LoRA")
+
+
+def _ttt_config(args, **override):
+    from .ttt import TTTConfig
+
+    modules = tuple(m.strip() for m in args.ttt_modules.split(",") if m.strip())
+    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=args.seed) | override
+    if hasattr(args, "ttt_steps"):
+        fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank) | fields
+    return TTTConfig(**fields).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,13 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="FILE.jsonl")
     b.add_argument("--n-per-subcategory", type=int, default=16)
     b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=cmd_tasks_build)
+    b.set_defaults(func=cmd_tasks_build, run_folder=False)  # --out is a file
 
     p = sub.add_parser("eval", help="context-learning evaluation: generate, score, summarise (resumable, torchrun-ready)")
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
     p.add_argument("--out", required=True)
-    _add_target_args(p, device=None)
-    p.add_argument("--method", default="greedy")
+    _add_target_args(p, device=None, draft=True)
+    p.add_argument("--method", default="greedy", help="greedy, sample, guided, guided-noise, power or dola")
+    _add_method_args(p)
+    g = p.add_argument_group("sampling (methods sample, guided, guided-noise; default greedy, sample: 1.0)")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    _add_guided_ttt_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="the first N tasks")
     p.add_argument("--judge", default="auto", choices=["auto", "rules", "llm"], help="auto: rules where a row has checks, else llm")
@@ -136,25 +165,207 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-controls", action="store_true", help="skip the noise-feature and random-draft controls")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttt", action="store_true", help="also score the draft adapted (TTT) on each task's context, beside the base draft")
+    _add_ttt_args(p)
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("profile", help="compute budget: prefill vs context, draft, speculative, TTT and guided costs, decode bandwidth")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--context-lens", type=_int_list, default="256,512,1024,2048,4096", help="comma list of prefill context lengths")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per decode/speculative/guided run")
+    p.add_argument("--anchors", type=int, default=64, help="blocks in the multi-anchor draft pass")
+    p.add_argument("--ttt-steps", type=int, default=4)
+    p.add_argument("--ttt-context", type=int, default=1024, help="TTT context length (the nearest of --context-lens)")
+    p.add_argument("--copy-mb", type=int, default=256, help="tensor size of the read/copy bandwidth measurement")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="one paper-style markdown over diagnose/eval/speculate/bench-tau/profile/... run folders")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (unknown ones are skipped with a warning)")
+    p.add_argument("--out", required=True, help="folder for report.md and its figures")
+    p.set_defaults(func=cmd_report, run_folder=False)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models)")
+    _add_target_args(p, device=None, draft=True)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="model id reported and accepted (default: the --target value)")
+    p.add_argument("--max-pending", type=int, default=64, help="requests allowed to wait for the model; more get 503")
+    g = p.add_argument_group("defaults for requests that do not set them (clients that send only model and messages)")
+    g.add_argument("--method", default=None, choices=["greedy", "speculative", "guided"])
+    g.add_argument("--beta", type=float, default=0.0, help="guidance weight (implies method guided)")
+    g.add_argument("--speculative", action="store_true", help="speculative greedy, or exact speculative guided greedy")
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--ttt", action="store_true", help="adapt the draft on every request's prompt (--ttt-* options), then reset")
+    _add_ttt_args(g)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ttt-tau", help="acceptance length before/after test-time training on the context, with delta-tau CIs")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--sets", default="suite,suite-doc,builtin",
+                   help="comma list of suite (chat prompts of the built-in tasks), suite-doc (their documents, first part), "
+                        "builtin, mtbench, humaneval, sharegpt-heldout or JSONL prompt files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=8, help="contexts per set (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--context-tokens", type=int, default=256, help="suite-doc: tokens of each document kept as context")
+    p.add_argument("--seed", type=int, default=0)
+    _add_ttt_args(p)
+    p.set_defaults(func=cmd_ttt_tau)
+
+    sweep = sub.add_parser("sweep", help="parameter sweeps with tables and figures")
+    sweep_sub = sweep.add_subparsers(dest="sweep_kind", required=True)
+    p = sweep_sub.add_parser("ttt", help="TTT: context loss, readout log-prob gap and tau versus steps, lr and rank")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--tasks", default="builtin", help="JSONL of tasks with reference answers, or 'builtin'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=8, help="the first N tasks (default 8)")
+    p.add_argument("--steps", default="0,4,16,64", help="comma list of TTT step counts")
+    p.add_argument("--lr", default="1e-3", help="comma list of learning rates")
+    p.add_argument("--rank", default="8", help="comma list of LoRA ranks")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the target's continuation tau is measured on")
+    p.add_argument("--seed", type=int, default=0)
+    _add_ttt_args(p, grid=True)
+    p.set_defaults(func=cmd_sweep_ttt)
+
+    b = sweep_sub.add_parser("beta", help="solve rate vs beta for draft-guided decoding, its noise control and baselines (PNG, JSON, markdown)")
+    b.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows with checks, or 'builtin'")
+    b.add_argument("--out", required=True)
+    _add_target_args(b, device=None, draft=True)
+    b.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma list in [0, 1]")
+    b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola, sample ('' for none)")
+    b.add_argument("--no-noise", action="store_true", help="skip the noise control")
+    b.add_argument("--max-new-tokens", type=int, default=48)
+    b.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    _add_method_args(b, beta=False)
+    _add_guided_ttt_args(b)
+    b.set_defaults(func=cmd_sweep_beta)
+
+    p = sub.add_parser("generate", help="stream a (draft-guided) answer to a prompt to the terminal")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="continue the text as is (no chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    _add_method_args(p, baselines=False)
+    _add_guided_ttt_args(p)
+    p.set_defaults(func=cmd_generate)
     return parser
+
+
+# -- method options (eval, sweep, generate) ------------------------------------------------------------
+# flag -> (option name, methods it applies to)
+METHOD_FLAGS = {
+    "beta": ("beta", ("guided", "guided-noise")),
+    "beta_schedule": ("beta_schedule", ("guided", "guided-noise")),
+    "mix": ("mix", ("guided", "guided-noise")),
+    "guard_top_k": ("guard_top_k", ("guided", "guided-noise")),
+    "speculative": ("speculative", ("guided", "guided-noise")),
+    "alpha": ("alpha", ("power",)),
+    "n_mcmc": ("n_mcmc", ("power",)),
+    "power_block_size": ("block_size", ("power",)),
+    "dola_layers": ("candidate_layers", ("dola",)),
+    "relative_top": ("relative_top", ("dola",)),
+    "seed": ("seed", ("guided", "guided-noise", "power", "sample")),
+    "temperature": ("temperature", ("guided", "guided-noise", "sample")),
+    "top_p": ("top_p", ("guided", "guided-noise", "sample")),
+    "top_k": ("top_k", ("guided", "guided-noise", "sample")),
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a comma list of integers") from None
+
+
+def _add_method_args(p: argparse.ArgumentParser, beta: bool = True, baselines: bool = True) -> None:
+    g = p.add_argument_group("draft-guided decoding (methods guided, guided-noise)")
+    if beta:
+        g.add_argument("--beta", type=float, default=None, help="weight of the draft logits, in [0, 1]")
+    g.add_argument("--beta-schedule", choices=["fixed", "adaptive"], default=None, help="adaptive: beta * JS(target, draft) / ln 2 per token")
+    g.add_argument("--mix", choices=["logits", "logprobs"], default=None)
+    g.add_argument("--guard-top-k", type=int, default=None, help="guidance only re-ranks the target's top-k tokens")
+    g.add_argument("--speculative", action="store_true", help="exact speculative guided greedy (same tokens, fewer target passes)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the noise control / Power Sampling / sampling")
+    if baselines:
+        g = p.add_argument_group("baselines (methods power, dola)")
+        g.add_argument("--alpha", type=float, default=None, help="Power Sampling exponent (default 4)")
+        g.add_argument("--n-mcmc", type=int, default=None, help="MH steps per block (default 4)")
+        g.add_argument("--power-block-size", type=int, default=None, help="tokens grown per block (default 16)")
+        g.add_argument("--dola-layers", type=_int_list, default=None, help="DoLa candidate layers (hidden-state indices), comma list")
+        g.add_argument("--relative-top", type=float, default=None, help="DoLa plausibility filter (default 0.1)")
+
+
+def _add_guided_ttt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ttt", action="store_true", help="guided decoding with the draft adapted (TTT) on each prompt first")
+    _add_ttt_args(p)
+
+
+def _guided_ttt(args) -> dict | None:
+    """`ttt_adapt` keyword arguments from --ttt-* (JSON-able: they are part of a run's settings), or None."""
+    if not getattr(args, "ttt", False):
+        return None
+    cfg = _ttt_config(args, seed=args.seed or 0).kwargs()
+    return cfg | {"target_modules": list(cfg["target_modules"])}
+
+
+def _draft_spec(args) -> str:
+    """The draft as a JSON-able option: an absolute folder, `init[:N]`, or the target's shipped draft."""
+    from pathlib import Path
+
+    from .draft import SHIPPED_DRAFTS
+
+    if args.draft is None:
+        shipped = SHIPPED_DRAFTS.get(args.target)
+        if shipped is None or not shipped.is_dir():
+            raise DraftGuideError(f"no shipped draft for target '{args.target}': pass --draft PATH")
+        return str(shipped)
+    if args.draft.startswith("init"):
+        return args.draft
+    if not Path(args.draft).exists():
+        raise DraftGuideError(f"draft folder '{args.draft}' does not exist")
+    return str(Path(args.draft).resolve())
+
+
+def _flags_for(args, method: str) -> dict:
+    """Options of `method` from the flags given for it (a sweep runs several methods: others are ignored)."""
+    return {name: getattr(args, flag) for flag, (name, methods) in METHOD_FLAGS.items()
+            if method in methods and _given(args, flag)}
+
+
+def _given(args, flag: str) -> bool:
+    v = getattr(args, flag, None)
+    return v is not None and v is not False  # 0 and 0.0 are given values
+
+
+def _method_options(args, method: str) -> dict:
+    """The options of `method` from the flags given; a flag given for another method is an error."""
+    from .evaluate import check_method_options
+
+    for flag, (_, methods) in METHOD_FLAGS.items():
+        if _given(args, flag) and method not in methods:
+            raise DraftGuideError(f"--{flag.replace('_', '-')} does not apply to method {method!r} (only {', '.join(methods)})")
+    opts = _flags_for(args, method)
+    if getattr(args, "ttt", False) and method != "guided":
+        raise DraftGuideError(f"--ttt does not apply to method {method!r} (only guided)")
+    if method in ("guided", "guided-noise"):
+        opts["draft"] = _draft_spec(args)
+    if method == "guided" and args.ttt:
+        opts["ttt"] = _guided_ttt(args)
+    check_method_options(method, opts)
+    return opts
 
 
 def load_models(args):
     """Target, tokenizer and a draft checked against the target."""
-    import torch
+    from .pipeline import load_pair
 
-    from .draft import resolve_draft
-    from .targets import load_target
-
-    from pathlib import Path
-
-    if args.draft and not args.draft.startswith("init") and not Path(args.draft).exists():
-        raise DraftGuideError(f"draft folder '{args.draft}' does not exist")  # before a slow target load
-    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
-    draft = resolve_draft(args.draft, target, tok, target_name=args.target)
-    draft.to(device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
-    return target, tok, draft
+    return load_pair(args.target, args.draft, DTYPES[args.dtype], args.device)
 
 
 def cmd_speculate(args) -> int:
@@ -283,6 +494,7 @@ def cmd_eval(args) -> int:
     from .targets import load_target
 
     check_method(args.method, args.max_new_tokens)
+    opts = _method_options(args, args.method)
     tasks, bad = load_tasks(args.tasks, skip_bad=args.skip_bad)
     tasks = tasks[: args.limit]
     judge = None
@@ -294,7 +506,7 @@ def cmd_eval(args) -> int:
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     s = run_eval(target, tok, tasks, args.out, method=args.method, max_new_tokens=args.max_new_tokens, judge=args.judge,
-                 llm_judge=judge, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+                 llm_judge=judge, method_options=opts, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
     if int(os.environ.get("RANK", "0")) == 0:
         print("\n" + format_table(s))
         print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
@@ -302,7 +514,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    import shlex
     from pathlib import Path
 
     from .diagnostic import CONTROLS, MODES
@@ -313,6 +524,7 @@ def cmd_diagnose(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise DraftGuideError(f"--modes {args.modes!r}: expected a comma list of {', '.join(MODES)}")
+    ttt = _ttt_config(args) if args.ttt else None
     tasks = load_tasks(args.tasks)[0][: args.limit]
     refs = {k: v for k, v in results_field(args.reference_from, "response").items() if isinstance(v, str)} if args.reference_from else None
     solved = solved_from(args.solved_from) if args.solved_from else None
@@ -326,11 +538,14 @@ def cmd_diagnose(args) -> int:
     cmd = ["draftguide", "diagnose", "--tasks", args.tasks, "--out", args.out]
     cmd += [x for flag, val in opts if val is not None for x in (flag, str(val))]
     cmd += [flag for flag, on in (("--no-solve", args.no_solve), ("--no-controls", args.no_controls)) if on]
+    if ttt is not None:
+        cmd += ["--ttt", "--ttt-steps", str(ttt.steps), "--ttt-lr", f"{ttt.lr:g}", "--ttt-rank", str(ttt.rank),
+                "--ttt-anchors", str(ttt.anchors_per_step), "--ttt-modules", ",".join(ttt.target_modules)]
     s = run_diagnose(target, tok, draft, tasks, args.out, modes=modes, controls=() if args.no_controls else CONTROLS,
                      references=refs, solved=solved, command=shlex.join(cmd), n_boot=args.n_boot, seed=args.seed,
                      settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype],
                                "tasks": source, "modes": modes, "limit": args.limit, "solved_from": args.solved_from,
-                               "reference_from": args.reference_from})
+                               "reference_from": args.reference_from}, ttt=ttt)
     v = s["verdict_detail"]
     print(f"\n{s['n_tasks']} tasks, {s['n_tokens']} answer tokens ({s['n_skipped']} tasks skipped without a reference)")
     for mode, g in s["modes"].items():
@@ -340,17 +555,223 @@ def cmd_diagnose(args) -> int:
               f"draft rank win {a['rank_vs_target']['draft']['win']['mean']:.2f}")
     print(f"verdict: {s['verdict']} (mean per-task log p diff {v['mean_per_task_logp_diff']:.3f}, 95% CI "
           f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] on {v['basis']})")
+    if ttt is not None:
+        t, tv = s["ttt"], s["ttt"]["verdict_detail"]
+        for mode, g in t["gain_over_base"].items():
+            print(f"   ttt {mode:>6}: mean per-task log p gain over the base draft {g['mean_per_task_logp_gain']:+.3f} "
+                  f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]")
+        print(f"ttt verdict: {t['verdict']} (log p diff {tv['mean_per_task_logp_diff']:.3f}, 95% CI [{tv['ci95'][0]:.3f}, "
+              f"{tv['ci95'][1]:.3f}]); context loss {t['mean_context_loss_before']:.3f} -> {t['mean_context_loss_after']:.3f}, "
+              f"{t['mean_ttt_seconds']:.2f} s TTT per task")
     print(f"wrote {args.out}/tokens.jsonl, summary.json, report.md and figures")
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profiling import cost_rows, run_profile
+
+    lens = args.context_lens
+    if not lens or min(lens) < 2:
+        raise DraftGuideError(f"--context-lens {lens}: expected a comma list of integers >= 2")
+    if min(args.repeats, args.new_tokens, args.anchors, args.ttt_steps, args.copy_mb) < 1:
+        raise DraftGuideError("--repeats, --new-tokens, --anchors, --ttt-steps and --copy-mb must be >= 1")
+    target, tok, draft = load_models(args)
+    s = run_profile(target, tok, draft, args.out, context_lens=lens, repeats=args.repeats, new_tokens=args.new_tokens,
+                    anchors=args.anchors, ttt_steps=args.ttt_steps, ttt_context=args.ttt_context,
+                    copy_megabytes=args.copy_mb, command=args.command,
+                    settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype]})
+    print(f"\n{'operation':<52} {'median ms':>10}")
+    for r in s["prefill"]:
+        print(f"{'target prefill, ' + str(r['context_len']) + ' tokens':<52} {1e3 * r['median_s']:>10.2f}")
+    for name, sec, note in cost_rows(s):
+        print(f"{name:<52} {1e3 * sec:>10.2f}  {note}")
+    m = s["memory_bandwidth"]
+    print(f"decode bandwidth {s['decode']['achieved_bandwidth_GBps']:.2f} GB/s; measured read {m['read_GBps']:.2f} GB/s, "
+          f"copy {m['copy_GBps']:.2f} GB/s ({100 * s['bandwidth_fraction']:.0f}% of the higher)")
+    print(f"wrote {args.out}/summary.json, report.md and profile.png")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .paper import write_report
+
+    path = write_report(args.runs, args.out, command=args.command)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .pipeline import DraftGuide
+    from .server import serve
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise DraftGuideError(f"serve needs fastapi and uvicorn ({e.name} is missing): pip install fastapi uvicorn") from e
+    from .pipeline import resolve_method
+
+    resolve_method(args.method, args.beta, args.speculative)  # before the models load
+    if args.max_tokens < 1:
+        raise DraftGuideError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    defaults = {"method": args.method, "beta": args.beta, "speculative": args.speculative, "max_new_tokens": args.max_tokens,
+                "ttt": _ttt_config(args, seed=0).kwargs() if args.ttt else None}
+    dg = DraftGuide(*load_models(args), name=args.model_name or args.target)
+    print(f"serving {dg.name} on http://{args.host}:{args.port}/v1 (POST /chat/completions, GET /models)", file=sys.stderr)
+    serve(dg, args.host, args.port, max_pending=args.max_pending, defaults=defaults)
+    return 0
+
+
+def cmd_sweep_beta(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import load_tasks
+    from .sweep_beta import parse_betas, run_beta_sweep, sweep_runs
+    from .targets import load_target
+
+    import torch
+
+    betas = parse_betas(args.betas)
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    sweep_runs(betas, baselines)  # unknown baselines fail here
+    if args.max_new_tokens < 1:
+        raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    guided_opts = _flags_for(args, "guided") | ({"ttt": _guided_ttt(args)} if args.ttt else {})
+    base_opts = {m: _flags_for(args, m) for m in baselines if m != "greedy"}
+    draft = _draft_spec(args)
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
+    s = run_beta_sweep(target, tok, tasks, args.out, betas=betas, draft=draft, max_new_tokens=args.max_new_tokens,
+                       baselines=baselines, noise=not args.no_noise, guided_options=guided_opts, baseline_options=base_opts,
+                       settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+    print(f"\n{'beta':>5} {'guided':>22} {'noise':>22}")
+    noise = {p["beta"]: p for p in s["curves"]["noise"]}
+    fmt = lambda p: f"{p['solve_rate']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-"  # noqa: E731
+    for p in s["curves"]["guided"]:
+        print(f"{p['beta']:>5g} {fmt(p):>22} {fmt(noise.get(p['beta'])):>22}")
+    for name, g in s["baselines"].items():
+        print(f"{name:>5} {fmt(g):>22}")
+    print(f"wrote {args.out}/summary.json, report.md, beta_sweep.png and flips.jsonl")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    from .guided import check_guided, guided_generate
+    from .prompts import encode_prompt, stop_token_ids
+    from .sampling import check_sampling
+
+    beta = 0.0 if args.beta is None else args.beta
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    check_guided(beta, args.beta_schedule or "fixed", args.mix or "logits", args.guard_top_k, None)
+    if args.speculative and args.temperature > 0:
+        raise DraftGuideError("--speculative is exact for greedy decoding only: use --temperature 0")
+    if args.max_new_tokens < 1:
+        raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    target, tok, draft = load_models(args)
+    row = {"prompt": args.prompt} if args.raw or tok.chat_template is None else {"messages": [{"role": "user", "content": args.prompt}]}
+    ids = encode_prompt(tok, row).to(args.device)
+    new: list[int] = []
+    shown = ""
+
+    def on_token(t: int) -> None:  # decode the whole answer each time: multi-token characters come out whole
+        nonlocal shown
+        new.append(t)
+        text = tok.decode(new, skip_special_tokens=True)
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    ttt = _guided_ttt(args)
+    if ttt:
+        from .ttt import ttt_adapt
+
+        draft = ttt_adapt(draft, target, ids, **ttt)
+        r = draft.report
+        print(f"[TTT on the prompt: {r.steps} steps in {r.seconds:.1f}s, context loss {r.loss_before:.3f} -> {r.loss_after:.3f}]",
+              file=sys.stderr)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed or 0)
+    t0 = time.perf_counter()
+    _, st = guided_generate(target, draft, ids, beta=beta, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target),
+                            beta_schedule=args.beta_schedule or "fixed", mix=args.mix or "logits", guard_top_k=args.guard_top_k,
+                            speculative=args.speculative, generator=gen, on_token=on_token)
+    dt = time.perf_counter() - t0
+    print(f"\n[{st.tokens} tokens in {dt:.1f}s ({st.tokens / dt:.1f} tok/s), beta {beta:g}, {len(st.flips)} tokens flipped by guidance]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_ttt_tau(args) -> int:
+    import shlex
+
+    from .ttt_measure import parse_sets, run_ttt_tau, tau_table
+
+    ttt = _ttt_config(args)
+    sets = parse_sets(args.sets)
+    if args.max_new_tokens < 2 or (args.limit is not None and args.limit < 1) or args.context_tokens < 3:
+        raise DraftGuideError("--max-new-tokens must be >= 2, --limit >= 1 and --context-tokens >= 3")
+    target, tok, draft = load_models(args)
+    argv = ["draftguide", "ttt-tau", "--sets", ",".join(sets), "--out", args.out, "--max-new-tokens", str(args.max_new_tokens),
+            "--context-tokens", str(args.context_tokens), "--ttt-steps", str(ttt.steps), "--ttt-lr", f"{ttt.lr:g}",
+            "--ttt-rank", str(ttt.rank), "--ttt-anchors", str(ttt.anchors_per_step)]
+    argv += ["--draft", args.draft] if args.draft else []
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    s = run_ttt_tau(target, tok, draft, sets, args.out, ttt, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                    context_tokens=args.context_tokens, command=shlex.join(argv))
+    print("\n" + tau_table(s))
+    print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
+    return 0
+
+
+def cmd_sweep_ttt(args) -> int:
+    import shlex
+
+    from .evaluate import load_tasks
+    from .ttt_measure import parse_list, run_sweep_ttt
+
+    steps = parse_list(args.steps, int, "--steps")
+    lrs, ranks = parse_list(args.lr, float, "--lr"), parse_list(args.rank, int, "--rank")
+    if min(steps) < 0:
+        raise DraftGuideError(f"--steps {args.steps!r}: step counts must be >= 0")
+    for lr, rank in ((lr, rank) for lr in lrs for rank in ranks):
+        _ttt_config(args, steps=max(steps), lr=lr, rank=rank)  # each grid point valid, before loading models
+    ttt = _ttt_config(args, steps=max(steps), lr=lrs[0], rank=ranks[0])  # the options the grid does not vary
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    target, tok, draft = load_models(args)
+    argv = ["draftguide", "sweep", "ttt", "--tasks", args.tasks, "--out", args.out, "--steps", ",".join(map(str, steps)),
+            "--lr", ",".join(f"{v:g}" for v in lrs), "--rank", ",".join(map(str, ranks)), "--max-new-tokens", str(args.max_new_tokens)]
+    argv += ["--draft", args.draft] if args.draft else []
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    s = run_sweep_ttt(target, tok, draft, tasks, args.out, ttt, steps=steps, lrs=lrs, ranks=ranks,
+                      max_new_tokens=args.max_new_tokens, command=shlex.join(argv))
+    print(f"\n{'lr':>8} {'rank':>5} {'steps':>6} {'ctx loss':>9} {'logp gap':>9} {'tau':>7} {'d tau':>7}")
+    for r in s["table"]:
+        mark = "  <- best" if r is s["best"] or all(r[k] == s["best"][k] for k in ("lr", "rank", "steps")) else ""
+        d = "" if r["delta_tau"] is None else f"{r['delta_tau']:+.3f}"
+        print(f"{r['lr']:>8g} {r['rank']:>5} {r['steps']:>6} {r['context_loss']:>9.3f} {r['logp_gap']:>9.3f} {r['tau']:>7.3f} {d:>7}{mark}")
+    print(f"wrote {args.out}/points.jsonl, summary.json, report.md and sweep.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars: noise next to our own progress
+    args.command = shlex.join(["draftguide", *argv])
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0 and getattr(args, "run_folder", True) and getattr(args, "out", None):
+            record_command(args.out, args.command)
+        return code
     except DraftGuideError as e:
         print(f"draftguide: error: {e}", file=sys.stderr)
         return 2

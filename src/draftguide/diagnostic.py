@@ -38,7 +38,7 @@ from .targets import extract_features
 
 MODES = ("next", "block")
 CONTROLS = ("noise", "random")
-PATHWAYS = ("target", "draft", *CONTROLS)
+PATHWAYS = ("target", "draft", "ttt", *CONTROLS)  # ttt: the draft adapted on the task's context (--ttt)
 BUCKETS = ((0.01, "p<0.01"), (0.1, "0.01<=p<0.1"), (0.5, "0.1<=p<0.5"), (math.inf, "p>=0.5"))
 VERDICT_TOL = 1e-6  # nats: differences below this are float noise, not an effect
 MAX_ANCHORS = 256  # anchors per draft forward; longer answers take a few (memory grows with anchors x context)
@@ -121,10 +121,14 @@ def draft_scores(draft, target, features, ids, n_prompt: int, modes: Iterable[st
 
 @torch.inference_mode()
 def score_sequence(target, draft, ids: torch.Tensor, n_prompt: int, modes: Iterable[str] = MODES,
-                   controls: dict | None = None, noise_seed: int = 0) -> dict:
+                   controls: dict | None = None, noise_seed: int = 0, adapt=None) -> dict:
     """Teacher-forced scores of the answer tokens `ids[0, n_prompt:]`: one target forward, one draft forward
     per pathway. `controls` maps a control name to the draft it runs (`noise` runs with noise features).
-    Returns {"target": scores, mode: {pathway: scores (+ "k")}} with arrays over answer tokens.
+    `adapt(prompt_features, prompt_ids)` returns a draft adapted on the prompt (a context manager that
+    resets it, see `ttt.ttt_adapt`), scored as pathway `ttt`; the prompt's features come from the same
+    target forward (the target is causal), so TTT costs no extra target pass.
+    Returns {"target": scores, mode: {pathway: scores (+ "k")}} with arrays over answer tokens, and with
+    `adapt` "ttt_report" (the adaptation's `TTTReport` as a dict).
     # ids: [1, T]"""
     modes = list(modes)
     A = ids.shape[1] - n_prompt
@@ -146,6 +150,11 @@ def score_sequence(target, draft, ids: torch.Tensor, n_prompt: int, modes: Itera
     for name, (module, f) in runs.items():
         for mode, scores in draft_scores(module, target, f, ids, n_prompt, modes).items():
             res[mode][name] = scores
+    if adapt is not None:
+        with adapt(feats[:, :n_prompt], ids[:, :n_prompt]) as adapted:
+            for mode, scores in draft_scores(adapted, target, feats, ids, n_prompt, modes).items():
+                res[mode]["ttt"] = scores
+            res["ttt_report"] = adapted.report.to_dict()
     return res
 
 
@@ -203,9 +212,12 @@ def in_context(token: str, context: str) -> bool:
 
 
 def diagnose(target, draft, prepared: Prepared, *, modes: Iterable[str] = MODES, controls: Iterable[str] = CONTROLS,
-             random_draft=None, seed: int = 0, progress: bool = False) -> list[dict]:
+             random_draft=None, seed: int = 0, progress: bool = False, ttt=None) -> list[dict]:
     """Score every prepared task. Returns one record per (task, answer token) holding the target's scores,
-    per mode each pathway's scores and the offset k, and the tags."""
+    per mode each pathway's scores and the offset k, and the tags. `ttt` (a `ttt.TTTConfig`) adds pathway
+    `ttt`: the draft adapted on each task's prompt (system and user turns), seeded per task id and reset
+    before the next task, so no task's numbers depend on which tasks ran before it; the record then holds
+    its task's `ttt_report`. Controls always run the base draft."""
     from tqdm.auto import tqdm
 
     modes, controls = list(modes), list(controls)
@@ -219,7 +231,7 @@ def diagnose(target, draft, prepared: Prepared, *, modes: Iterable[str] = MODES,
     for ti, task in enumerate(tqdm(prepared.tasks, desc="diagnose", disable=not progress)):
         ids = torch.tensor([task.prompt_ids + task.answer_ids], device=dev)
         noise_seed = zlib.crc32(f"{seed}:{task.task_id}".encode())
-        res = score_sequence(target, draft, ids, len(task.prompt_ids), modes, ctl, noise_seed)
+        res = score_sequence(target, draft, ids, len(task.prompt_ids), modes, ctl, noise_seed, _adapter(draft, target, ttt, task))
         for j, (tok, text) in enumerate(zip(task.answer_ids, task.answer_tokens)):
             tgt = {k: _item(v[j]) for k, v in res["target"].items()}
             rec = {
@@ -229,10 +241,22 @@ def diagnose(target, draft, prepared: Prepared, *, modes: Iterable[str] = MODES,
                 "bucket": confidence_bucket(tgt["p"]), "category": task.category, "subcategory": task.subcategory,
                 "solved": task.solved,
             }
+            if "ttt_report" in res:
+                rec["ttt_report"] = res["ttt_report"]
             for mode in modes:
                 rec[mode] = {name: {k: _item(v[j]) for k, v in s.items()} for name, s in res[mode].items()}
             records.append(rec)
     return records
+
+
+def _adapter(draft, target, ttt, task: TaskInput):
+    """`score_sequence`'s `adapt` for one task, or None without TTT."""
+    if ttt is None:
+        return None
+    from .ttt import ttt_adapt
+
+    task_seed = zlib.crc32(f"{ttt.seed}:{task.task_id}".encode())
+    return lambda feats, ctx: ttt_adapt(draft, target, ctx, features=feats, **ttt.kwargs(seed=task_seed))
 
 
 def _item(x):
@@ -336,7 +360,25 @@ def groups(records: list[dict], mode: str) -> dict[str, np.ndarray]:
     return {k: v for k, v in g.items() if v.any()}
 
 
-def verdict(records: list[dict], mode: str = "next", n_boot: int = 2000, seed: int = 0) -> dict:
+def per_task_mean(records: list[dict], fn) -> list[float]:
+    """fn(record) averaged over each task's tokens, one value per task (tasks in first-seen order)."""
+    per_task: dict[int, list[float]] = {}
+    for r in records:
+        per_task.setdefault(r["task"], []).append(fn(r))
+    return [float(np.mean(v)) for v in per_task.values()]
+
+
+def ttt_gain(records: list[dict], mode: str, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean per-task (log p_ttt - log p_draft): what adapting the draft on the task's context changed, with a
+    bootstrap 95% CI over tasks."""
+    from .runs import bootstrap_ci
+
+    diffs = per_task_mean(records, lambda r: r[mode]["ttt"]["logp"] - r[mode]["draft"]["logp"])
+    return {"mean_per_task_logp_gain": float(np.mean(diffs)), "ci95": list(bootstrap_ci(diffs, n_boot=n_boot, seed=seed)),
+            "n_tasks": len(diffs)}
+
+
+def verdict(records: list[dict], mode: str = "next", n_boot: int = 2000, seed: int = 0, pathway: str = "draft") -> dict:
     """The rule: per task, the mean over its answer tokens of (log p_draft - log p_target), in `mode`, over
     the tasks the target fails (all tasks when solve status is unknown or none fails). Bootstrap 95% CI
     of the mean over tasks: entirely above +VERDICT_TOL -> draft_better, entirely below -VERDICT_TOL ->
@@ -350,15 +392,12 @@ def verdict(records: list[dict], mode: str = "next", n_boot: int = 2000, seed: i
         basis, use = "all tasks (the target fails none)", records
     else:
         basis, use = "all tasks (solve status unknown)", records
-    per_task: dict[int, list[float]] = {}
-    for r in use:
-        per_task.setdefault(r["task"], []).append(r[mode]["draft"]["logp"] - r["target"]["logp"])
-    diffs = [float(np.mean(v)) for v in per_task.values()]
+    diffs = per_task_mean(use, lambda r: r[mode][pathway]["logp"] - r["target"]["logp"])
     lo, hi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
     call = "draft_equal" if len(diffs) < 2 else "draft_better" if lo > VERDICT_TOL else "draft_worse" if hi < -VERDICT_TOL else "draft_equal"
-    return {"verdict": call, "mode": mode, "basis": basis, "n_tasks": len(diffs), "n_tokens": len(use),
+    return {"verdict": call, "pathway": pathway, "mode": mode, "basis": basis, "n_tasks": len(diffs), "n_tokens": len(use),
             "mean_per_task_logp_diff": float(np.mean(diffs)), "ci95": [lo, hi],
-            "rule": f"95% bootstrap CI (over tasks) of the mean per-task (log p_draft - log p_target), {mode} mode, "
+            "rule": f"95% bootstrap CI (over tasks) of the mean per-task (log p_{pathway} - log p_target), {mode} mode, "
                     f"on {basis}: lower end > {VERDICT_TOL:g} -> draft_better, upper end < -{VERDICT_TOL:g} -> "
                     "draft_worse, else (and with fewer than 2 tasks) draft_equal"}
 
@@ -372,12 +411,17 @@ def summarize(records: list[dict], modes: Iterable[str], n_boot: int = 1000, see
     for mode in modes:
         cols = _columns(records, mode)
         out["modes"][mode] = {name: group_stats(cols, s, n_boot, seed) for name, s in groups(records, mode).items()}
-    out["verdict"] = verdict(records, "next" if "next" in modes else modes[0], seed=seed)
+    vmode = "next" if "next" in modes else modes[0]
+    out["verdict"] = verdict(records, vmode, seed=seed)
+    if "ttt" in records[0][modes[0]]:
+        out["ttt"] = {"verdict": verdict(records, vmode, seed=seed, pathway="ttt"),
+                      "gain_over_base": {m: ttt_gain(records, m, seed=seed) for m in modes}}
     return out
 
 
 __all__ = [
     "BUCKETS", "CONTROLS", "MODES", "PATHWAYS", "Prepared", "TaskBootstrap", "TaskInput", "block_reads",
     "confidence_bucket", "diagnose", "draft_scores", "gold_scores", "group_stats", "in_context",
-    "norm_matched_noise", "prepare_tasks", "random_like", "score_sequence", "summarize", "token_rows", "verdict",
+    "norm_matched_noise", "per_task_mean", "prepare_tasks", "random_like", "score_sequence", "summarize", "token_rows",
+    "ttt_gain", "verdict",
 ]

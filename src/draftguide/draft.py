@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, rotate_half
@@ -177,6 +178,7 @@ class DFlashDraft(nn.Module):
         self.embed_scale = float(draft_value(config, "input_embedding_scale", 1.0))
         self.output_multiplier = float(draft_value(config, "output_multiplier", 1.0))
         self.softcap = draft_value(config, "final_logit_softcapping")
+        self.gradient_checkpointing = False  # recompute each layer in backward (training/TTT of big drafts)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -251,24 +253,31 @@ class DFlashDraft(nn.Module):
                 state.update(load_file(f, device=str(device)))
             except Exception as e:  # safetensors raises its own error types for truncated/garbled files
                 raise DraftGuideError(f"corrupt draft weights '{f}': {str(e).splitlines()[0]}") from e
+        draft = cls.from_state_dict(config, state, device=device, where=f"in '{path}'")
+        if dtype is not None:
+            draft.to(dtype)
+        return draft.eval()
+
+    @classmethod
+    def from_state_dict(cls, config, state: dict[str, torch.Tensor], device=None, where: str = "") -> "DFlashDraft":
+        """A draft that takes the tensors of `state` as its weights, without copying (they share storage)."""
         with torch.device("meta"):
             draft = cls(config)
+        device = device or (next(iter(state.values())).device if state else "cpu")
         with torch.device(device):
             draft.rotary_emb = Qwen3RotaryEmbedding(config)  # non-persistent buffers: build for real
         ours = dict(draft.state_dict())
         missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
         if missing or unexpected:
             raise DraftGuideError(
-                f"draft weights in '{path}' do not match its config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                f"draft weights {where} do not match its config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                 f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
             )
         for k, v in state.items():
             if v.shape != ours[k].shape:
                 raise DraftGuideError(f"draft weight '{k}' has shape {tuple(v.shape)}, config implies {tuple(ours[k].shape)}")
         draft.load_state_dict(state, assign=True)
-        if dtype is not None:
-            draft.to(dtype)
-        return draft.eval()
+        return draft
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write the official layout: `config.json` + `model.safetensors` (no prefix), atomically per file."""
@@ -321,10 +330,15 @@ class DFlashDraft(nn.Module):
         ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
         h = noise_embedding
         cos, sin = self.rotary_emb(h, position_ids)
-        if cache is not None and attention_mask is not None:
-            raise ValueError("the cached (inference) mode takes no attention mask")
+        if cache is not None and attention_mask is not None and not isinstance(attention_mask, BlockMask):
+            # a BlockMask may go with a cache: its context columns then cover cached + new context
+            raise ValueError("the cached (inference) mode takes no dense attention mask")
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, ctx, cos, sin, attention_mask, cache)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, cos, sin, attention_mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, ctx, cos, sin, attention_mask, cache)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor, target) -> torch.Tensor:

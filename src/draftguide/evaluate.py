@@ -32,7 +32,7 @@ METHODS: dict[str, Callable] = {}
 
 def register_method(name: str):
     """Decorator: `fn(target, tokenizer, input_ids [1, T], max_new_tokens, stop_token_ids, **opts) -> list[int]`
-    (the new tokens only)."""
+    (the new tokens only), or `(list[int], dict)` whose dict is added to the task's result row."""
 
     def deco(fn):
         METHODS[name] = fn
@@ -49,6 +49,129 @@ def greedy(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: li
         raise DraftGuideError(f"method 'greedy' takes no options, got {sorted(opts)}")
     tokens, _ = greedy_generate(target, input_ids, max_new_tokens, stop_token_ids)
     return tokens[0, input_ids.shape[1]:].tolist()
+
+
+# Methods that read a draft take its folder (or `init[:N]`) as the JSON-able option `draft`; it is
+# loaded once per target and kept here.
+_DRAFTS: dict[tuple[int, str], object] = {}
+
+
+def method_draft(target, tokenizer, spec: str):
+    from .draft import resolve_draft
+
+    key = (id(target), spec)
+    if key not in _DRAFTS:
+        p = next(target.parameters())
+        _DRAFTS[key] = resolve_draft(spec, target, tokenizer).to(device=p.device, dtype=p.dtype)
+    return _DRAFTS[key]
+
+
+def flip_rows(flips, input_ids, tokenizer) -> list[dict]:
+    """Where guidance flipped the target's argmax, with whether either token occurs in the prompt (by id,
+    and by text as the diagnostic counts it)."""
+    from .diagnostic import in_context
+
+    ids, context = set(input_ids[0].tolist()), tokenizer.decode(input_ids[0])
+    rows = []
+    for f in flips:
+        t_text, g_text = tokenizer.decode([f.target_token]), tokenizer.decode([f.guided_token])
+        rows.append({"i": f.index, "target": f.target_token, "guided": f.guided_token, "target_text": t_text,
+                     "guided_text": g_text, "guided_id_in_context": f.guided_token in ids,
+                     "target_id_in_context": f.target_token in ids, "guided_in_context": in_context(g_text, context),
+                     "target_in_context": in_context(t_text, context)})
+    return rows
+
+
+@register_method("guided")
+def guided(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, beta: float, draft: str,
+           beta_schedule: str = "fixed", mix: str = "logits", guard_top_k: int | None = None, speculative: bool = False,
+           control: str | None = None, seed: int = 0, ttt: dict | None = None, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0):
+    """Draft-guided decoding (greedy unless `temperature` > 0); the row also gets the flips (guided argmax
+    vs target argmax) and the mean effective beta. `ttt`
+    (`ttt_adapt` keyword arguments) adapts the draft on this task's prompt first, and resets it after."""
+    import torch
+
+    from .guided import guided_generate
+
+    d = method_draft(target, tokenizer, draft)
+    extra = {}
+    if ttt:
+        from .ttt import ttt_adapt
+
+        d = ttt_adapt(d, target, input_ids, **ttt)
+        extra["ttt"] = {k: getattr(d.report, k) for k in ("loss_before", "loss_after", "seconds")}
+    try:
+        tokens, st = guided_generate(target, d, input_ids, beta=beta, max_new_tokens=max_new_tokens,
+                                     stop_token_ids=stop_token_ids, beta_schedule=beta_schedule, mix=mix,
+                                     guard_top_k=guard_top_k, control=control, speculative=speculative,
+                                     temperature=temperature, top_p=top_p, top_k=top_k,
+                                     generator=torch.Generator(device=input_ids.device).manual_seed(seed))
+    finally:
+        if ttt:
+            d.reset()  # the next task starts from the base draft
+    extra |= {"flips": flip_rows(st.flips, input_ids, tokenizer), "mean_beta": st.mean_beta}
+    return tokens[0, input_ids.shape[1]:].tolist(), extra
+
+
+@register_method("guided-noise")
+def guided_noise(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], **opts):
+    """The null control of `guided`: the draft logits replaced by noise with their per-token mean and std."""
+    return guided(target, tokenizer, input_ids, max_new_tokens, stop_token_ids, control="noise", **opts)
+
+
+@register_method("sample")
+def sample(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+    import torch
+
+    from .baselines import sample_generate
+
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    tokens, _ = sample_generate(target, input_ids, temperature=temperature, top_p=top_p, top_k=top_k,
+                                max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, generator=gen)
+    return tokens[0, input_ids.shape[1]:].tolist()
+
+
+@register_method("power")
+def power(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, alpha: float = 4.0,
+          n_mcmc: int = 4, block_size: int = 16, seed: int = 0):
+    import torch
+
+    from .baselines import power_sample
+
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    tokens, st = power_sample(target, input_ids, alpha=alpha, n_mcmc=n_mcmc, block_size=block_size,
+                              max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, generator=gen)
+    extra = {"tokens_per_output_token": st.tokens_per_output_token, "mh_acceptance": st.acceptance_rate}
+    return tokens[0, input_ids.shape[1]:].tolist(), extra
+
+
+@register_method("dola")
+def dola(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *,
+         candidate_layers: list[int] | None = None, relative_top: float = 0.1):
+    from .baselines import dola_generate
+
+    tokens, st = dola_generate(target, input_ids, candidate_layers=candidate_layers, relative_top=relative_top,
+                               max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids)
+    return tokens[0, input_ids.shape[1]:].tolist(), {"premature_layers": st.premature_layers}
+
+
+def check_method_options(method: str, opts: dict) -> None:
+    """Unknown or missing options of a method, as one clear error before any model is loaded."""
+    import inspect
+
+    fn = guided if METHODS[method] is guided_noise else METHODS[method]  # guided-noise passes all on to guided
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and fn is not greedy:
+        return  # a method taking **opts checks them itself
+    named = {k: p for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "control"}
+    unknown = sorted(set(opts) - set(named))
+    if unknown:
+        raise DraftGuideError(f"method {method!r} takes no option(s) {unknown} (its options: {sorted(named) or 'none'})")
+    missing = sorted(k for k, p in named.items() if p.default is p.empty and k not in opts)
+    if missing:
+        raise DraftGuideError(f"method {method!r} needs option(s) {missing}")
 
 
 # -- scoring --------------------------------------------------------------------------------------
@@ -174,6 +297,7 @@ def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: in
     t0 = time.perf_counter()
     new = METHODS[method](target, tokenizer, ids, max_new_tokens, stop, **(method_options or {}))
     gen_s = time.perf_counter() - t0
+    new, extra = new if isinstance(new, tuple) else (new, {})  # a method may add fields to the row
     raw = tokenizer.decode(new, skip_special_tokens=True)
     response = strip_thinking(raw)
     rec = _categories(task) | {"method": method, "status": "ok", "response": response, "reference_answer": task.get("reference_answer")}
@@ -189,7 +313,7 @@ def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: in
         rec |= {"judge": "llm", "score": v["score"], "rubrics": task.get("rubrics", []), "rubric_results": v["rubric_results"],
                 "judge_rationale": v["rationale"], "judge_tries": v["tries"], "judge_error": v["error"]}
     rec |= {"prompt_tokens": ids.shape[1], "new_tokens": len(new), "gen_s": gen_s, "judge_s": time.perf_counter() - t1,
-            "error": None}
+            "error": None} | extra
     return rec
 
 
@@ -255,6 +379,7 @@ def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "gr
     from .runs import JsonlWriter
 
     check_method(method, max_new_tokens)
+    check_method_options(method, method_options or {})
     if check_judge(tasks, judge) and llm_judge is None:
         raise DraftGuideError("some tasks need the LLM judge (no 'checks'), but none is configured")
     out_dir = Path(out_dir)

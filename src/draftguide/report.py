@@ -13,7 +13,7 @@ import numpy as np
 from .diagnostic import BUCKETS, CONTROLS, MODES, PATHWAYS
 from .errors import DraftGuideError
 
-COLOURS = {"target": "#4c72b0", "draft": "#dd8452", "noise": "#8c8c8c", "random": "#c7c7c7"}
+COLOURS = {"target": "#4c72b0", "draft": "#dd8452", "ttt": "#55a868", "noise": "#8c8c8c", "random": "#c7c7c7"}
 MAX_HEATMAP_TOKENS = 40
 
 
@@ -52,8 +52,10 @@ def compute_solved(target, tokenizer, tasks: list[dict], out_dir: Path, max_new_
 def run_diagnose(target, tokenizer, draft, tasks: list[dict], out_dir, *, modes=MODES, controls=CONTROLS,
                  references: dict[str, str] | None = None, solved: dict[str, bool] | None = None,
                  command: str = "", settings: dict | None = None, n_boot: int = 1000, seed: int = 0,
-                 random_draft=None, progress: bool = True) -> dict:
-    """Score `tasks`, write `tokens.jsonl`, `summary.json`, the figures and `report.md` into `out_dir`."""
+                 random_draft=None, progress: bool = True, ttt=None) -> dict:
+    """Score `tasks`, write `tokens.jsonl`, `summary.json`, the figures and `report.md` into `out_dir`.
+    `ttt` (a `ttt.TTTConfig`): also score the draft adapted on each task's context (pathway `ttt`, beside the
+    base draft), and write the per-task adaptation reports to `ttt.jsonl`."""
     from .diagnostic import diagnose, prepare_tasks, summarize, token_rows
     from .runs import JsonlWriter, environment, write_json
 
@@ -65,26 +67,47 @@ def run_diagnose(target, tokenizer, draft, tasks: list[dict], out_dir, *, modes=
         raise DraftGuideError(f"none of the {len(tasks)} tasks has a reference answer: pass --reference-from RESULTS.jsonl")
     t0 = time.perf_counter()
     records = diagnose(target, draft, prepared, modes=modes, controls=controls, random_draft=random_draft,
-                       seed=seed, progress=progress)
+                       seed=seed, progress=progress, ttt=ttt)
     score_s = time.perf_counter() - t0
     with JsonlWriter(out_dir / "tokens.jsonl", mode="w") as w:
         for row in token_rows(records, modes):
             w.write(row)
-    summary = summarize(records, modes, n_boot=n_boot, seed=seed)
+    stats = summarize(records, modes, n_boot=n_boot, seed=seed)
     summary = {
-        "n_tasks": summary["n_tasks"], "n_tokens": summary["n_tokens"], "n_tasks_in": len(tasks),
+        "n_tasks": stats["n_tasks"], "n_tokens": stats["n_tokens"], "n_tasks_in": len(tasks),
         "n_skipped": len(prepared.skipped), "skipped": prepared.skipped[:100],
         "n_solved": sum(t.solved is True for t in prepared.tasks), "n_failed": sum(t.solved is False for t in prepared.tasks),
         "n_solve_unknown": sum(t.solved is None for t in prepared.tasks),
-        "verdict": summary["verdict"]["verdict"], "verdict_detail": summary["verdict"],
-        "block_size": draft.block_size, "controls": controls, "modes": summary["modes"],
+        "verdict": stats["verdict"]["verdict"], "verdict_detail": stats["verdict"],
+        "block_size": draft.block_size, "controls": controls, "modes": stats["modes"],
         "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "task"},
         "score_s": score_s, "command": command, "settings": settings or {}, "environment": environment(),
     }
+    if ttt is not None:
+        summary["ttt"] = ttt_summary(records, stats, ttt, out_dir)
     figures = make_figures(records, summary, out_dir, modes)
     write_json(out_dir / "summary.json", summary)
     (out_dir / "report.md").write_text(report_markdown(summary, figures))
     return summary
+
+
+def ttt_summary(records: list[dict], summarized: dict, ttt, out_dir: Path) -> dict:
+    """The TTT part of `summary.json` (verdict of the adapted draft, its gain over the base draft, the mean
+    adaptation report); writes one report per task to `ttt.jsonl`."""
+    from dataclasses import asdict
+
+    from .runs import JsonlWriter
+
+    reports = {r["task_id"]: r["ttt_report"] for r in records}
+    with JsonlWriter(out_dir / "ttt.jsonl", mode="w") as w:
+        for tid, rep in reports.items():
+            w.write({"task_id": tid} | rep)
+    mean = {k: float(np.mean([r[k] for r in reports.values()])) for k in ("loss_before", "loss_after", "seconds", "eval_seconds")}
+    return {"config": asdict(ttt), "verdict": summarized["ttt"]["verdict"]["verdict"],
+            "verdict_detail": summarized["ttt"]["verdict"], "gain_over_base": summarized["ttt"]["gain_over_base"],
+            "n_tasks": len(reports), "mean_context_loss_before": mean["loss_before"],
+            "mean_context_loss_after": mean["loss_after"], "mean_ttt_seconds": mean["seconds"],
+            "mean_eval_seconds": mean["eval_seconds"]}
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -155,7 +178,7 @@ def make_figures(records: list[dict], summary: dict, out_dir: Path, modes: list[
             keys = [k for k in g if k.startswith(prefix)]
             if kind == "bucket":
                 keys = [f"bucket:{b}" for _, b in BUCKETS if f"bucket:{b}" in g]
-            names = [n for n in ("draft", *CONTROLS) if n in g["all"].get("logp_minus_target", {})]
+            names = [n for n in ("draft", "ttt", *CONTROLS) if n in g["all"].get("logp_minus_target", {})]
             fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.5))
             w = 0.8 / max(len(names), 1)
             for i, n in enumerate(names):
@@ -238,7 +261,30 @@ def report_markdown(summary: dict, figures: dict[str, dict]) -> str:
         for title, keys, label in sections:
             if keys:
                 lines += [f"### {title} (n = {summary['n_tasks']} tasks)", "", *_table(g, keys, label), ""]
+    lines += ttt_markdown(summary)
     lines += ["## Figures", ""]
     for name, f in figures.items():
         lines += [f"![{name}]({name})", "", f"*{name}*: {f['caption']} Command: `{cmd}`.", ""]
     return "\n".join(lines)
+
+
+def ttt_markdown(summary: dict) -> list[str]:
+    """The TTT section of report.md (empty without --ttt)."""
+    t = summary.get("ttt")
+    if not t:
+        return []
+    c, v = t["config"], t["verdict_detail"]
+    lines = [
+        "## Test-time training", "",
+        f"Pathway `ttt`: the draft with LoRA adapters (rank {c['rank']}, modules {', '.join(c['target_modules'])}) trained "
+        f"{c['steps']} steps at lr {c['lr']:g} ({c['anchors_per_step']} random anchors per step) on each task's prompt "
+        "(system and user turns), reset before the next task; columns `draft` are the base draft. Controls run the base draft.", "",
+        f"Context loss (the draft training loss on the prompt): {t['mean_context_loss_before']:.3f} before, "
+        f"{t['mean_context_loss_after']:.3f} after (mean over {t['n_tasks']} tasks); TTT {t['mean_ttt_seconds']:.2f} s per task.", "",
+        f"Verdict of the adapted draft: **{t['verdict']}** (mean per-task log p_ttt - log p_target on {v['basis']}: "
+        f"{v['mean_per_task_logp_diff']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]).", "",
+        "| mode | mean per-task log p_ttt - log p_draft | 95% CI | tasks |", "|---|---|---|---|",
+    ]
+    for mode, g in t["gain_over_base"].items():
+        lines.append(f"| {mode} | {g['mean_per_task_logp_gain']:.3f} | [{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}] | {g['n_tasks']} |")
+    return lines + [""]

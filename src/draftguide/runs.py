@@ -65,6 +65,24 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+COMMAND_FILE = "command.txt"
+
+
+def record_command(out_dir: str | Path, command: str) -> None:
+    """The command line that produced a run folder, for `draftguide report` captions (rank 0 under torchrun)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and os.environ.get("RANK", "0") == "0":
+        (out_dir / COMMAND_FILE).write_text(command + "\n")
+
+
+def read_command(run_dir: str | Path, summary: dict | None = None) -> str:
+    """The run's command: `summary["command"]` when the run recorded it there, else `command.txt`."""
+    if summary and summary.get("command"):
+        return summary["command"]
+    path = Path(run_dir) / COMMAND_FILE
+    return path.read_text().strip() if path.is_file() else "(not recorded)"
+
+
 def environment() -> dict:
     import torch
     import transformers

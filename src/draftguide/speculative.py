@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,7 @@ def speculative_generate(
     verify_len: int | None = None,
     generator: torch.Generator | None = None,
     verify_costs: list[float] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> tuple[torch.Tensor, GenStats]:
     """Returns `(tokens [1, T + n], stats)`. Greedy output equals the target's own greedy output; at
     temperature > 0 rejection sampling keeps the target's distribution. `verify_len` (1..B-1, default
@@ -93,7 +95,8 @@ def speculative_generate(
     `verify_costs` ([c_1..c_B], seconds of a target forward over n tokens; see `measure_verify_costs`)
     switches on adaptive verification: each step verifies the n drafted tokens that maximise expected
     committed tokens per second, the expectation taken from the draft's own confidences. Exactness does
-    not depend on n: it is chosen before the target is consulted."""
+    not depend on n: it is chosen before the target is consulted. `on_token(ids)` receives each step's
+    committed tokens as they are committed (streaming); an exception it raises ends the generation."""
     check_sampling(temperature, top_p, top_k)
     _check_prompt(input_ids, max_new_tokens)
     draft.check_target(target)
@@ -116,6 +119,8 @@ def speculative_generate(
     stopped = int(buf[0, T0]) in stop
     t1 = _now(dev)
     stats.prefill_s = t1 - t0
+    if on_token:
+        on_token([int(buf[0, T0])])
 
     start = T0  # position of the anchor: committed, but the target has not read it yet
     while start + 1 < max_len and not stopped:
@@ -152,6 +157,8 @@ def speculative_generate(
             hit = _first_stop(buf[0, start + 1 : start + produced + 1].tolist(), stop)
             if hit is not None:
                 produced, stopped = hit + 1, True
+        if on_token:
+            on_token(buf[0, start + 1 : start + produced + 1].tolist())
         start += produced
         crop_cache(tcache, start)
         ctx = extract_features(out.hidden_states, draft.target_layer_ids)[:, :produced]  # accepted positions only
@@ -197,9 +204,11 @@ def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, r
 
 @torch.inference_mode()
 def greedy_generate(
-    target, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: list[int] | None = None
+    target, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: list[int] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> tuple[torch.Tensor, GenStats]:
-    """Plain autoregressive greedy decoding with a KV cache: one target forward per token."""
+    """Plain autoregressive greedy decoding with a KV cache: one target forward per token. `on_token([id])`
+    is called with every new token (streaming)."""
     _check_prompt(input_ids, max_new_tokens)
     dev, T0 = input_ids.device, input_ids.shape[1]
     stop = set(stop_token_ids or ())
@@ -211,11 +220,15 @@ def greedy_generate(
     new = [tok]
     t1 = _now(dev)
     stats.prefill_s = t1 - t0
+    if on_token:
+        on_token([int(tok)])
     while len(new) < max_new_tokens and int(tok) not in stop:
         pos = torch.tensor([[T0 + len(new) - 1]], device=dev)
         logits = target(tok, position_ids=pos, **{ck: cache}, use_cache=True).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
         new.append(tok)
+        if on_token:
+            on_token([int(tok)])
     tokens = torch.cat([input_ids, *new], dim=1)
     stats.decode_s = _now(dev) - t1
     stats.num_new_tokens = len(new)

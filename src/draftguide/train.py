@@ -106,6 +106,24 @@ def draft_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     return loss, acc, n
 
 
+def block_loss(draft, target, features, ids, anchors, lengths, weights, *, block_size=None, head=None, remap=None,
+               forward=None):
+    """The DFlash loss of the blocks anchored at `anchors` (-1 = padding) in one masked draft pass.
+    `head` [V', d] replaces the draft's own logits (`draft.logits`, full vocabulary) by a vocabulary subset
+    and `remap` maps full-vocabulary label ids into it. Returns `draft_loss`'s (loss, acc, n).
+    # features: [B, T, n*d], ids: [B, T], anchors: [B, m], lengths: [B]"""
+    bs = block_size or draft.block_size
+    labels = block_labels(ids, anchors, lengths, bs)  # [B, m, bs-1]
+    hidden = multi_block_hidden(draft, target, features, ids, anchors.clamp_min(0), bs, forward=forward)  # [B, m, bs, d]
+    if head is None:
+        logits = draft.logits(hidden[:, :, 1:], target)  # [B, m, bs-1, V]
+    else:
+        logits = hidden[:, :, 1:] @ head.T.to(hidden.dtype)  # [B, m, bs-1, V']
+    if remap is not None:
+        labels = remap[labels.clamp_min(0)].masked_fill(labels == IGNORE, IGNORE)
+    return draft_loss(logits, labels, weights)
+
+
 class FeatureScale(torch.nn.Module):
     """Per-dimension feature scale applied before `fc` in training; folded into `fc` when saving."""
 
@@ -332,11 +350,8 @@ def train_draft(
                         dist.broadcast(scale.scale, 0)
                     state["scale_fitted"] = True
             anchors = _anchor_tensor(local, lengths.cpu(), cfg.anchors_per_seq, random).to(dev)
-            labels = block_labels(ids, anchors, lengths, cfg.block_size)  # [b, m, bs-1]
-            hidden = multi_block_hidden(draft, target, scale(feats), ids, anchors.clamp_min(0), forward=model)  # [b, m, bs, d]
-            logits = hidden[:, :, 1:] @ head_sub.T.to(hidden.dtype)  # [b, m, bs-1, V']
-            lab = remap[labels.clamp_min(0)].masked_fill(labels == IGNORE, IGNORE) if remap is not None else labels
-            loss, acc, n = draft_loss(logits, lab, weights)
+            loss, acc, n = block_loss(draft, target, scale(feats), ids, anchors, lengths, weights, block_size=cfg.block_size,
+                                      head=head_sub, remap=remap, forward=model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

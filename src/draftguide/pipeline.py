@@ -1,0 +1,345 @@
+"""`DraftGuide`: the object a notebook user reaches for first. A target, its tokenizer and a draft held
+together, each method a thin layer over the functions the CLI runs:
+
+    dg = DraftGuide.from_pretrained("smollm2-135m")        # load_target + resolve_draft
+    dg.generate("Hi!", speculative=True).text               # speculative_generate / greedy / guided
+    dg.adapt(context); ...; dg.reset()                      # ttt_adapt (test-time training of the draft)
+    dg.diagnose("builtin", out="runs/diag")                 # run_diagnose
+
+Calls are serialised by a lock, so one object can serve several threads (the server does).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, is_dataclass
+
+import torch
+
+from .errors import DraftGuideError
+from .targets import DEFAULT_TARGET
+
+METHODS = ("greedy", "speculative", "guided")
+# keyword options generate() passes through to each method's function
+METHOD_OPTIONS = {"greedy": (), "speculative": ("verify_len",), "guided": ("beta_schedule", "mix", "guard_top_k", "control")}
+
+
+class Cancelled(Exception):
+    """Raised by an `on_text` callback to abandon a generation (a client went away)."""
+
+
+class _StopString(Exception):
+    """Ends a generation from inside the decoding loop once a stop string has appeared."""
+
+
+def load_pair(target: str = DEFAULT_TARGET, draft: str | None = None, dtype: str | torch.dtype = "float32",
+              device: str | None = "cpu"):
+    """Target, tokenizer and a draft checked against the target (None: the draft shipped for the target,
+    'init[:N]': an untrained one). Returns `(target, tokenizer, draft)`."""
+    from pathlib import Path
+
+    from .draft import resolve_draft
+    from .targets import load_target
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if draft and not str(draft).startswith("init") and not Path(draft).exists():
+        raise DraftGuideError(f"draft folder '{draft}' does not exist")  # before a slow target load
+    model, tok = load_target(target, dtype=dtype, device=device)
+    d = resolve_draft(None if draft is None else str(draft), model, tok, target_name=str(target))
+    d.to(device=device, dtype=dtype)
+    return model, tok, d
+
+
+class TextStream:
+    """Token ids in, printable text deltas out. Holds back a trailing incomplete UTF-8 character and any
+    tail that could still grow into a stop string; a stop string ends the text just before it."""
+
+    def __init__(self, tokenizer, stop_token_ids: list[int], stop: list[str] = ()):
+        self.tok, self.stop_ids, self.stop = tokenizer, set(stop_token_ids), [s for s in stop if s]
+        self.ids: list[int] = []  # new tokens, stop token included
+        self.text, self.emitted = "", 0
+        self.stop_hit = False  # a stop token or stop string ended the text
+
+    def push(self, ids: list[int]) -> str:
+        for i in ids:
+            if self.stop_hit:
+                break
+            self.ids.append(int(i))
+            self.stop_hit = int(i) in self.stop_ids
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        if cuts:
+            self.text, self.stop_hit = text[: min(cuts)], True
+            return self._emit(len(self.text))
+        self.text = text
+        safe = len(text) - text.endswith("\ufffd")
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(safe - hold)
+
+    def flush(self) -> str:
+        return self._emit(len(self.text.rstrip("\ufffd")))
+
+    def _emit(self, upto: int) -> str:
+        delta = self.text[self.emitted : max(upto, self.emitted)]
+        self.emitted += len(delta)
+        return delta
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]  # the new tokens (a final stop token included)
+    prompt_tokens: int
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    method: str
+    stats: dict = field(default_factory=dict)  # seconds, tokens_per_s, tau (speculative), the method's own stats
+    ttt: dict | None = None  # the TTT report when the draft was adapted for this request
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _stats_dict(st) -> dict:
+    if st is None:
+        return {}
+    d = st.to_dict() if hasattr(st, "to_dict") else asdict(st) if is_dataclass(st) else dict(st) if isinstance(st, dict) else {}
+    if hasattr(st, "tau") and getattr(st, "acceptance_lengths", None):
+        d["tau"] = st.tau
+    if "flips" in d:
+        d["n_flips"] = len(d["flips"])  # tokens where guidance changed the target's choice
+    return d
+
+
+class DraftGuide:
+    """A target + tokenizer + draft. `draft` is the base draft unless `adapt` has swapped in an adapted one."""
+
+    def __init__(self, target, tokenizer, draft, name: str = "draftguide"):
+        self.target, self.tokenizer, self.draft, self.name = target, tokenizer, draft, name
+        self._adapted = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(cls, target: str = DEFAULT_TARGET, draft: str | None = None, *,
+                        dtype: str | torch.dtype = "float32", device: str | None = "cpu") -> DraftGuide:
+        """`target`: alias, local folder or hub id; `draft`: folder, 'init[:N]' or None (the shipped one)."""
+        return cls(*load_pair(target, draft, dtype, device), name=str(target))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.target.parameters()).device
+
+    # -- prompts ------------------------------------------------------------------------------------
+    def encode(self, prompt) -> torch.Tensor:
+        """str -> one user turn through the chat template (raw text without one); list -> messages;
+        dict -> a prompt-file row ({'prompt': raw text} or {'messages': [...]}); tensor -> ids. [1, T]"""
+        from .prompts import encode_prompt
+
+        if isinstance(prompt, torch.Tensor):
+            ids = prompt.reshape(1, -1)
+        elif isinstance(prompt, dict):
+            ids = encode_prompt(self.tokenizer, prompt)
+        elif isinstance(prompt, list):
+            ids = encode_prompt(self.tokenizer, {"messages": prompt})
+        elif isinstance(prompt, str):
+            chat = self.tokenizer.chat_template is not None
+            ids = encode_prompt(self.tokenizer, {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+        else:
+            raise DraftGuideError(f"prompt must be a string, a list of messages, a row dict or token ids, got {type(prompt).__name__}")
+        return ids.to(self.device)
+
+    # -- test-time training -------------------------------------------------------------------------
+    def adapt(self, context, **ttt):
+        """Adapt the draft to `context` (text, messages or ids) with `ttt_adapt(**ttt)`; later calls use the
+        adapted draft until `reset()`. Returns the TTT report (loss before/after, steps, seconds)."""
+        try:
+            from .ttt import ttt_adapt
+        except ImportError as e:
+            raise DraftGuideError("test-time training is not available in this installation (draftguide.ttt)") from e
+        if isinstance(context, str):
+            ids = torch.tensor([self.tokenizer(context)["input_ids"]], device=self.device)
+        else:
+            ids = self.encode(context)
+        with self._lock:
+            self.reset()
+            self._adapted = ttt_adapt(self.draft, self.target, ids, **ttt)
+            self.draft = self._adapted
+            return self._adapted.report
+
+    def reset(self) -> None:
+        """Back to the base draft (bit-identical weights)."""
+        with self._lock:
+            if self._adapted is not None:
+                self.draft, self._adapted = self._adapted.reset(), None
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, prompt, *, max_new_tokens: int = 256, method: str | None = None, beta: float = 0.0,
+                 speculative: bool = False, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 stop: list[str] | str | None = None, seed: int = 0, ttt: dict | bool | None = None,
+                 stream: bool = False, on_text: Callable[[str], None] | None = None, **options):
+        """Decode a reply to `prompt` (see `encode`). `method`: greedy (the target alone), speculative
+        (lossless, the same output faster when the draft is good), guided (target and draft logits mixed
+        with weight `beta`; `speculative=True` for its exact block-verified variant); default: guided if
+        beta else speculative if `speculative` else greedy. `ttt`: adapt the base draft on this prompt
+        first (True or ttt_adapt options), reset after. `stream=True` returns an iterator of text pieces;
+        otherwise a `Generation` (`on_text` still sees the pieces as they come)."""
+        kw = dict(max_new_tokens=max_new_tokens, method=method, beta=beta, speculative=speculative,
+                  temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ttt=ttt, **options)
+        if stream:
+            return self._stream(prompt, kw)
+        return self._generate(prompt, on_text=on_text, **kw)
+
+    def _stream(self, prompt, kw: dict) -> Iterator[str]:
+        """Text pieces as they are decoded (in a worker thread); closing the iterator early stops decoding."""
+        pieces: queue.Queue = queue.Queue()
+        closed = threading.Event()
+        done = object()
+
+        def on_text(delta: str) -> None:
+            if closed.is_set():
+                raise Cancelled
+            pieces.put(delta)
+
+        def work() -> None:
+            try:
+                self._generate(prompt, on_text=on_text, **kw)
+                pieces.put(done)
+            except BaseException as e:  # handed to the consumer, raised there
+                pieces.put(e)
+
+        threading.Thread(target=work, daemon=True, name="draftguide-stream").start()
+        try:
+            while (item := pieces.get()) is not done:
+                if isinstance(item, Cancelled):
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            closed.set()
+
+    def _generate(self, prompt, *, max_new_tokens, method, beta, speculative, temperature, top_p, top_k, stop, seed,
+                  ttt, on_text=None, **options) -> Generation:
+        from .prompts import stop_token_ids
+
+        method = check_generate(method=method, beta=beta, speculative=speculative, temperature=temperature, top_p=top_p,
+                                top_k=top_k, max_new_tokens=max_new_tokens, **options)
+        ids = self.encode(prompt)  # [1, T]
+        stop_ids = stop_token_ids(self.tokenizer, self.target)
+        text = TextStream(self.tokenizer, stop_ids, [stop] if isinstance(stop, str) else list(stop or ()))
+
+        def on_token(new: list[int]) -> None:
+            delta = text.push(new)
+            if delta and on_text:
+                on_text(delta)
+            if text.stop_hit and text.stop:
+                raise _StopString
+
+        with self._lock:
+            if ttt and self._adapted is not None:
+                raise DraftGuideError("the draft is already adapted (adapt()); call reset() first or drop ttt")
+            report = self.adapt(ids, **({} if ttt is True else ttt)) if ttt else None
+            try:
+                t0 = time.perf_counter()
+                st = None
+                try:
+                    _, st = self._decode(method, ids, max_new_tokens, beta, speculative, temperature, top_p, top_k,
+                                         stop_ids, seed, on_token, options)
+                except _StopString:
+                    pass
+                seconds = time.perf_counter() - t0
+            finally:
+                if ttt:
+                    self.reset()
+        tail = text.flush()
+        if tail and on_text:
+            on_text(tail)
+        n = len(text.ids)
+        stats = {"seconds": seconds, "tokens_per_s": n / seconds if seconds > 0 else float("nan"), **_stats_dict(st)}
+        return Generation(text=text.text, tokens=text.ids, prompt_tokens=ids.shape[1],
+                          finish_reason="stop" if text.stop_hit else "length", method=method, stats=stats,
+                          ttt=_stats_dict(report) if report is not None else None)
+
+    @torch.inference_mode()
+    def _decode(self, method, ids, n, beta, speculative, temperature, top_p, top_k, stop_ids, seed, on_token, options):
+        from .speculative import greedy_generate, speculative_generate
+
+        gen = torch.Generator(device=ids.device).manual_seed(seed)
+        if method == "greedy" and temperature == 0:
+            return greedy_generate(self.target, ids, n, stop_ids, on_token=on_token)
+        if method == "speculative":
+            return speculative_generate(self.target, self.draft, ids, n, temperature, top_p, top_k, stop_ids,
+                                        generator=gen, on_token=on_token, **options)
+        try:
+            from .guided import guided_generate
+        except ImportError as e:
+            what = "guided decoding" if method == "guided" else "sampling with method 'greedy' (use 'speculative')"
+            raise DraftGuideError(f"{what} is not available in this installation (draftguide.guided)") from e
+        # beta = 0 is the target alone: plain sampling at temperature > 0
+        return guided_generate(self.target, self.draft, ids, beta=beta, max_new_tokens=n, temperature=temperature,
+                               top_p=top_p, top_k=top_k, stop_token_ids=stop_ids, speculative=speculative,
+                               generator=gen, on_token=lambda t: on_token([t]), **options)
+
+    # -- the readout diagnostic ---------------------------------------------------------------------
+    def diagnose(self, tasks="builtin", out: str = "runs/diagnose", *, modes=("next", "block"), limit: int | None = None,
+                 solved_from: str | None = None, controls: bool = True, ttt: dict | bool | None = None, n_boot: int = 1000,
+                 seed: int = 0, progress: bool = True) -> dict:
+        """`draftguide diagnose` on `tasks` ('builtin', a JSONL path or a list of task rows) with the current
+        draft (adapted or not); `ttt` (True or TTTConfig fields): also the draft adapted on each task's context,
+        as `diagnose --ttt`. Writes the run folder `out` and returns its summary."""
+        from .diagnostic import CONTROLS
+        from .evaluate import load_tasks
+        from .report import run_diagnose, solved_from as read_solved
+
+        rows = load_tasks(tasks)[0] if isinstance(tasks, str) else list(tasks)
+        config = None
+        if ttt:
+            from .ttt import TTTConfig
+
+            config = TTTConfig(**({} if ttt is True else ttt)).validate()
+        with self._lock:
+            return run_diagnose(
+                self.target, self.tokenizer, self.draft, rows[:limit], out, modes=list(modes),
+                controls=CONTROLS if controls else (), solved=read_solved(solved_from) if solved_from else None,
+                n_boot=n_boot, seed=seed, progress=progress, ttt=config,
+                command=f"DraftGuide.from_pretrained({self.name!r}).diagnose({tasks if isinstance(tasks, str) else '<rows>'!r}, out={str(out)!r})",
+                settings={"target": self.name, "tasks": tasks if isinstance(tasks, str) else "(rows)", "modes": list(modes),
+                          "limit": limit, "solved_from": solved_from, "adapted": self._adapted is not None,
+                          "ttt": None if config is None else asdict(config)},
+            )
+
+
+def check_generate(*, method=None, beta=0.0, speculative=False, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1,
+                   stop=None, seed=0, ttt=None, **options) -> str:
+    """Every generate() option checked before any work; returns the method that will run."""
+    from .sampling import check_sampling
+
+    method = resolve_method(method, beta, speculative)
+    check_sampling(temperature, top_p, top_k)
+    bad = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    if bad:
+        raise DraftGuideError(f"{', '.join(bad)}: not an option of method {method!r} "
+                              f"(it takes {', '.join(METHOD_OPTIONS[method]) or 'none'})")
+    if max_new_tokens < 1:
+        raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return method
+
+
+def resolve_method(method: str | None, beta: float, speculative: bool) -> str:
+    if method is None:
+        method = "guided" if beta else "speculative" if speculative else "greedy"
+    if method not in METHODS:
+        raise DraftGuideError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    if method == "greedy" and speculative:
+        method = "speculative"  # the same output, faster when the draft is good
+    if beta and method != "guided":
+        raise DraftGuideError(f"beta = {beta} needs method 'guided', not {method!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise DraftGuideError(f"beta must be in [0, 1], got {beta}")
+    return method
+
+
+__all__ = ["DraftGuide", "Generation", "METHODS", "METHOD_OPTIONS", "check_generate", "TextStream", "load_pair", "resolve_method"]
