@@ -208,3 +208,12 @@ def test_time_budget_fits_the_whole_schedule(tiny_data, tmp_path):
     assert res["elapsed_s"] < 4.0 * 2  # generous: the CPU is shared; the plan keeps 3% slack
     saved = json.loads((tmp_path / "train_config.json").read_text())
     assert saved["time_budget_s"] == 4.0 and saved["total_steps"] == res["total_steps"]
+
+
+def test_time_budget_plans_after_a_resume_too(tiny_data, tmp_path):
+    """Stopped before the plan was made, a resumed budgeted run times its own first steps and still plans."""
+    root, _ = tiny_data
+    _train(root, tmp_path, _cfg(steps=100_000, time_budget_s=4.0), max_seconds=1e-9)  # one step, checkpointed
+    res = _train(root, tmp_path, _cfg(steps=100_000, time_budget_s=4.0), resume=True)
+    assert res["finished"] and 11 < res["total_steps"] < 100_000
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["planned"] is True

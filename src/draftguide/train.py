@@ -199,23 +199,18 @@ def _anchor_tensor(batch, lengths, n, rng) -> torch.Tensor:
     return out
 
 
-PROBE_STEPS = 11  # steps 2..11 time the loop when a time budget is set (step 1 pays one-off costs)
+PROBE_STEPS = 10  # steps timed (after this run's first, which pays one-off costs) before a budget is planned
 
 
-def _fit_budget(state: dict, budget_s: float, elapsed_s: float, t_probe: float | None, world: int, dev) -> float:
-    """At step 1 start the clock; at PROBE_STEPS set total so warmup + cosine end inside the budget
-    (3% kept for the final save). Rank 0 decides and broadcasts, so every rank stops at the same step."""
-    if state["step"] == 1:
-        return elapsed_s
-    per_step = (elapsed_s - t_probe) / (PROBE_STEPS - 1)
-    left = budget_s - state["elapsed_s"] - elapsed_s
-    total = torch.tensor([min(state["total"], state["step"] + max(0, int(0.97 * left / per_step)))], device=dev)
+def planned_total(total: int, step: int, per_step_s: float, left_s: float, world: int, dev) -> int:
+    """Steps that fit warmup + cosine into the time left (3% kept for the final save), at most `total`.
+    Rank 0's plan is broadcast, so every rank stops at the same step."""
+    plan = torch.tensor([min(total, step + max(0, int(0.97 * left_s / per_step_s)))], device=dev)
     if world > 1:
         import torch.distributed as dist
 
-        dist.broadcast(total, 0)
-    state["total"], state["planned"] = int(total), True
-    return t_probe
+        dist.broadcast(plan, 0)
+    return int(plan)
 
 
 def train_draft(
@@ -327,7 +322,7 @@ def train_draft(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     perm = order(state["epoch"])
     t_start, agg = time.perf_counter(), {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
-    t_log, t_probe = t_start, None
+    t_log, t_probe, steps_here = t_start, t_start, 0
     try:
         while state["step"] < state["total"] and not stop["flag"]:
             if state["pos"] + cfg.batch_size > len(perm):
@@ -364,10 +359,17 @@ def train_draft(
             agg["n"] += 1
             agg["tok"] += int(n.sum())
             bar.update(1)
-            if cfg.time_budget_s and state["step"] in (1, PROBE_STEPS) and "planned" not in state:
-                t_probe = _fit_budget(state, cfg.time_budget_s, time.perf_counter() - t_start, t_probe, world, dev)
-                bar.total = state["total"]
-                write_config()
+            steps_here += 1
+            if cfg.time_budget_s and not state.get("planned") and steps_here in (1, PROBE_STEPS + 1):
+                now = time.perf_counter()
+                if steps_here == 1:
+                    t_probe = now
+                else:
+                    left = cfg.time_budget_s - state["elapsed_s"] - (now - t_start)
+                    state["total"] = planned_total(state["total"], state["step"], (now - t_probe) / PROBE_STEPS, left, world, dev)
+                    state["planned"] = True
+                    bar.total = state["total"]
+                    write_config()
             if state["step"] % cfg.log_every == 0 or state["step"] == state["total"]:
                 now = time.perf_counter()
                 el = now - t_start
