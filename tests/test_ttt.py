@@ -117,11 +117,29 @@ def test_fc_only_and_options_for_big_models(pair):
     fc = ttt_adapt(draft, target, ids, steps=3, target_modules=("fc",))
     assert list(fc.lora_modules()) == ["fc"]
     plain = ttt_adapt(draft, target, ids, steps=3, lr=3e-3)
-    ckpt = ttt_adapt(draft, target, ids, steps=3, lr=3e-3, gradient_checkpointing=True)
-    assert ckpt.report.gradient_checkpointing
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    with pytest.MonkeyPatch.context() as mp:  # count the recomputed layers: the option must really engage
+        mp.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+        ckpt = ttt_adapt(draft, target, ids, steps=3, lr=3e-3, gradient_checkpointing=True)
+    assert len(calls) >= 3 * len(draft.layers)
     torch.testing.assert_close(torch.tensor(ckpt.report.train_losses), torch.tensor(plain.report.train_losses))
+    fp32 = ttt_adapt(draft, target, _context(120), steps=20, lr=3e-3)
     bf16 = ttt_adapt(draft, target, _context(120), steps=20, lr=3e-3, autocast_dtype="bf16")
-    assert bf16.report.autocast_dtype == "bfloat16" and bf16.report.loss_after < bf16.report.loss_before
+    assert bf16.report.train_losses != fp32.report.train_losses  # autocast changed the arithmetic
+    assert bf16.report.loss_after < bf16.report.loss_before
+
+
+def test_a_longer_run_passes_through_the_shorter_one(pair):
+    """sweep ttt reads an s-step run off one longer run (constant lr): the adapted draft at step 2 of a 4-step
+    run must equal a 2-step run exactly."""
+    target, draft = pair
+    seen = {}
+    ttt_adapt(draft, target, _context(), steps=4, seed=1,
+              on_step=lambda step, d: seen.setdefault(step, [t.clone() for t in d.merged().state_dict().values()]))
+    two = ttt_adapt(draft, target, _context(), steps=2, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], two.merged().state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[2], seen[4]))
 
 
 def test_merged_draft_equals_adapted_and_saves_in_official_format(pair, tmp_path):
@@ -348,7 +366,6 @@ def test_cli_ttt_tau(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     assert s["all"]["identical_output"]  # greedy: the same continuation before and after TTT
     rows = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
     assert all(r["ttt"]["steps"] == 3 and r["ttt"]["loss_after"] < r["ttt"]["loss_before"] for r in rows)
-    assert all(r["delta_tau"] == pytest.approx(r["tau_ttt"] - r["tau_base"]) for r in rows)
     assert [r["context_tokens"] for r in rows if r["set"] == "suite-doc"] == [40, 40]
     assert "delta (95% CI)" in capsys.readouterr().out
 
@@ -367,7 +384,6 @@ def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     s = json.loads((out / "summary.json").read_text())
     assert len(s["table"]) == 6 and all(r["n_tasks"] == 3 for r in s["table"])
     by = {(r["rank"], r["steps"]): r for r in s["table"]}
-    assert by[(2, 0)]["tau"] == by[(4, 0)]["tau"] and by[(2, 0)]["delta_tau"] == 0  # step 0 = the base draft
     assert by[(2, 4)]["context_loss"] < by[(2, 0)]["context_loss"]
     assert s["best"] in s["table"]
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and "**best**" in (out / "report.md").read_text()
