@@ -323,7 +323,6 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token)
                      use_cache=True, output_hidden_states=True)
         feats = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, vs, n*d]: positions start..
         d_all = torch.cat([dlogits[:1], _draft_k1_many(s, dcache, feats[:, : vs - 1], block, start)])  # [vs, V]
-        dcache.crop(start)  # drop the unverified context the multi-anchor pass appended
         g, b = s.mixed(out.logits[0], d_all, torch.arange(start + 1, start + vs + 1))
         guided = g.argmax(-1)  # [vs]
         acc = int((block[0, 1:] == guided[:-1]).cumprod(0).sum())
@@ -335,7 +334,11 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token)
         t_arg.append(out.logits[0, :produced].argmax(-1)), g_arg.append(guided[:produced]), betas.append(b[:produced])
         start += produced
         crop_cache(tcache, start)
-        ctx = feats[:, :produced]
+        # the multi-anchor pass cached the draft K/V of positions < start+vs-1 (old start): keep the accepted
+        # ones and feed only the rest, so no context position is projected twice
+        keep = min(produced, vs - 1)
+        dcache.crop(start - produced + keep)
+        ctx = feats[:, keep:produced]
         stats.acceptance_lengths.append(produced)
 
     tokens = buf[:, : min(start + 1, max_len)]
