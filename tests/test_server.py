@@ -276,3 +276,12 @@ def test_server_defaults_serve_clients_that_send_only_model_and_messages(dg):
         assert r.model_extra["draftguide"]["method"] == "speculative"
     with pytest.raises(Exception, match="needs method 'guided'"):
         create_app(dg, defaults={"method": "greedy", "beta": 0.5})
+
+
+def test_serve_ttt_defaults_build_from_the_command_line():
+    """`draftguide serve --ttt` (which has no --seed) turns its TTT flags into per-request defaults."""
+    from draftguide.cli import _ttt_config, build_parser
+
+    args = build_parser().parse_args(["serve", "--ttt", "--ttt-steps", "3"])
+    cfg = _ttt_config(args, seed=0).kwargs()
+    assert cfg["steps"] == 3 and cfg["seed"] == 0 and cfg["target_modules"] == ("fc", "q_proj", "k_proj", "v_proj")

@@ -49,7 +49,7 @@ def _ttt_config(args, **override):
     from .ttt import TTTConfig
 
     modules = tuple(m.strip() for m in args.ttt_modules.split(",") if m.strip())
-    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=args.seed) | override
+    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=getattr(args, "seed", 0)) | override
     if hasattr(args, "ttt_steps"):
         fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank) | fields
     return TTTConfig(**fields).validate()
