@@ -363,6 +363,7 @@ def test_cli_ttt_tau(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert set(s["sets"]) == {"suite-doc", "p"} and s["all"]["n_contexts"] == 4
+    assert s["command"] == "draftguide " + " ".join(argv)  # the exact, reproducing command (target included)
     assert s["all"]["identical_output"]  # greedy: the same continuation before and after TTT
     rows = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
     assert all(r["ttt"]["steps"] == 3 and r["ttt"]["loss_after"] < r["ttt"]["loss_before"] for r in rows)

@@ -709,7 +709,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_ttt_tau(args) -> int:
-    import shlex
 
     from .ttt_measure import parse_sets, run_ttt_tau, tau_table
 
@@ -718,20 +717,14 @@ def cmd_ttt_tau(args) -> int:
     if args.max_new_tokens < 2 or (args.limit is not None and args.limit < 1) or args.context_tokens < 3:
         raise DraftGuideError("--max-new-tokens must be >= 2, --limit >= 1 and --context-tokens >= 3")
     target, tok, draft = load_models(args)
-    argv = ["draftguide", "ttt-tau", "--sets", ",".join(sets), "--out", args.out, "--max-new-tokens", str(args.max_new_tokens),
-            "--context-tokens", str(args.context_tokens), "--ttt-steps", str(ttt.steps), "--ttt-lr", f"{ttt.lr:g}",
-            "--ttt-rank", str(ttt.rank), "--ttt-anchors", str(ttt.anchors_per_step)]
-    argv += ["--draft", args.draft] if args.draft else []
-    argv += ["--limit", str(args.limit)] if args.limit is not None else []
     s = run_ttt_tau(target, tok, draft, sets, args.out, ttt, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                    context_tokens=args.context_tokens, command=shlex.join(argv))
+                    context_tokens=args.context_tokens, command=args.command)
     print("\n" + tau_table(s))
     print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
     return 0
 
 
 def cmd_sweep_ttt(args) -> int:
-    import shlex
 
     from .evaluate import load_tasks
     from .ttt_measure import parse_list, run_sweep_ttt
@@ -745,15 +738,11 @@ def cmd_sweep_ttt(args) -> int:
     ttt = _ttt_config(args, steps=max(steps), lr=lrs[0], rank=ranks[0])  # the options the grid does not vary
     tasks = load_tasks(args.tasks)[0][: args.limit]
     target, tok, draft = load_models(args)
-    argv = ["draftguide", "sweep", "ttt", "--tasks", args.tasks, "--out", args.out, "--steps", ",".join(map(str, steps)),
-            "--lr", ",".join(f"{v:g}" for v in lrs), "--rank", ",".join(map(str, ranks)), "--max-new-tokens", str(args.max_new_tokens)]
-    argv += ["--draft", args.draft] if args.draft else []
-    argv += ["--limit", str(args.limit)] if args.limit is not None else []
     s = run_sweep_ttt(target, tok, draft, tasks, args.out, ttt, steps=steps, lrs=lrs, ranks=ranks,
-                      max_new_tokens=args.max_new_tokens, command=shlex.join(argv))
+                      max_new_tokens=args.max_new_tokens, command=args.command)
     print(f"\n{'lr':>8} {'rank':>5} {'steps':>6} {'ctx loss':>9} {'logp gap':>9} {'tau':>7} {'d tau':>7}")
     for r in s["table"]:
-        mark = "  <- best" if r is s["best"] or all(r[k] == s["best"][k] for k in ("lr", "rank", "steps")) else ""
+        mark = "  <- best" if r is s["best"] else ""
         d = "" if r["delta_tau"] is None else f"{r['delta_tau']:+.3f}"
         print(f"{r['lr']:>8g} {r['rank']:>5} {r['steps']:>6} {r['context_loss']:>9.3f} {r['logp_gap']:>9.3f} {r['tau']:>7.3f} {d:>7}{mark}")
     print(f"wrote {args.out}/points.jsonl, summary.json, report.md and sweep.png")
