@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import DraftGuideError
-from .evaluate import RESULTS, run_eval
+from .evaluate import RESULTS, _group, run_eval
 
 BASELINES = ("greedy", "power", "dola", "sample")
 DEFAULT_BASELINES = ("greedy", "power", "dola")
@@ -92,11 +92,7 @@ def _rows(path: Path) -> list[dict]:
 
 # -- numbers ----------------------------------------------------------------------------------------------
 def _rate(rows: list[dict]) -> dict:
-    from .runs import bootstrap_ci
-
-    scores = [int(r["score"]) for r in rows]
-    return {"n": len(scores), "solve_rate": sum(scores) / len(scores) if scores else float("nan"),
-            "ci95": list(bootstrap_ci(scores))}
+    return _group([int(r["score"]) for r in rows])
 
 
 def flip_stats(rows: list[dict]) -> dict:
