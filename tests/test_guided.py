@@ -46,10 +46,16 @@ def test_beta_zero_is_target_greedy(pair, mix, request):
             assert st.flips == [] and st.tokens == 20
 
 
+@pytest.mark.parametrize("shared_head", [True, False])
 @pytest.mark.parametrize("beta", [1.0, 0.5])
 @pytest.mark.parametrize("mix", ["logits", "logprobs"])
-def test_matches_uncached_reference(qwen3_pair, beta, mix):
-    """beta=1 is decoding from the draft's k=1 readout alone; any beta equals the no-cache reference."""
+def test_matches_uncached_reference(qwen3_pair, beta, mix, shared_head, monkeypatch):
+    """beta=1 is decoding from the draft's k=1 readout alone; any beta equals the no-cache reference, both with
+    one output-head call for target and draft and on the path with two (drafts with a scale or softcap)."""
+    import draftguide.guided as guided
+
+    if not shared_head:
+        monkeypatch.setattr(guided, "_shared_head", lambda s, out: None)
     target, draft = qwen3_pair
     ids = _prompt(9, seed=3)
     ref, t_arg = reference_guided(target, draft, ids, beta, 16, mix)
