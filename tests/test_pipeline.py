@@ -43,11 +43,17 @@ def test_stream_pieces_join_to_the_text(dg):
 
 
 def test_stream_closed_early_stops_decoding(dg):
-    it = dg.generate("hello", max_new_tokens=400, stream=True)
-    next(it)
-    it.close()  # the worker thread gets Cancelled at its next token and releases the lock
-    assert dg._lock.acquire(timeout=10)
-    dg._lock.release()
+    calls = []
+    hook = dg.target.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        it = dg.generate("hello", max_new_tokens=400, stream=True)
+        next(it)
+        it.close()  # the worker thread gets Cancelled at its next token and releases the lock
+        assert dg._lock.acquire(timeout=10)
+        dg._lock.release()
+    finally:
+        hook.remove()
+    assert len(calls) < 100  # decoding stopped long before its 400 tokens
 
 
 def test_prompt_forms(dg):
