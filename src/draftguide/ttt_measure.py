@@ -185,7 +185,6 @@ def replay_acceptance(draft, target, features: torch.Tensor, ids: torch.Tensor, 
     if not starts:
         return []
     hidden = multi_block_hidden(draft, target, features, ids, torch.tensor([starts], device=ids.device))[0]  # [m, B, d]
-    guess = draft.logits(hidden[:, 1:], target).argmax(-1)  # [m, B-1]
     lengths, start = [], n_prompt
     while start + 1 < L:
         dlen = min(B, max_len - start)
@@ -193,7 +192,7 @@ def replay_acceptance(draft, target, features: torch.Tensor, ids: torch.Tensor, 
             h = multi_block_hidden(draft, target, features, ids, torch.tensor([[start]], device=ids.device), block_size=dlen)
             g = draft.logits(h[0, 0, 1:], target).argmax(-1)
         else:
-            g = guess[start - n_prompt]
+            g = draft.logits(hidden[start - n_prompt, 1:], target).argmax(-1)  # only the ~m/tau visited blocks
         truth = ids[0, start + 1 : start + dlen]
         acc = int((g[: len(truth)] == truth).long().cumprod(0).sum())
         produced = min(acc + 1, L - start - 1)
