@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from .errors import DraftGuideError
 from .guided import js_divergence
-from .speculative import GenStats, _check_prompt, _now, cache_kwarg, crop_cache
+from .speculative import GenStats, _check_prompt, _now, autoregressive, cache_kwarg, crop_cache
 
 
 # -- temperature sampling ----------------------------------------------------------------------------
@@ -39,25 +39,7 @@ def sample_generate(
     check_sampling(temperature, top_p, top_k)
     _check_prompt(input_ids, max_new_tokens)
     pick = lambda out: sample(out.logits[:, -1], temperature, top_p, top_k, generator)[:, None]  # noqa: E731
-    return _autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, GenStats(input_ids.shape[1]))
-
-
-def _autoregressive(target, input_ids, max_new_tokens: int, stop_token_ids, pick, stats: GenStats, hidden: bool = False):
-    """One target forward per token with a KV cache; `pick(model output) -> [1, 1]` chooses each token."""
-    dev, T0, stop = input_ids.device, input_ids.shape[1], set(stop_token_ids or ())
-    cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
-    t0 = _now(dev)
-    feed, pos, new = input_ids, torch.arange(T0, device=dev)[None], []
-    while True:
-        out = target(feed, position_ids=pos, **{ck: cache}, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
-        tok = pick(out)
-        new.append(tok)
-        if len(new) >= max_new_tokens or int(tok) in stop:
-            break
-        feed, pos = tok, torch.tensor([[T0 + len(new) - 1]], device=dev)
-    stats.decode_s = _now(dev) - t0
-    stats.num_new_tokens = len(new)
-    return torch.cat([input_ids, *new], 1), stats
+    return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick)
 
 
 # -- Power Sampling ----------------------------------------------------------------------------------
@@ -267,7 +249,7 @@ def dola_generate(
         stats.premature_layers.append(int(layer[0]))
         return scores.argmax(-1, keepdim=True)  # [1, 1]
 
-    return _autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, stats, hidden=True)
+    return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, stats, hidden=True)
 
 
 __all__ = ["PowerStats", "DolaStats", "dola_generate", "dola_scores", "mh_log_ratio", "power_sample", "sample_generate",

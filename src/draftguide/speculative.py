@@ -210,29 +210,34 @@ def greedy_generate(
     """Plain autoregressive greedy decoding with a KV cache: one target forward per token. `on_token([id])`
     is called with every new token (streaming)."""
     _check_prompt(input_ids, max_new_tokens)
-    dev, T0 = input_ids.device, input_ids.shape[1]
-    stop = set(stop_token_ids or ())
+    pick = lambda out: out.logits[:, -1].argmax(-1, keepdim=True)  # noqa: E731
+    return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, on_token=on_token)
+
+
+def autoregressive(target, input_ids, max_new_tokens: int, stop_token_ids, pick, stats: GenStats | None = None,
+                   hidden: bool = False, on_token: Callable[[list[int]], None] | None = None):
+    """One target forward per token with a KV cache; `pick(model output) -> [1, 1]` chooses each token (greedy,
+    sampling, DoLa...). Returns `(tokens [1, T + n], stats)` with prefill and decode times apart."""
+    dev, T0, stop = input_ids.device, input_ids.shape[1], set(stop_token_ids or ())
     cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
-    stats = GenStats(num_input_tokens=T0)
-    t0 = _now(dev)
-    logits = target(input_ids, **{ck: cache}, use_cache=True, logits_to_keep=1).logits
-    tok = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
-    new = [tok]
-    t1 = _now(dev)
-    stats.prefill_s = t1 - t0
-    if on_token:
-        on_token([int(tok)])
-    while len(new) < max_new_tokens and int(tok) not in stop:
-        pos = torch.tensor([[T0 + len(new) - 1]], device=dev)
-        logits = target(tok, position_ids=pos, **{ck: cache}, use_cache=True).logits
-        tok = logits[:, -1].argmax(-1, keepdim=True)
+    stats = stats or GenStats(num_input_tokens=T0)
+    t0 = t1 = _now(dev)
+    feed, pos, new = input_ids, torch.arange(T0, device=dev)[None], []
+    while True:
+        out = target(feed, position_ids=pos, **{ck: cache}, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
+        tok = pick(out)
         new.append(tok)
+        if len(new) == 1:
+            t1 = _now(dev)
+            stats.prefill_s = t1 - t0
         if on_token:
             on_token([int(tok)])
-    tokens = torch.cat([input_ids, *new], dim=1)
+        if len(new) >= max_new_tokens or int(tok) in stop:
+            break
+        feed, pos = tok, torch.tensor([[T0 + len(new) - 1]], device=dev)
     stats.decode_s = _now(dev) - t1
     stats.num_new_tokens = len(new)
-    return tokens, stats
+    return torch.cat([input_ids, *new], 1), stats
 
 
 @torch.inference_mode()
