@@ -177,6 +177,16 @@ class Prepared:
     skipped: list[dict] = field(default_factory=list)  # {task_id, reason}
 
 
+def task_id(task: dict, default=None) -> str:
+    """A task's id: `metadata.task_id` (CL-bench rows), else `id`, else `default`."""
+    return str((task.get("metadata") or {}).get("task_id", task.get("id", default)))
+
+
+def context_text(task: dict) -> str:
+    """The text a task gives the model to learn from: its system and user turns."""
+    return "\n".join(m["content"] for m in task.get("messages", []) if m.get("role") in ("system", "user"))
+
+
 def prepare_tasks(tasks: list[dict], tokenizer, references: dict[str, str] | None = None,
                   solved: dict[str, bool] | None = None) -> Prepared:
     """Token ids of prompt and reference answer per task. `references` (task_id -> text, e.g. another run's
@@ -186,7 +196,7 @@ def prepare_tasks(tasks: list[dict], tokenizer, references: dict[str, str] | Non
     out = Prepared([])
     for t in tasks:
         meta = t.get("metadata") or {}
-        tid = str(meta.get("task_id", t.get("id", len(out.tasks) + len(out.skipped))))
+        tid = task_id(t, default=len(out.tasks) + len(out.skipped))
         ref = references.get(tid) if references is not None else t.get("reference_answer")
         if not isinstance(ref, str) or not ref.strip():
             out.skipped.append({"task_id": tid, "reason": "no reference answer"})
@@ -195,7 +205,7 @@ def prepare_tasks(tasks: list[dict], tokenizer, references: dict[str, str] | Non
         if not answer:
             out.skipped.append({"task_id": tid, "reason": "reference answer has no tokens"})
             continue
-        context = "\n".join(m["content"] for m in t.get("messages", []) if m.get("role") in ("system", "user"))
+        context = context_text(t)
         out.tasks.append(TaskInput(
             task_id=tid, prompt_ids=encode_prompt(tokenizer, t)[0].tolist(), answer_ids=list(answer),
             answer_tokens=[tokenizer.decode([a]) for a in answer], context=context,

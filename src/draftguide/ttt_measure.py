@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .diagnostic import context_text, task_id
 from .errors import DraftGuideError
 from .runs import bootstrap_ci
 from .targets import extract_features
@@ -51,13 +52,13 @@ def load_contexts(spec: str, tokenizer, limit: int | None = None, context_tokens
 
         tasks = load_builtin_tasks()[:limit]
         if spec == "suite":
-            return [Context(_task_id(t), spec, encode_prompt(tokenizer, t)) for t in tasks]
+            return [Context(task_id(t), spec, encode_prompt(tokenizer, t)) for t in tasks]
         out = []
         for t in tasks:
-            doc = tokenizer("\n".join(m["content"] for m in t["messages"] if m["role"] in ("system", "user")))["input_ids"]
+            doc = tokenizer(context_text(t))["input_ids"]
             keep = min(context_tokens, 2 * len(doc) // 3)
             if keep >= 3:
-                out.append(Context(_task_id(t), spec, torch.tensor([doc[:keep]])))
+                out.append(Context(task_id(t), spec, torch.tensor([doc[:keep]])))
         return out
     from .datasources import load_source
     from .prompts import load_prompts
@@ -71,10 +72,6 @@ def load_contexts(spec: str, tokenizer, limit: int | None = None, context_tokens
 def set_name(spec: str) -> str:
     """A set's name in tables: the file stem for a JSONL file."""
     return Path(spec).stem if spec.endswith(".jsonl") else spec
-
-
-def _task_id(task: dict) -> str:
-    return str((task.get("metadata") or {}).get("task_id", task.get("id")))
 
 
 def parse_sets(text: str) -> list[str]:
