@@ -100,6 +100,8 @@ def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):
     assert guided.out == spec.out and guided.out.strip() and "tokens in" in guided.err
     assert main(base + ["--beta", "2"]) == 2
     assert "beta must be in [0, 1]" in capsys.readouterr().err
+    assert main(base + ["--beta", "0.5", "--ttt", "--ttt-steps", "2", "--ttt-anchors", "4"]) == 0
+    assert "[TTT on the prompt: 2 steps" in capsys.readouterr().err
 
 
 def test_eval_guided_with_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):

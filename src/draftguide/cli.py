@@ -658,53 +658,29 @@ def cmd_sweep_beta(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import time
+    from .pipeline import DraftGuide, check_generate
 
-    import torch
-
-    from .guided import check_guided, guided_generate
-    from .prompts import encode_prompt, stop_token_ids
-    from .sampling import check_sampling
-
-    beta = 0.0 if args.beta is None else args.beta
-    check_sampling(args.temperature, args.top_p, args.top_k)
-    check_guided(beta, args.beta_schedule or "fixed", args.mix or "logits", args.guard_top_k, None)
+    opts = {k: v for k, v in dict(beta_schedule=args.beta_schedule, mix=args.mix, guard_top_k=args.guard_top_k).items()
+            if v is not None}
+    kw = dict(method="guided", beta=0.0 if args.beta is None else args.beta, speculative=args.speculative,
+              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, **opts)
+    check_generate(**kw)  # before the models load
     if args.speculative and args.temperature > 0:
         raise DraftGuideError("--speculative is exact for greedy decoding only: use --temperature 0")
-    if args.max_new_tokens < 1:
-        raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    target, tok, draft = load_models(args)
-    row = {"prompt": args.prompt} if args.raw or tok.chat_template is None else {"messages": [{"role": "user", "content": args.prompt}]}
-    ids = encode_prompt(tok, row).to(args.device)
-    new: list[int] = []
-    shown = ""
+    dg = DraftGuide(*load_models(args), name=args.target)
+    prompt = {"prompt": args.prompt} if args.raw else args.prompt  # a plain string takes the chat template if any
 
-    def on_token(t: int) -> None:  # decode the whole answer each time: multi-token characters come out whole
-        nonlocal shown
-        new.append(t)
-        text = tok.decode(new, skip_special_tokens=True)
-        if text.startswith(shown):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
-    ttt = _guided_ttt(args)
-    if ttt:
-        from .ttt import ttt_adapt
-
-        draft = ttt_adapt(draft, target, ids, **ttt)
-        r = draft.report
-        print(f"[TTT on the prompt: {r.steps} steps in {r.seconds:.1f}s, context loss {r.loss_before:.3f} -> {r.loss_after:.3f}]",
-              file=sys.stderr)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed or 0)
-    t0 = time.perf_counter()
-    _, st = guided_generate(target, draft, ids, beta=beta, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target),
-                            beta_schedule=args.beta_schedule or "fixed", mix=args.mix or "logits", guard_top_k=args.guard_top_k,
-                            speculative=args.speculative, generator=gen, on_token=on_token)
-    dt = time.perf_counter() - t0
-    print(f"\n[{st.tokens} tokens in {dt:.1f}s ({st.tokens / dt:.1f} tok/s), beta {beta:g}, {len(st.flips)} tokens flipped by guidance]",
-          file=sys.stderr)
+    g = dg.generate(prompt, seed=args.seed or 0, ttt=_guided_ttt(args), on_text=show, **kw)
+    if g.ttt:
+        r = g.ttt
+        print(f"\n[TTT on the prompt: {r['steps']} steps in {r['seconds']:.1f}s, context loss {r['loss_before']:.3f} -> "
+              f"{r['loss_after']:.3f}]", file=sys.stderr)
+    print(f"\n[{len(g.tokens)} tokens in {g.stats['seconds']:.1f}s ({g.stats['tokens_per_s']:.1f} tok/s), beta {kw['beta']:g}, "
+          f"{g.stats.get('n_flips', 0)} tokens flipped by guidance]", file=sys.stderr)
     return 0
 
 
