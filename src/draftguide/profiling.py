@@ -74,10 +74,10 @@ def prefill_curve(target, draft, lens: list[int], repeats: int) -> list[dict]:
             out = target(ids, output_hidden_states=True, logits_to_keep=1)
             return extract_features(out.hidden_states, draft.target_layer_ids)  # [1, n, k*d]
 
-        feats = run()
-        t = timed(run, repeats, dev)
+        t = timed(run, repeats, dev)  # its warm-up run is the only untimed prefill
+        d, size = draft.fc.in_features, target.get_input_embeddings().weight.element_size()  # fc reads n*k*d features
         rows.append({"context_len": n, **t, "tokens_per_s": n / t["median_s"],
-                     "features_bytes": feats.numel() * feats.element_size(), "kv_cache_bytes": n * kv_bytes_per_token(target)})
+                     "features_bytes": n * d * size, "kv_cache_bytes": n * kv_bytes_per_token(target)})
     return rows
 
 
@@ -170,8 +170,9 @@ def ttt_cost(target, draft, context_len: int, steps: int, prefill_s: float | Non
             "peak_mem_kind": r.peak_mem_kind, "ttt16_over_prefill": 16 * step_s / base if base else None}
 
 
-def guided_cost(target, tokenizer, draft, new_tokens: int, greedy_s_per_token: float) -> dict:
-    """Guided decoding (beta 0.5), token by token and block-verified, per token against plain greedy."""
+def guided_cost(target, tokenizer, draft, new_tokens: int, greedy_s_per_token: float, repeats: int = 3) -> dict:
+    """Guided decoding (beta 0.5), token by token and block-verified, per token against plain greedy
+    (median of `repeats` runs after a short warm-up)."""
     try:
         from .guided import guided_generate
     except ImportError:
@@ -180,9 +181,9 @@ def guided_cost(target, tokenizer, draft, new_tokens: int, greedy_s_per_token: f
     out = {"available": True, "beta": 0.5, "new_tokens": new_tokens, "greedy_s_per_token": greedy_s_per_token}
     for name, spec in (("token", False), ("speculative", True)):
         guided_generate(target, draft, ids, beta=0.5, max_new_tokens=4, speculative=spec)  # warm-up
-        t0 = _now(ids.device)
-        tokens, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=new_tokens, speculative=spec)
-        per = (_now(ids.device) - t0) / max(tokens.shape[1] - ids.shape[1], 1)
+        runs = [guided_generate(target, draft, ids, beta=0.5, max_new_tokens=new_tokens, speculative=spec)[1]
+                for _ in range(repeats)]
+        per = statistics.median(st.total_s / max(st.num_new_tokens, 1) for st in runs)
         out[f"{name}_s_per_token"] = per
         out[f"{name}_over_greedy"] = per / greedy_s_per_token
     return out
@@ -214,7 +215,7 @@ def run_profile(target, tokenizer, draft, out_dir, *, context_lens=CONTEXT_LENS,
     say(f"TTT ({ttt_steps} steps at context {tctx})")
     ttt = ttt_cost(target, draft, tctx, ttt_steps, next(r["median_s"] for r in prefill if r["context_len"] == tctx))
     say("guided decoding")
-    guided = guided_cost(target, tokenizer, draft, new_tokens, decode["greedy_s_per_token"])
+    guided = guided_cost(target, tokenizer, draft, new_tokens, decode["greedy_s_per_token"], repeats)
     summary = {
         "kind": "profile", "device": str(dev), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "repeats": repeats, "target_layer_ids": list(draft.target_layer_ids),
@@ -301,7 +302,7 @@ def profile_markdown(s: dict, figures: dict[str, dict]) -> str:
         "# Compute profile", "",
         f"Command: `{cmd}`", "",
         f"Device {s['device']}, {s['threads']} threads, {s['dtype']}; every time is the median of n = {s['repeats']} runs "
-        "after a warm-up, with the range [min, max].", "",
+        "after a warm-up, with the range [min, max], except the verify forwards and the bandwidths: best of n.", "",
         "## Target prefill vs context length", "",
         "| context | prefill ms [min, max] | tokens/s | selected hidden states MiB | KV cache MiB |", "|---|---|---|---|---|",
     ]
