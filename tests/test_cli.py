@@ -120,3 +120,21 @@ def test_bench_tau_per_set_summary(tmp_path, tiny_target_dir, tiny_draft_dir, ca
     assert set(s["sets"]) == {"setA", "setB"}
     assert s["sets"]["setB"]["n_prompts"] == 2 and s["sets"]["setA"]["lossless"] is True
     assert "setB" in capsys.readouterr().out
+
+
+def test_draft_dtype_reaches_the_draft(tiny_target_dir, tiny_draft_dir):
+    """--draft-dtype sets the draft's dtype (the target keeps --dtype); commands that load drafts per method
+    option (eval, sweep beta) do not offer it, rather than ignore it."""
+    import torch
+
+    from draftguide.cli import build_parser, load_models
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--target", str(tiny_target_dir),
+                                      "--draft", str(tiny_draft_dir), "--draft-dtype", "bf16"])
+    target, _, draft = load_models(args)
+    assert next(target.parameters()).dtype == torch.float32 and next(draft.parameters()).dtype == torch.bfloat16
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir)])
+    assert next(load_models(args)[2].parameters()).dtype == torch.float32
+    for argv in (["eval", "--out", "o"], ["sweep", "beta", "--out", "o"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv + ["--draft-dtype", "bf16"])

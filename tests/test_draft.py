@@ -172,3 +172,35 @@ def test_blockwise_attention_equals_dense_block_mask(qwen3_pair):
         dense_mask = block_attention_mask(anchors, 30, draft.block_size)
         dense = draft(draft.embed(target, bids), feats, torch.cat([torch.arange(30).expand(2, 30), pos], 1), attention_mask=dense_mask)
     torch.testing.assert_close(fast, dense.view_as(fast), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_return_the_same_states_for_fewer_queries(qwen3_pair):
+    """`rows` (block offsets the caller reads) only skips work: the states equal those rows of the full pass,
+    in the cached single-block mode and in the multi-anchor mode, and a dense mask is refused."""
+    from draftguide.draft import BlockMask, block_inputs
+
+    target, draft = qwen3_pair
+    B = draft.block_size
+    ids = torch.randint(0, 90, (2, 30), generator=torch.Generator().manual_seed(3))
+    feats = extract_features(_features(target, ids), draft.target_layer_ids)
+    with torch.no_grad():
+        block = torch.full((1, B), draft.mask_token_id)
+        block[0, 0] = ids[0, 20]
+        pos = torch.arange(20 + B)[None]
+        full = draft(draft.embed(target, block), feats[:1, :20], pos, cache=DraftCache(len(draft.layers)))
+        for rows in (slice(1, 2), slice(1, B), slice(2, 4)):
+            part = draft(draft.embed(target, block), feats[:1, :20], pos, cache=DraftCache(len(draft.layers)), rows=rows)
+            assert part.shape[1] == len(range(B)[rows])
+            torch.testing.assert_close(part, full[:, rows], atol=1e-5, rtol=1e-5)
+
+        anchors = torch.tensor([[0, 4, 20], [3, 9, 28]])
+        multi = multi_block_hidden(draft, target, feats, ids, anchors)  # [2, 3, B, d]
+        bids, bpos = block_inputs(ids, anchors, B, draft.mask_token_id)
+        blk = torch.arange(3).repeat_interleave(B)
+        mask = BlockMask((torch.arange(30)[None, None, :] < anchors[:, blk, None])[:, None], B)
+        k1 = draft(draft.embed(target, bids), feats, torch.cat([torch.arange(30).expand(2, 30), bpos], 1),
+                   attention_mask=mask, rows=slice(1, 2))  # [2, 3, d]
+        torch.testing.assert_close(k1, multi[:, :, 1], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="rows"):
+            draft(draft.embed(target, bids), feats, torch.cat([torch.arange(30).expand(2, 30), bpos], 1),
+                  attention_mask=block_attention_mask(anchors, 30, B), rows=slice(1, 2))

@@ -203,3 +203,46 @@ def test_default_pair_end_to_end():
         assert spec.tolist() == tbt.tolist()
         _, st = guided_generate(target, draft, ids, beta=1.0, max_new_tokens=24, stop_token_ids=stop)
         assert st.flips
+
+
+def test_speculative_verify_len_changes_speed_not_tokens():
+    """Fewer verified tokens per step (cheaper on a CPU) give the same tokens; steps never commit more than
+    verify_len + 1; a bad verify_len is refused."""
+    target, draft, ids = mixed_acceptance_pair()
+    ref, _ = guided_generate(target, draft, ids, beta=0.6, max_new_tokens=40)
+    longest = {}
+    for v in range(1, draft.block_size):
+        out, st = guided_generate(target, draft, ids, beta=0.6, max_new_tokens=40, speculative=True, verify_len=v)
+        assert out.tolist() == ref.tolist(), v
+        longest[v] = max(st.acceptance_lengths)
+        assert longest[v] <= v + 1
+    assert longest[1] == 2 and longest[draft.block_size - 1] > 2  # both bounds are reached: the check has power
+    for kw, msg in ((dict(verify_len=2), "speculative"), (dict(verify_len=0, speculative=True), "verify_len"),
+                    (dict(verify_len=draft.block_size, speculative=True), "verify_len")):
+        with pytest.raises(DraftGuideError, match=msg):
+            guided_generate(target, draft, ids, beta=0.5, max_new_tokens=4, **kw)
+
+
+def test_bf16_draft_beside_fp32_target(qwen3_pair):
+    """A draft run in bf16 next to an fp32 target (`draft_dtype`): speculative decoding stays lossless,
+    speculative guided stays equal to token-by-token guided, and the readout differs only by bf16 rounding."""
+    import copy
+
+    from draftguide.speculative import speculative_generate
+
+    target, draft = qwen3_pair
+    d16 = copy.deepcopy(draft).to(torch.bfloat16)
+    ids = _prompt(12, seed=5)
+    plain, _ = greedy_generate(target, ids, 24)
+    assert speculative_generate(target, d16, ids, 24)[0].tolist() == plain.tolist()
+    for beta in (0.5, 1.0):
+        ref, _ = guided_generate(target, d16, ids, beta=beta, max_new_tokens=24)
+        out, _ = guided_generate(target, d16, ids, beta=beta, max_new_tokens=24, speculative=True, verify_len=3)
+        assert out.tolist() == ref.tolist()
+    with torch.inference_mode():
+        feats = extract_features(target(ids, output_hidden_states=True).hidden_states, draft.target_layer_ids)
+        anchors = torch.tensor([[3, 8]])
+        h32 = draft.logits(multi_block_hidden(draft, target, feats, ids, anchors), target)
+        h16 = d16.logits(multi_block_hidden(d16, target, feats, ids, anchors), target)
+    assert h16.dtype == torch.float32 and not torch.equal(h16, h32)  # the bf16 draft really ran, head in fp32
+    torch.testing.assert_close(h16, h32, atol=0.1, rtol=0.05)

@@ -25,12 +25,16 @@ def _verify_len(text: str):
     return n
 
 
-def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draft: bool = False) -> None:
-    """--target, --dtype, --device (None: cuda:LOCAL_RANK when a GPU is there, else cpu), and --draft."""
+def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draft: bool = False, draft_dtype: bool = True) -> None:
+    """--target, --dtype, --device (None: cuda:LOCAL_RANK when a GPU is there, else cpu), and --draft (with
+    --draft-dtype for commands that load the pair through `load_models`)."""
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"alias, local HF folder or hub id (default {DEFAULT_TARGET})")
     if draft:
         p.add_argument("--draft", default=None, help="DFlash draft folder, or 'init[:LAYERS]' for an untrained draft (default: the shipped draft of the target)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    if draft and draft_dtype:
+        p.add_argument("--draft-dtype", default=None, choices=sorted(DTYPES),
+                       help="the draft's dtype (default: the target's); bfloat16 speeds up a draft next to an fp32 CPU target")
     p.add_argument("--device", default=device, help="default: cuda:LOCAL_RANK if available, else cpu" if device is None else None)
 
 
@@ -134,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="context-learning evaluation: generate, score, summarise (resumable, torchrun-ready)")
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
     p.add_argument("--out", required=True)
-    _add_target_args(p, device=None, draft=True)
+    _add_target_args(p, device=None, draft=True, draft_dtype=False)
     p.add_argument("--method", default="greedy", help="greedy, sample, guided, guided-noise, power or dola")
     _add_method_args(p)
     g = p.add_argument_group("sampling (methods sample, guided, guided-noise; default greedy, sample: 1.0)")
@@ -232,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sweep_sub.add_parser("beta", help="solve rate vs beta for draft-guided decoding, its noise control and baselines (PNG, JSON, markdown)")
     b.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows with checks, or 'builtin'")
     b.add_argument("--out", required=True)
-    _add_target_args(b, device=None, draft=True)
+    _add_target_args(b, device=None, draft=True, draft_dtype=False)
     b.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma list in [0, 1]")
     b.add_argument("--baselines", default="greedy,power,dola", help="comma list of greedy, power, dola, sample ('' for none)")
     b.add_argument("--no-noise", action="store_true", help="skip the noise control")
@@ -365,7 +369,8 @@ def load_models(args):
     """Target, tokenizer and a draft checked against the target."""
     from .pipeline import load_pair
 
-    return load_pair(args.target, args.draft, DTYPES[args.dtype], args.device)
+    draft_dtype = getattr(args, "draft_dtype", None)
+    return load_pair(args.target, args.draft, DTYPES[args.dtype], args.device, draft_dtype and DTYPES[draft_dtype])
 
 
 def cmd_speculate(args) -> int:

@@ -97,22 +97,28 @@ class DraftAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return _rope(k, cos, sin), v
 
-    def forward(self, h, ctx, cos, sin, mask=None, cache: DraftCache | None = None):
+    def forward(self, h, ctx, cos, sin, mask=None, cache: DraftCache | None = None, rows: slice | None = None):
         # h: [B, Q, d] normed block states; ctx: [B, C, d] fused context; cos/sin: [B, C+Q, D]
+        # rows: queries only at these offsets of every block (keys/values still from all of h) -> [B, Q', d]
         B, Q, _ = h.shape
         C = ctx.shape[1]
-        q = self.q_norm(self.q_proj(h).view(B, Q, self.n_heads, self.head_dim)).transpose(1, 2)
-        q = _rope(q, cos[:, C:], sin[:, C:])
+        hq, cq, sq = h, cos[:, C:], sin[:, C:]
+        if rows is not None:
+            bs = mask.block_size if isinstance(mask, BlockMask) else Q
+            pick = lambda x: x.unflatten(1, (Q // bs, bs))[:, :, rows].flatten(1, 2)  # noqa: E731
+            hq, cq, sq = pick(h), pick(cq), pick(sq)
+        q = self.q_norm(self.q_proj(hq).view(B, hq.shape[1], self.n_heads, self.head_dim)).transpose(1, 2)
+        q = _rope(q, cq, sq)
         k_ctx, v_ctx = self._kv(ctx, cos[:, :C], sin[:, :C])
         if cache is not None:
             k_ctx, v_ctx = cache.append(self.layer_idx, k_ctx, v_ctx)
         k_blk, v_blk = self._kv(h, cos[:, C:], sin[:, C:])
         if isinstance(mask, BlockMask):
-            out = _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask)
+            out = _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask, rows)
         else:
             k, v = torch.cat([k_ctx, k_blk], dim=-2), torch.cat([v_ctx, v_blk], dim=-2)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, Q, -1))  # [B, Q, d]
+        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, Q', d]
 
 
 @dataclass
@@ -124,22 +130,27 @@ class BlockMask:
     block_size: int
 
 
-def _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask: BlockMask) -> torch.Tensor:
+def _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask: BlockMask, rows: slice | None = None) -> torch.Tensor:
     """Same result as dense attention under the block mask, at O(Q*C + Q*bs) instead of O(Q*(C+Q)):
-    with hundreds of blocks the dense mask would be almost all zeros.
-    # q: [B, H, Q, D]; k/v_ctx: [B, Hkv, C, D]; k/v_blk: [B, Hkv, Q, D] -> [B, H, Q, D]
+    with hundreds of blocks the dense mask would be almost all zeros. With `rows`, q holds only those
+    offsets of every block (n of them).
+    # q: [B, H, m*n, D]; k/v_ctx: [B, Hkv, C, D]; k/v_blk: [B, Hkv, m*bs, D] -> [B, H, m*n, D]
     """
     B, H, Q, D = q.shape
     Hkv, C, bs = k_ctx.shape[1], k_ctx.shape[2], mask.block_size
-    r, m = H // Hkv, Q // bs
+    r, m = H // Hkv, k_blk.shape[2] // bs
+    n = Q // m  # queries per block
+    visible = mask.ctx_visible  # [B|1, 1, m*bs, C]
+    if rows is not None:
+        visible = visible.unflatten(2, (m, bs))[:, :, :, rows].flatten(2, 3)
     qg = q.view(B, Hkv, r, Q, D) * D**-0.5  # query heads grouped by their kv head (GQA without copies)
     s_ctx = qg @ k_ctx[:, :, None].transpose(-1, -2)  # [B, Hkv, r, Q, C]
-    s_ctx = s_ctx.masked_fill(~mask.ctx_visible[:, :, None], float("-inf"))
-    qb = qg.view(B, Hkv, r, m, bs, D)
-    s_blk = qb @ k_blk.view(B, Hkv, 1, m, bs, D).transpose(-1, -2)  # [B, Hkv, r, m, bs, bs]
+    s_ctx = s_ctx.masked_fill(~visible[:, :, None], float("-inf"))
+    qb = qg.view(B, Hkv, r, m, n, D)
+    s_blk = qb @ k_blk.view(B, Hkv, 1, m, bs, D).transpose(-1, -2)  # [B, Hkv, r, m, n, bs]
     p = torch.softmax(torch.cat([s_ctx, s_blk.reshape(B, Hkv, r, Q, bs)], -1).float(), -1).to(q.dtype)
     out = p[..., :C] @ v_ctx[:, :, None]  # [B, Hkv, r, Q, D]
-    out = out + (p[..., C:].reshape(B, Hkv, r, m, bs, bs) @ v_blk.view(B, Hkv, 1, m, bs, D)).reshape(B, Hkv, r, Q, D)
+    out = out + (p[..., C:].reshape(B, Hkv, r, m, n, bs) @ v_blk.view(B, Hkv, 1, m, bs, D)).reshape(B, Hkv, r, Q, D)
     return out.reshape(B, H, Q, D)
 
 
@@ -151,8 +162,12 @@ class DraftLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, h, ctx, cos, sin, mask=None, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), ctx, cos, sin, mask, cache)
+    def forward(self, h, ctx, cos, sin, mask=None, cache=None, rows: slice | None = None):
+        a = self.self_attn(self.input_layernorm(h), ctx, cos, sin, mask, cache, rows)
+        if rows is not None:  # the residual stream keeps only the rows that were queried
+            bs = mask.block_size if isinstance(mask, BlockMask) else h.shape[1]
+            h = h.unflatten(1, (h.shape[1] // bs, bs))[:, :, rows].flatten(1, 2)
+        h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -326,7 +341,13 @@ class DFlashDraft(nn.Module):
         position_ids: torch.Tensor,  # [B, C+Q] absolute positions of context, then block tokens
         cache: DraftCache | None = None,
         attention_mask: "torch.Tensor | BlockMask | None" = None,  # bool [B|1, 1, Q, C+Q] (True = visible)
-    ) -> torch.Tensor:  # [B, Q, d] after the final norm
+        rows: slice | None = None,
+    ) -> torch.Tensor:  # [B, Q, d] after the final norm ([B, m*n, d] with `rows`)
+        """`rows` (a slice of block offsets, e.g. `slice(1, 2)` for the k=1 readout): return only those offsets
+        of every block. Same values; the last layer then computes queries, output projection and MLP for those
+        rows alone (its keys and values still come from the whole block), which is most of its cost."""
+        if rows is not None and attention_mask is not None and not isinstance(attention_mask, BlockMask):
+            raise ValueError("rows needs attention_mask=None (one block) or a BlockMask")
         ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
         h = noise_embedding
         cos, sin = self.rotary_emb(h, position_ids)
@@ -334,11 +355,13 @@ class DFlashDraft(nn.Module):
             # a BlockMask may go with a cache: its context columns then cover cached + new context
             raise ValueError("the cached (inference) mode takes no dense attention mask")
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            r = rows if i == last else None
             if recompute:
-                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, cos, sin, attention_mask, cache, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, cos, sin, attention_mask, cache, r, use_reentrant=False)
             else:
-                h = layer(h, ctx, cos, sin, attention_mask, cache)
+                h = layer(h, ctx, cos, sin, attention_mask, cache, r)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor, target) -> torch.Tensor:

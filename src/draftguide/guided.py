@@ -146,21 +146,21 @@ class _Setup:
         return guide(t_logits, d_logits, self.beta, mix=self.mix, beta_schedule=self.beta_schedule, guard_top_k=self.guard_top_k)
 
 
-def _draft_block(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int) -> torch.Tensor:
-    """Draft states [1, B, d] of the block at `start` from cached context plus `ctx` (positions
-    len(dcache)..start-1); block position k predicts token start + k.
+def _draft_block(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1) -> torch.Tensor:
+    """Draft states [1, n, d] of block positions 1..n of the (full) block at `start`, from cached context plus
+    `ctx` (positions len(dcache)..start-1); block position k predicts token start + k.
     # ctx: [1, C, n*d], anchor: [1, 1]"""
     d = s.draft
     B = d.block_size
     block = torch.full((1, B), d.mask_token_id, dtype=torch.long, device=anchor.device)
     block[:, :1] = anchor
     pos = torch.arange(start - ctx.shape[1], start + B, device=anchor.device)[None]
-    return d(d.embed(s.target, block), ctx, pos, cache=dcache)
+    return d(d.embed(s.target, block), ctx, pos, cache=dcache, rows=slice(1, n + 1))
 
 
 def _draft_k1(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1):
     """Logits [n, V] of block positions 1..n of `_draft_block`."""
-    return s.draft.logits(_draft_block(s, dcache, ctx, anchor, start)[:, 1 : n + 1], s.target)[0]
+    return s.draft.logits(_draft_block(s, dcache, ctx, anchor, start, n), s.target)[0]
 
 
 def _shared_head(s: _Setup, out) -> torch.nn.Module | None:
@@ -199,6 +199,7 @@ def guided_generate(
     guard_top_k: int | None = None,
     control: str | None = None,
     speculative: bool = False,
+    verify_len: int | None = None,
     generator: torch.Generator | None = None,
     on_token: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, GuidedStats]:
@@ -207,17 +208,20 @@ def guided_generate(
     draft logits are replaced by Gaussian noise with their per-token mean and std inside the same mix, i.e.
     `(1 - beta) * target + beta * noise` (so guided and noise share the beta axis and meet at beta=0), seeded
     by `generator`'s initial seed (0 without one) and the token position. `on_token(token_id)` is called for every new token
-    in order, as soon as it is committed (streaming)."""
+    in order, as soon as it is committed (streaming). `verify_len` (speculative only, 1..B-1, default B-1): how many
+    drafted tokens each step verifies; the draft block stays full, so the output does not depend on it."""
     check_sampling(temperature, top_p, top_k)
     check_guided(beta, beta_schedule, mix, guard_top_k, control)
     _check_prompt(input_ids, max_new_tokens)
     if speculative and temperature > 0:
         raise DraftGuideError("speculative guided decoding is exact for greedy decoding only: use temperature 0")
+    if verify_len is not None and not (speculative and 1 <= verify_len < draft.block_size):
+        raise DraftGuideError(f"verify_len needs speculative=True and 1 <= verify_len < {draft.block_size}, got {verify_len}")
     draft.check_target(target)
     seed = generator.initial_seed() if generator is not None else 0
     s = _Setup(target, draft, float(beta), mix, beta_schedule, guard_top_k, control, seed)
-    run = _speculative if speculative else _token_by_token
-    return run(s, input_ids, max_new_tokens, (temperature, top_p, top_k, generator), set(stop_token_ids or ()), on_token)
+    args = (s, input_ids, max_new_tokens, (temperature, top_p, top_k, generator), set(stop_token_ids or ()), on_token)
+    return _speculative(*args, verify_len or draft.block_size - 1) if speculative else _token_by_token(*args)
 
 
 def _finish(stats: GuidedStats, t_argmax: list[torch.Tensor], g_argmax: list[torch.Tensor], betas: list[torch.Tensor], n: int):
@@ -247,7 +251,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     stats.prefill_s = t1 - t0
     pos = T0  # the position being decoded
     while True:
-        h = _draft_block(s, dcache, ctx, anchor, pos - 1)[:, 1]  # [1, d]
+        h = _draft_block(s, dcache, ctx, anchor, pos - 1)[:, 0]  # [1, d]: block position 1
         if t_logits is None:  # one head call for the target's final state and the draft's k=1 state
             t_logits, d_logits = head(torch.cat([t_state, h.to(t_state.dtype)])).split(1)
         else:
@@ -280,10 +284,10 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     return tokens, stats
 
 
-def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token):
+def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token, n_verify: int):
     """Exact speculative guided greedy (see the module docstring). Invariant at the top of each step: the
     anchor at `start` is committed but unread by the target; the draft cache holds context < len(dcache)
-    and `ctx` the features of positions len(dcache)..start-1."""
+    and `ctx` the features of positions len(dcache)..start-1. Verifies `n_verify` drafted tokens a step."""
     target, draft = s.target, s.draft
     B, dev, T0 = draft.block_size, input_ids.device, input_ids.shape[1]
     max_len = T0 + max_new_tokens
@@ -303,7 +307,10 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token)
         return hit
 
     t0 = _now(dev)
-    t_logits, feats, _ = _prefill(s, input_ids, tcache, ck)
+    t_logits, feats, out = _prefill(s, input_ids, tcache, ck)
+    head = _shared_head(s, out)
+    verifier = target.get_decoder() if head is not None else target
+    vk = cache_kwarg(verifier)
     d_logits = _draft_k1(s, dcache, feats[:, : T0 - 1], input_ids[:, -1:], T0 - 1)  # the first token: one plain step
     g, b = s.mixed(t_logits, d_logits, torch.tensor([T0]))
     buf[0, T0] = g.argmax(-1)[0]
@@ -315,15 +322,21 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token)
 
     start = T0
     while start + 1 < max_len and not stopped:
-        vs = min(B, max_len - start)  # anchor + vs-1 proposals verified (the draft block itself stays full)
+        vs = min(n_verify + 1, max_len - start)  # anchor + vs-1 proposals verified (the draft block stays full)
         dlogits = _draft_k1(s, dcache, ctx, buf[:, start : start + 1], start, n=vs - 1)  # [vs-1, V]; cache now < start
         block = buf[:, start : start + vs].clone()
         block[0, 1:] = dlogits.argmax(-1)
-        out = target(block, position_ids=torch.arange(start, start + vs, device=dev)[None], **{ck: tcache},
-                     use_cache=True, output_hidden_states=True)
+        out = verifier(block, position_ids=torch.arange(start, start + vs, device=dev)[None], **{vk: tcache},
+                       use_cache=True, output_hidden_states=True)
         feats = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, vs, n*d]: positions start..
-        d_all = torch.cat([dlogits[:1], _draft_k1_many(s, dcache, feats[:, : vs - 1], block, start)])  # [vs, V]
-        g, b = s.mixed(out.logits[0], d_all, torch.arange(start + 1, start + vs + 1))
+        h = _draft_k1_many(s, dcache, feats[:, : vs - 1], block, start)  # [vs-1, d]
+        if head is None:
+            t_logits, d_rest = out.logits[0], draft.logits(h, target)
+        else:  # one head call (one read of the vocabulary matrix) for both models' next-token logits
+            t_state = out.last_hidden_state[0]  # [vs, d]
+            t_logits, d_rest = head(torch.cat([t_state, h.to(t_state.dtype)])).split([vs, vs - 1])
+        d_all = torch.cat([dlogits[:1], d_rest])  # [vs, V]
+        g, b = s.mixed(t_logits, d_all, torch.arange(start + 1, start + vs + 1))
         guided = g.argmax(-1)  # [vs]
         acc = int((block[0, 1:] == guided[:-1]).cumprod(0).sum())
         buf[0, start + 1 : start + acc + 2] = guided[: acc + 1]
@@ -331,7 +344,7 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token)
         hit = emit(start + 1, produced)
         if hit is not None:
             produced, stopped = hit + 1, True
-        t_arg.append(out.logits[0, :produced].argmax(-1)), g_arg.append(guided[:produced]), betas.append(b[:produced])
+        t_arg.append(t_logits[:produced].argmax(-1)), g_arg.append(guided[:produced]), betas.append(b[:produced])
         start += produced
         crop_cache(tcache, start)
         # the multi-anchor pass cached the draft K/V of positions < start+vs-1 (old start): keep the accepted
@@ -349,7 +362,7 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token)
 
 
 def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torch.Tensor, start: int) -> torch.Tensor:
-    """k=1 draft logits [vs-1, V] for anchors start+1..start+vs-1 (the proposed tokens), in one masked pass
+    """k=1 draft states [vs-1, d] (the head not yet applied) for anchors start+1..start+vs-1 (the proposed tokens), in one masked pass
     over cached context < start plus `ctx` (features of start..start+vs-2). Appends `ctx` to the cache.
     # ctx: [1, vs-1, n*d], block: [1, vs] = [anchor, proposals]"""
     d, dev = s.draft, block.device
@@ -360,8 +373,7 @@ def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torc
     anchors = (start + local).repeat_interleave(B, 1)  # [1, m*B] absolute anchor of each query
     mask = BlockMask(torch.arange(C, device=dev)[None, None, None, :] < anchors[:, None, :, None], B)
     position_ids = torch.cat([torch.arange(start, C, device=dev)[None], pos + start], 1)
-    h = d(d.embed(s.target, ids), ctx, position_ids, cache=dcache, attention_mask=mask)  # [1, m*B, d]
-    return d.logits(h.view(m, B, -1)[:, 1], s.target)  # [m, V]
+    return d(d.embed(s.target, ids), ctx, position_ids, cache=dcache, attention_mask=mask, rows=slice(1, 2))[0]  # [m, d]
 
 
 __all__ = ["Flip", "GuidedStats", "guide", "guided_generate", "js_divergence", "noise_logits"]

@@ -99,8 +99,9 @@ def draft_costs(target, draft, context_len: int, anchors: int, repeats: int) -> 
     cache.crop(context_len)
 
     def step():
-        h = draft(draft.embed(target, block), feats[:, context_len:], pos[:, context_len : context_len + 1 + B], cache=cache)
-        draft.logits(h[:, 1:], target)
+        h = draft(draft.embed(target, block), feats[:, context_len:], pos[:, context_len : context_len + 1 + B], cache=cache,
+                  rows=slice(1, B))  # as speculative decoding reads it
+        draft.logits(h, target)
         cache.crop(context_len)
 
     m = min(anchors, context_len - 1)

@@ -127,13 +127,14 @@ def speculative_generate(
         dlen = min(B, max_len - start)  # the draft block shrinks only at the very end, as upstream
         vs = min(n_verify + 1, dlen)
         block = buf[:, start : start + dlen].clone()  # [1, dlen] = [anchor, MASK...]
-        h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache)
-        if verify_costs is not None and dlen > 2:
-            dlogits = draft.logits(h[:, 1:dlen], target)[0]  # [dlen-1, V]
+        adaptive = verify_costs is not None and dlen > 2
+        read = dlen if adaptive else vs  # the block offsets 1..read-1 whose proposals may be verified
+        h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache,
+                  rows=slice(1, read))  # [1, read-1, d]
+        dlogits = draft.logits(h, target)[0]  # [read-1, V]
+        if adaptive:
             vs = best_verify_len(dlogits, verify_costs, temperature) + 1
             dlogits = dlogits[: vs - 1]
-        else:
-            dlogits = draft.logits(h[:, 1:vs], target)[0]  # [vs-1, V]
         if temperature > 0:
             q = probs_from_logits(dlogits, temperature, top_p, top_k)
             block[0, 1:vs] = sample_probs(q, generator)
