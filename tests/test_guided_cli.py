@@ -98,6 +98,10 @@ def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):
     assert main(base + ["--beta", "0.5", "--speculative"]) == 0
     spec = capsys.readouterr()
     assert guided.out == spec.out and guided.out.strip() and "tokens in" in guided.err
+    assert main(base + ["--beta", "0.5", "--speculative", "--verify-len", "1"]) == 0
+    assert capsys.readouterr().out == guided.out
+    assert main(base + ["--beta", "0.5", "--verify-len", "1"]) == 2
+    assert "--verify-len needs --speculative" in capsys.readouterr().err
     assert main(base + ["--beta", "2"]) == 2
     assert "beta must be in [0, 1]" in capsys.readouterr().err
     assert main(base + ["--beta", "0.5", "--ttt", "--ttt-steps", "2", "--ttt-anchors", "4"]) == 0

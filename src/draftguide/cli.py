@@ -41,12 +41,15 @@ def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draf
 def _add_ttt_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     """--ttt-* options of test-time training (the draft adapted on each context with LoRA); `grid`: steps, lr
     and rank are swept (comma lists of their own) and only the other options are added."""
+    from .ttt import TTTConfig as C  # the defaults live there
+
     if not grid:
-        p.add_argument("--ttt-steps", type=int, default=16, help="TTT optimizer steps per context (default 16)")
-        p.add_argument("--ttt-lr", type=float, default=1e-3, help="TTT learning rate (default 1e-3)")
-        p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--ttt-anchors", type=int, default=16, help="random context anchors per TTT step (default 16)")
-    p.add_argument("--ttt-modules", default="fc,q_proj,k_proj,v_proj", help="comma list of draft modules with LoRA")
+        p.add_argument("--ttt-steps", type=int, default=C.steps, help=f"TTT optimizer steps per context (default {C.steps})")
+        p.add_argument("--ttt-lr", type=float, default=C.lr, help=f"TTT learning rate (default {C.lr:g})")
+        p.add_argument("--ttt-rank", type=int, default=C.rank, help=f"LoRA rank (default {C.rank})")
+    p.add_argument("--ttt-anchors", type=int, default=C.anchors_per_step,
+                   help=f"random context anchors per TTT step (default {C.anchors_per_step})")
+    p.add_argument("--ttt-modules", default=",".join(C.target_modules), help="comma list of draft modules with LoRA")
 
 
 def _ttt_config(args, **override):
@@ -251,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="continue the text as is (no chat template)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--verify-len", type=int, default=None,
+                   help="with --speculative: drafted tokens verified per step (default block_size-1; 1-2 is fastest on a CPU)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -665,8 +670,10 @@ def cmd_sweep_beta(args) -> int:
 def cmd_generate(args) -> int:
     from .pipeline import DraftGuide, check_generate
 
-    opts = {k: v for k, v in dict(beta_schedule=args.beta_schedule, mix=args.mix, guard_top_k=args.guard_top_k).items()
-            if v is not None}
+    opts = {k: v for k, v in dict(beta_schedule=args.beta_schedule, mix=args.mix, guard_top_k=args.guard_top_k,
+                                  verify_len=args.verify_len).items() if v is not None}
+    if args.verify_len is not None and not args.speculative:
+        raise DraftGuideError("--verify-len needs --speculative")
     kw = dict(method="guided", beta=0.0 if args.beta is None else args.beta, speculative=args.speculative,
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, **opts)
     check_generate(**kw)  # before the models load

@@ -12,9 +12,11 @@ re-reads the context. The draft always fills a full block (`[anchor, MASK x (B-1
 block is bidirectional, so a shorter block would change the k=1 readout.
 
 `speculative=True` (greedy only) gives the same tokens faster: the draft proposes a block, the target
-verifies it in one forward, one multi-anchor draft pass over the verified positions gives the k=1 readout
-at every block position, and the longest prefix equal to the guided argmax is committed, plus the guided
-argmax at the first mismatch.
+verifies `verify_len` of its tokens in one forward, one multi-anchor draft pass over the verified positions
+gives the k=1 readout at every block position, and the longest prefix equal to the guided argmax is
+committed, plus the guided argmax at the first mismatch. Where the draft adds no output scaling of its own,
+one head call gives both models' logits for the step (on a CPU each call reads the whole vocabulary
+matrix). The draft only ever computes the block offsets it reads (`DFlashDraft.forward(rows=...)`).
 """
 
 from __future__ import annotations
