@@ -87,6 +87,7 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     verify_costs: list[float] | None = None,
     on_token: Callable[[list[int]], None] | None = None,
+    head_costs: list[float] | None = None,
 ) -> tuple[torch.Tensor, GenStats]:
     """Returns `(tokens [1, T + n], stats)`. Greedy output equals the target's own greedy output; at
     temperature > 0 rejection sampling keeps the target's distribution. `verify_len` (1..B-1, default
@@ -95,8 +96,13 @@ def speculative_generate(
     `verify_costs` ([c_1..c_B], seconds of a target forward over n tokens; see `measure_verify_costs`)
     switches on adaptive verification: each step verifies the n drafted tokens that maximise expected
     committed tokens per second, the expectation taken from the draft's own confidences. Exactness does
-    not depend on n: it is chosen before the target is consulted. `on_token(ids)` receives each step's
-    committed tokens as they are committed (streaming); an exception it raises ends the generation."""
+    not depend on n: it is chosen before the target is consulted. `head_costs` ([h_1..h_{B-1}], seconds of
+    the draft's logits for n offsets; see `measure_head_costs`) makes reading the confidences part of the
+    trade: each step first picks how many offsets are worth reading at all, from the acceptance rate per
+    offset seen so far in this generation and both cost curves, then chooses n among those. Where the head is
+    cheap (a GPU) that reads the whole block; on a CPU, where 7 offsets cost ~3x one, it reads few.
+    `on_token(ids)` receives each step's committed tokens as they are committed (streaming); an exception
+    it raises ends the generation."""
     check_sampling(temperature, top_p, top_k)
     _check_prompt(input_ids, max_new_tokens)
     draft.check_target(target)
@@ -110,6 +116,7 @@ def speculative_generate(
     positions = torch.arange(max_len + B, device=dev)[None]
     tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
     stats = GenStats(num_input_tokens=T0)
+    seen = AcceptanceRates(B - 1)
 
     ck = cache_kwarg(target)
     t0 = _now(dev)
@@ -128,13 +135,17 @@ def speculative_generate(
         vs = min(n_verify + 1, dlen)
         block = buf[:, start : start + dlen].clone()  # [1, dlen] = [anchor, MASK...]
         adaptive = verify_costs is not None and dlen > 2
-        read = dlen if adaptive else vs  # the block offsets 1..read-1 whose proposals may be verified
+        read = vs  # the block offsets 1..read-1 whose proposals may be verified
+        if adaptive:
+            read = dlen if head_costs is None else 1 + seen.rows_worth_reading(verify_costs, head_costs, dlen - 1)
         h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache,
                   rows=slice(1, read))  # [1, read-1, d]
         dlogits = draft.logits(h, target)[0]  # [read-1, V]
-        if adaptive:
+        if adaptive and read > 2:
             vs = best_verify_len(dlogits, verify_costs, temperature) + 1
             dlogits = dlogits[: vs - 1]
+        elif adaptive:
+            vs = read
         if temperature > 0:
             q = probs_from_logits(dlogits, temperature, top_p, top_k)
             block[0, 1:vs] = sample_probs(q, generator)
@@ -151,6 +162,7 @@ def speculative_generate(
             posterior = out.logits[0].argmax(-1)  # [vs]
             acc = int((block[0, 1:vs] == posterior[:-1]).cumprod(0).sum())
             bonus = posterior[acc]
+        seen.update(acc, vs - 1)
         buf[0, start + 1 : start + acc + 1] = block[0, 1 : acc + 1]
         buf[0, start + acc + 1] = bonus
         produced = min(acc + 1, max_len - start - 1)
@@ -169,6 +181,30 @@ def speculative_generate(
     stats.decode_s = _now(dev) - t1
     stats.num_new_tokens = tokens.shape[1] - T0
     return tokens, stats
+
+
+class AcceptanceRates:
+    """Per-offset acceptance seen so far in one generation: offset j's rate is the share of steps that reached
+    it (offsets < j all accepted) in which it was accepted too. Starts at 1/2 (one hit in two pseudo-tries)."""
+
+    def __init__(self, n: int):
+        self.hits, self.tries = [1.0] * n, [2.0] * n
+
+    def update(self, accepted: int, verified: int) -> None:
+        for j in range(min(accepted + 1, verified)):  # offsets reached: 0..accepted (0-based)
+            self.tries[j] += 1
+            self.hits[j] += j < accepted
+
+    def rows_worth_reading(self, verify_costs: list[float], head_costs: list[float], n_max: int) -> int:
+        """n in 1..n_max maximising expected committed tokens / (target forward over n+1 + head over n rows)."""
+        best, best_rate, p, expected = 1, -1.0, 1.0, 1.0
+        for n in range(1, min(n_max, len(head_costs), len(verify_costs) - 1) + 1):
+            p *= self.hits[n - 1] / self.tries[n - 1]
+            expected += p
+            rate = expected / (verify_costs[n] + head_costs[n - 1])
+            if rate > best_rate:
+                best, best_rate = n, rate
+        return best
 
 
 def best_verify_len(dlogits: torch.Tensor, costs: list[float], temperature: float = 0.0) -> int:
@@ -199,6 +235,25 @@ def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, r
             target(ids[:, context_len : context_len + n], **{ck: cache}, use_cache=True, output_hidden_states=True)
             best = min(best, _now(dev) - t0)
             crop_cache(cache, context_len)
+        costs.append(best)
+    return costs
+
+
+@torch.inference_mode()
+def measure_head_costs(target, draft: DFlashDraft, repeats: int = 3) -> list[float]:
+    """Seconds of the draft's logits (the target's output head) for n = 1..B-1 block offsets: the price of
+    reading the draft's proposals and confidences. Returns [h_1, ..., h_{B-1}]."""
+    dev = next(target.parameters()).device
+    dtype = next(draft.parameters()).dtype
+    d = target.get_input_embeddings().weight.shape[1]
+    costs = []
+    for n in range(1, draft.block_size):
+        h = torch.randn(1, n, d, generator=torch.Generator().manual_seed(n)).to(dev, dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = _now(dev)
+            draft.logits(h, target)
+            best = min(best, _now(dev) - t0)
         costs.append(best)
     return costs
 
@@ -298,9 +353,10 @@ def run_speculate(
     warm = encoded[0][1][:, :8].to(dev)
     speculative_generate(target, draft, warm, 4, stop_token_ids=stop)
     greedy_generate(target, warm, 4)
-    costs = None
+    costs = head = None
     if verify_len == "auto":
         costs = measure_verify_costs(target, max_tokens=draft.block_size)
+        head = measure_head_costs(target, draft)
         verify_len = None
     elif verify_len is not None and not isinstance(verify_len, int):
         raise DraftGuideError(f"verify_len must be an integer or 'auto', got {verify_len!r}")
@@ -310,7 +366,7 @@ def run_speculate(
         for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
             ids = ids.to(dev)
             tokens, st = speculative_generate(
-                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs
+                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs, head_costs=head
             )
             new = tokens[0, ids.shape[1]:].tolist()
             rec = {
@@ -337,7 +393,7 @@ def run_speculate(
         "n_prompts": len(rows),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "block_size": draft.block_size, "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
-        "verify_costs_s": costs,
+        "verify_costs_s": costs, "head_costs_s": head,
         "tau": sum(steps) / len(steps) if steps else float("nan"),
         "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
         "acceptance_histogram": np.bincount(steps, minlength=draft.block_size + 1)[1:].tolist() if steps else [],
