@@ -44,7 +44,7 @@ def test_ttt_and_guided_costs(profile):
     assert t["available"] and t["steps"] == 1 and t["context_len"] == 64 and t["step_s"] > 0
     assert t["ttt16_over_prefill"] == pytest.approx(16 * t["step_s"] / s["prefill"][1]["median_s"])
     assert g["available"] and g["token_over_greedy"] == pytest.approx(g["token_s_per_token"] / s["decode"]["greedy_s_per_token"])
-    assert g["speculative_s_per_token"] > 0
+    assert g["speculative_s_per_token"] > 0 and g["speculative_v1_s_per_token"] > 0
 
 
 def test_outputs_written(profile):
@@ -52,6 +52,7 @@ def test_outputs_written(profile):
     assert json.loads((out / "summary.json").read_text())["kind"] == "profile"
     md = (out / "report.md").read_text()
     assert "## Target prefill vs context length" in md and "![profile.png](profile.png)" in md
+    assert "exact speculative guided, verify_len 1" in md
     assert (out / "profile.png").stat().st_size > 1000
 
 
