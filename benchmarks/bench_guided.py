@@ -67,7 +67,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target, tok = load_target(args.target, device=args.device)
     base = resolve_draft(args.draft, target, tok, target_name=args.target).to(args.device)
-    drafts = {dt: copy.deepcopy(base).to(getattr(torch, dt)) for dt in args.draft_dtypes.split(",")}
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    drafts = {names.get(dt, dt): copy.deepcopy(base).to(getattr(torch, names.get(dt, dt))) for dt in args.draft_dtypes.split(",")}
     verify_lens = [min(int(v), base.block_size - 1) for v in args.verify_lens.split(",")]
     tasks = load_tasks(args.tasks)[0]
     step = max(1, len(tasks) // args.n_tasks)  # spread over the suite's subcategories

@@ -17,7 +17,7 @@ import dflash.model as official
 from draftguide.draft import resolve_draft
 from draftguide.prompts import BUILTIN_PROMPTS, encode_prompt, load_prompts, stop_token_ids
 from draftguide.runs import environment, write_json
-from draftguide.speculative import measure_head_costs, measure_verify_costs, speculative_generate
+from draftguide.speculative import measure_read_costs, measure_verify_costs, speculative_generate
 from draftguide.targets import load_target
 
 official._cuda_time = lambda: (torch.cuda.synchronize() if torch.cuda.is_available() else None, time.perf_counter())[1]
@@ -46,7 +46,7 @@ def main() -> None:
     official.dflash_generate(ref, target, warm, 8, stop)
 
     costs = measure_verify_costs(target, max_tokens=draft.block_size) if args.also_auto else None
-    head = measure_head_costs(target, draft) if args.also_auto else None
+    head = measure_read_costs(target, draft) if args.also_auto else None
     rows, ours_total, theirs_total, auto_total = [], 0.0, 0.0, 0.0
     for row in prompts:
         ids = encode_prompt(tok, row).to(args.device)
@@ -65,7 +65,7 @@ def main() -> None:
         if costs is not None:
             t0 = time.perf_counter()
             out_auto, _ = speculative_generate(target, draft, ids, args.max_new_tokens, stop_token_ids=stop, verify_costs=costs,
-                                                head_costs=head)
+                                                read_costs=head)
             auto_s = time.perf_counter() - t0
             auto_total += auto_s
             same = same and out_auto.tolist() == out.tolist()

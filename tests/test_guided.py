@@ -231,14 +231,17 @@ def test_bf16_draft_beside_fp32_target(qwen3_pair):
     from draftguide.speculative import speculative_generate
 
     target, draft = qwen3_pair
+    mt, md, mids = mixed_acceptance_pair()  # a pair that accepts multi-token blocks: the check has power
+    m16 = copy.deepcopy(md).to(torch.bfloat16)
+    plain, _ = greedy_generate(mt, mids, 40)
+    out, st = speculative_generate(mt, m16, mids, 40)
+    assert out.tolist() == plain.tolist() and max(st.acceptance_lengths) > 2
     d16 = copy.deepcopy(draft).to(torch.bfloat16)
     ids = _prompt(12, seed=5)
-    plain, _ = greedy_generate(target, ids, 24)
-    assert speculative_generate(target, d16, ids, 24)[0].tolist() == plain.tolist()
     for beta in (0.5, 1.0):
-        ref, _ = guided_generate(target, d16, ids, beta=beta, max_new_tokens=24)
-        out, _ = guided_generate(target, d16, ids, beta=beta, max_new_tokens=24, speculative=True, verify_len=3)
-        assert out.tolist() == ref.tolist()
+        ref, _ = guided_generate(mt, m16, mids, beta=beta, max_new_tokens=40)
+        out, st = guided_generate(mt, m16, mids, beta=beta, max_new_tokens=40, speculative=True, verify_len=3)
+        assert out.tolist() == ref.tolist() and max(st.acceptance_lengths) > 1
     with torch.inference_mode():
         feats = extract_features(target(ids, output_hidden_states=True).hidden_states, draft.target_layer_ids)
         anchors = torch.tensor([[3, 8]])

@@ -134,31 +134,30 @@ def test_adaptive_verify_is_lossless_and_picks_by_cost():
 
 
 def test_adaptive_verify_counts_the_price_of_reading_the_draft():
-    """With head costs, auto verification reads only the offsets worth their head cost, judged from the
-    acceptance seen so far: an expensive head means one proposal per step, a free head the old behaviour;
+    """With read costs, auto verification reads only the offsets worth their cost, judged from the
+    acceptance seen so far: an expensive head means one proposal per step, a free one the old behaviour;
     both lossless."""
-    from draftguide.speculative import AcceptanceRates, measure_head_costs
+    from draftguide.speculative import AcceptanceRates, measure_read_costs
 
     target, draft, ids = mixed_acceptance_pair()
     ref, _ = hf_generate(target, ids, 60)
     flat = [1.0] * (draft.block_size + 1)
-    out, st = speculative_generate(target, draft, ids, 60, verify_costs=flat, head_costs=[10.0 * n for n in range(1, 8)])
+    out, st = speculative_generate(target, draft, ids, 60, verify_costs=flat, read_costs=[10.0 * n for n in range(1, 8)])
     assert out.tolist() == ref.tolist() and max(st.acceptance_lengths) == 2
-    out, free = speculative_generate(target, draft, ids, 60, verify_costs=flat, head_costs=[0.0] * 7)
+    out, free = speculative_generate(target, draft, ids, 60, verify_costs=flat, read_costs=[0.0] * 7)
     _, old = speculative_generate(target, draft, ids, 60, verify_costs=flat)
     assert out.tolist() == ref.tolist() and free.acceptance_lengths == old.acceptance_lengths and max(free.acceptance_lengths) > 2
 
+    costs, read = [1.0 + 0.1 * n for n in range(9)], [0.05 * n for n in range(1, 8)]
     rates = AcceptanceRates(7)
-    costs, head = [1.0 + 0.1 * n for n in range(9)], [0.05 * n for n in range(1, 8)]
-    before = rates.rows_worth_reading(costs, head, 7)
-    for _ in range(20):
-        rates.update(7, 7)  # every proposal accepted
-    assert rates.rows_worth_reading(costs, head, 7) == 7 > before
-    rates = AcceptanceRates(7)
+    assert rates.rows_worth_reading(costs, read, 7) == 7  # optimistic start: unseen offsets get tried
     for _ in range(40):
         rates.update(0, 7)  # the first proposal always rejected
-    assert rates.rows_worth_reading(costs, head, 7) == 1
+    assert rates.rows_worth_reading(costs, read, 7) == 1
+    for _ in range(200):
+        rates.update(7, 7)  # then every proposal accepted: reading the whole block pays again
+    assert rates.rows_worth_reading(costs, read, 7) == 7
     rates = AcceptanceRates(3)
     rates.update(1, 3)  # offset 1 accepted, offset 2 rejected, offset 3 never reached
-    assert rates.hits == [2.0, 1.0, 1.0] and rates.tries == [3.0, 3.0, 2.0]
-    assert len(measure_head_costs(target, draft, repeats=1)) == draft.block_size - 1
+    assert rates.hits == [2.0, 1.0, 1.0] and rates.tries == [2.0, 2.0, 1.0]
+    assert len(measure_read_costs(target, draft, repeats=1)) == draft.block_size - 1

@@ -16,7 +16,7 @@ verifies `verify_len` of its tokens in one forward, one multi-anchor draft pass 
 gives the k=1 readout at every block position, and the longest prefix equal to the guided argmax is
 committed, plus the guided argmax at the first mismatch. Where the draft adds no output scaling of its own,
 one head call gives both models' logits for the step (on a CPU each call reads the whole vocabulary
-matrix). The draft only ever computes the block offsets it reads (`DFlashDraft.forward(rows=...)`).
+matrix). The draft's last layer computes only the block offsets that are read (`DFlashDraft.forward(rows=...)`).
 """
 
 from __future__ import annotations
@@ -211,7 +211,9 @@ def guided_generate(
     `(1 - beta) * target + beta * noise` (so guided and noise share the beta axis and meet at beta=0), seeded
     by `generator`'s initial seed (0 without one) and the token position. `on_token(token_id)` is called for every new token
     in order, as soon as it is committed (streaming). `verify_len` (speculative only, 1..B-1, default B-1): how many
-    drafted tokens each step verifies; the draft block stays full, so the output does not depend on it."""
+    drafted tokens each step verifies; the draft block stays full, so the output does not depend on it. (Speculative
+    and token-by-token read the k=1 readout through different passes, equal up to float rounding: exact ties
+    aside, identical tokens; a bf16 draft rounds more coarsely than fp32.)"""
     check_sampling(temperature, top_p, top_k)
     check_guided(beta, beta_schedule, mix, guard_top_k, control)
     _check_prompt(input_ids, max_new_tokens)

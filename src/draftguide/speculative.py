@@ -87,7 +87,7 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     verify_costs: list[float] | None = None,
     on_token: Callable[[list[int]], None] | None = None,
-    head_costs: list[float] | None = None,
+    read_costs: list[float] | None = None,
 ) -> tuple[torch.Tensor, GenStats]:
     """Returns `(tokens [1, T + n], stats)`. Greedy output equals the target's own greedy output; at
     temperature > 0 rejection sampling keeps the target's distribution. `verify_len` (1..B-1, default
@@ -96,11 +96,12 @@ def speculative_generate(
     `verify_costs` ([c_1..c_B], seconds of a target forward over n tokens; see `measure_verify_costs`)
     switches on adaptive verification: each step verifies the n drafted tokens that maximise expected
     committed tokens per second, the expectation taken from the draft's own confidences. Exactness does
-    not depend on n: it is chosen before the target is consulted. `head_costs` ([h_1..h_{B-1}], seconds of
-    the draft's logits for n offsets; see `measure_head_costs`) makes reading the confidences part of the
-    trade: each step first picks how many offsets are worth reading at all, from the acceptance rate per
-    offset seen so far in this generation and both cost curves, then chooses n among those. Where the head is
-    cheap (a GPU) that reads the whole block; on a CPU, where 7 offsets cost ~3x one, it reads few.
+    not depend on n: it is chosen before the target is consulted. `read_costs` ([r_1..r_{B-1}], seconds of a
+    draft step that reads n offsets; see `measure_read_costs`; used only with `verify_costs`) makes reading
+    the confidences part of the trade: each step first picks how many offsets are worth reading at all, from
+    the acceptance rate per offset seen so far in this generation and both cost curves, then chooses n among
+    those. Where the head is cheap (a GPU) that reads the whole block; on a CPU, where the head over 7
+    offsets costs ~3x one, it reads few.
     `on_token(ids)` receives each step's committed tokens as they are committed (streaming); an exception
     it raises ends the generation."""
     check_sampling(temperature, top_p, top_k)
@@ -137,7 +138,7 @@ def speculative_generate(
         adaptive = verify_costs is not None and dlen > 2
         read = vs  # the block offsets 1..read-1 whose proposals may be verified
         if adaptive:
-            read = dlen if head_costs is None else 1 + seen.rows_worth_reading(verify_costs, head_costs, dlen - 1)
+            read = dlen if read_costs is None else 1 + seen.rows_worth_reading(verify_costs, read_costs, dlen - 1)
         h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache,
                   rows=slice(1, read))  # [1, read-1, d]
         dlogits = draft.logits(h, target)[0]  # [read-1, V]
@@ -185,23 +186,25 @@ def speculative_generate(
 
 class AcceptanceRates:
     """Per-offset acceptance seen so far in one generation: offset j's rate is the share of steps that reached
-    it (offsets < j all accepted) in which it was accepted too. Starts at 1/2 (one hit in two pseudo-tries)."""
+    it (offsets < j all accepted) in which it was accepted too. Starts optimistic (one pseudo-try, accepted),
+    so offsets not yet verified look worth reading and get tried rather than being written off unseen."""
 
     def __init__(self, n: int):
-        self.hits, self.tries = [1.0] * n, [2.0] * n
+        self.hits, self.tries = [1.0] * n, [1.0] * n
 
     def update(self, accepted: int, verified: int) -> None:
         for j in range(min(accepted + 1, verified)):  # offsets reached: 0..accepted (0-based)
             self.tries[j] += 1
             self.hits[j] += j < accepted
 
-    def rows_worth_reading(self, verify_costs: list[float], head_costs: list[float], n_max: int) -> int:
-        """n in 1..n_max maximising expected committed tokens / (target forward over n+1 + head over n rows)."""
+    def rows_worth_reading(self, verify_costs: list[float], read_costs: list[float], n_max: int) -> int:
+        """n in 1..n_max maximising expected committed tokens / (a draft step reading n offsets + the target's
+        forward over n+1 tokens)."""
         best, best_rate, p, expected = 1, -1.0, 1.0, 1.0
-        for n in range(1, min(n_max, len(head_costs), len(verify_costs) - 1) + 1):
+        for n in range(1, min(n_max, len(read_costs), len(verify_costs) - 1) + 1):
             p *= self.hits[n - 1] / self.tries[n - 1]
             expected += p
-            rate = expected / (verify_costs[n] + head_costs[n - 1])
+            rate = expected / (verify_costs[n] + read_costs[n - 1])
             if rate > best_rate:
                 best, best_rate = n, rate
         return best
@@ -240,21 +243,28 @@ def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, r
 
 
 @torch.inference_mode()
-def measure_head_costs(target, draft: DFlashDraft, repeats: int = 3) -> list[float]:
-    """Seconds of the draft's logits (the target's output head) for n = 1..B-1 block offsets: the price of
-    reading the draft's proposals and confidences. Returns [h_1, ..., h_{B-1}]."""
-    dev = next(target.parameters()).device
-    dtype = next(draft.parameters()).dtype
-    d = target.get_input_embeddings().weight.shape[1]
+def measure_read_costs(target, draft: DFlashDraft, context_len: int = 256, repeats: int = 3) -> list[float]:
+    """Seconds to read n = 1..B-1 offsets of a drafted block: one cached draft block step (one new context
+    position, as in decoding, after `context_len` cached ones) plus the output head over n rows. The price
+    of the draft's proposals and confidences. Returns [r_1, ..., r_{B-1}]."""
+    dev, dtype, B = next(target.parameters()).device, next(draft.parameters()).dtype, draft.block_size
+    width = len(draft.target_layer_ids) * target.get_input_embeddings().weight.shape[1]
+    feats = torch.randn(1, context_len + 1, width, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    block = torch.full((1, B), draft.mask_token_id, device=dev)
+    pos = torch.arange(context_len + 1 + B, device=dev)[None]
+    cache = DraftCache(len(draft.layers))
+    draft(draft.embed(target, block), feats[:, :context_len], pos[:, : context_len + B], cache=cache)
     costs = []
-    for n in range(1, draft.block_size):
-        h = torch.randn(1, n, d, generator=torch.Generator().manual_seed(n)).to(dev, dtype)
+    for n in range(1, B):
         best = float("inf")
         for _ in range(repeats):
+            cache.crop(context_len)
             t0 = _now(dev)
+            h = draft(draft.embed(target, block), feats[:, context_len:], pos[:, context_len:], cache=cache, rows=slice(1, n + 1))
             draft.logits(h, target)
             best = min(best, _now(dev) - t0)
         costs.append(best)
+    cache.crop(context_len)
     return costs
 
 
@@ -356,7 +366,7 @@ def run_speculate(
     costs = head = None
     if verify_len == "auto":
         costs = measure_verify_costs(target, max_tokens=draft.block_size)
-        head = measure_head_costs(target, draft)
+        head = measure_read_costs(target, draft)
         verify_len = None
     elif verify_len is not None and not isinstance(verify_len, int):
         raise DraftGuideError(f"verify_len must be an integer or 'auto', got {verify_len!r}")
@@ -366,7 +376,7 @@ def run_speculate(
         for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
             ids = ids.to(dev)
             tokens, st = speculative_generate(
-                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs, head_costs=head
+                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs, read_costs=head
             )
             new = tokens[0, ids.shape[1]:].tolist()
             rec = {
@@ -393,7 +403,7 @@ def run_speculate(
         "n_prompts": len(rows),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "block_size": draft.block_size, "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
-        "verify_costs_s": costs, "head_costs_s": head,
+        "verify_costs_s": costs, "read_costs_s": head,
         "tau": sum(steps) / len(steps) if steps else float("nan"),
         "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
         "acceptance_histogram": np.bincount(steps, minlength=draft.block_size + 1)[1:].tolist() if steps else [],
