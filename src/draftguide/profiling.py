@@ -174,7 +174,7 @@ def ttt_cost(target, draft, context_len: int, steps: int, prefill_s: float | Non
 def guided_cost(target, tokenizer, draft, new_tokens: int, greedy_s_per_token: float, repeats: int = 3) -> dict:
     """Guided decoding (beta 0.5), token by token and block-verified (whole block, and one drafted token per
     step, the cheaper choice where a target forward over more tokens costs much more, as on a CPU), per token
-    against plain greedy (median of `repeats` runs after a short warm-up)."""
+    against plain greedy, decode only on both sides (median of `repeats` runs after a short warm-up)."""
     try:
         from .guided import guided_generate
     except ImportError:
@@ -184,7 +184,7 @@ def guided_cost(target, tokenizer, draft, new_tokens: int, greedy_s_per_token: f
     for name, kw in (("token", {}), ("speculative", {"speculative": True}), ("speculative_v1", {"speculative": True, "verify_len": 1})):
         guided_generate(target, draft, ids, beta=0.5, max_new_tokens=4, **kw)  # warm-up
         runs = [guided_generate(target, draft, ids, beta=0.5, max_new_tokens=new_tokens, **kw)[1] for _ in range(repeats)]
-        per = statistics.median(st.total_s / max(st.num_new_tokens, 1) for st in runs)
+        per = statistics.median(st.decode_s / max(st.num_new_tokens - 1, 1) for st in runs)  # decode only, as greedy's
         out[f"{name}_s_per_token"] = per
         out[f"{name}_over_greedy"] = per / greedy_s_per_token
     return out
