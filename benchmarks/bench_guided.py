@@ -90,9 +90,10 @@ def main() -> None:
                     decode[name] = min(decode.get(name, float("inf")), st.decode_s / max(st.num_new_tokens - 1, 1))
                 outs[name] = (out, st)
         for k in fns:
-            accepted[k] += outs[k][1].acceptance_lengths if k.startswith("guided_speculative") else []
-            if k.startswith("guided_speculative"):
-                identical[k.split("@")[1].split("/")[0]] &= outs[k][0].tolist() == outs["guided@" + k.split("@")[1].split("/")[0]][0].tolist()
+            if k.startswith("guided_speculative@"):
+                dt = k.split("@")[1].split("/")[0]
+                accepted[k] += outs[k][1].acceptance_lengths
+                identical[dt] &= outs[k][0].tolist() == outs[f"guided@{dt}"][0].tolist()
         n = {k: outs[k][0].shape[1] - ids.shape[1] for k in fns}  # HF generate may stop at its own EOS
         for k in fns:
             totals[k] += best[k]

@@ -249,3 +249,18 @@ def test_bf16_draft_beside_fp32_target(qwen3_pair):
         h16 = d16.logits(multi_block_hidden(d16, target, feats, ids, anchors), target)
     assert h16.dtype == torch.float32 and not torch.equal(h16, h32)  # the bf16 draft really ran, head in fp32
     torch.testing.assert_close(h16, h32, atol=0.1, rtol=0.05)
+
+
+def test_speculative_without_a_shared_head_call(monkeypatch):
+    """Drafts with their own output scale take the two-head-call path in speculative guided decoding too:
+    same tokens as token-by-token decoding on the shared-call path."""
+    from draftguide import guided
+
+    target, draft, ids = mixed_acceptance_pair()
+    refs = {b: guided_generate(target, draft, ids, beta=b, max_new_tokens=40)[0] for b in (0.5, 1.0)}
+    calls = []
+    monkeypatch.setattr(guided, "_shared_head", lambda s, out: calls.append(1))  # always None
+    for b, ref in refs.items():
+        out, st = guided_generate(target, draft, ids, beta=b, max_new_tokens=40, speculative=True, verify_len=4)
+        assert out.tolist() == ref.tolist() and max(st.acceptance_lengths) > 1
+    assert calls

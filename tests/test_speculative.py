@@ -160,4 +160,5 @@ def test_adaptive_verify_counts_the_price_of_reading_the_draft():
     rates = AcceptanceRates(3)
     rates.update(1, 3)  # offset 1 accepted, offset 2 rejected, offset 3 never reached
     assert rates.hits == [2.0, 1.0, 1.0] and rates.tries == [2.0, 2.0, 1.0]
-    assert len(measure_read_costs(target, draft, repeats=1)) == draft.block_size - 1
+    read_costs = measure_read_costs(target, draft, repeats=1)
+    assert len(read_costs) == draft.block_size - 1 and min(read_costs) > 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .speculative import _now, cache_kwarg, greedy_generate, measure_verify_costs, speculative_generate
+from .speculative import _now, cache_kwarg, draft_read_step, greedy_generate, measure_verify_costs, speculative_generate
 from .targets import extract_features
 
 CONTEXT_LENS = (256, 512, 1024, 2048, 4096)
@@ -85,29 +85,18 @@ def prefill_curve(target, draft, lens: list[int], repeats: int) -> list[dict]:
 def draft_costs(target, draft, context_len: int, anchors: int, repeats: int) -> dict:
     """One cached block step (1 new context position + a block of B, with the lm_head over B-1 positions) and
     one multi-anchor pass over `context_len` positions with `anchors` blocks (hidden states only)."""
-    from .draft import DraftCache, multi_block_hidden
+    from .draft import multi_block_hidden
 
     dev, B = next(target.parameters()).device, draft.block_size
     ids = _random_ids(target, context_len + 1)
     out = target(ids, output_hidden_states=True, logits_to_keep=1)
     feats = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, L+1, k*d]
-    pos = torch.arange(context_len + B + 1, device=dev)[None]
-    cache = DraftCache(len(draft.layers))
-    block = torch.full((1, B), draft.mask_token_id, device=dev)
-    block[0, 0] = ids[0, -1]
-    draft(draft.embed(target, block), feats[:, :context_len], pos[:, : context_len + B], cache=cache)
-    cache.crop(context_len)
-
-    def step():
-        h = draft(draft.embed(target, block), feats[:, context_len:], pos[:, context_len : context_len + 1 + B], cache=cache,
-                  rows=slice(1, B))  # as speculative decoding reads it
-        draft.logits(h, target)
-        cache.crop(context_len)
+    read = draft_read_step(target, draft, feats)  # offsets 1..B-1, as speculative decoding reads them
 
     m = min(anchors, context_len - 1)
     starts = torch.linspace(0, context_len - 1, m, device=dev).long()[None]  # [1, m]
     multi = timed(lambda: multi_block_hidden(draft, target, feats[:, :context_len], ids[:, :context_len], starts), repeats, dev)
-    return {"context_len": context_len, "block_size": B, "block_step": timed(step, repeats, dev),
+    return {"context_len": context_len, "block_size": B, "block_step": timed(lambda: read(B - 1), repeats, dev),
             "multi_anchor": multi | {"anchors": m, "query_tokens": m * B}}
 
 

@@ -163,7 +163,8 @@ def speculative_generate(
             posterior = out.logits[0].argmax(-1)  # [vs]
             acc = int((block[0, 1:vs] == posterior[:-1]).cumprod(0).sum())
             bonus = posterior[acc]
-        seen.update(acc, vs - 1)
+        if read_costs is not None:
+            seen.update(acc, vs - 1)
         buf[0, start + 1 : start + acc + 1] = block[0, 1 : acc + 1]
         buf[0, start + acc + 1] = bonus
         produced = min(acc + 1, max_len - start - 1)
@@ -242,29 +243,42 @@ def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, r
     return costs
 
 
+def draft_read_step(target, draft: DFlashDraft, features: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """A timing unit: `step(n)` is one cached draft block step as in decoding (the last position of
+    `features` is the new context, the others are cached once here) plus the output head over block offsets
+    1..n; it leaves the cache as it found it. Returns the logits [1, n, V].
+    # features: [1, C + 1, k*d] target features"""
+    dev, B, C = features.device, draft.block_size, features.shape[1] - 1
+    block = torch.full((1, B), draft.mask_token_id, device=dev)
+    pos = torch.arange(C + 1 + B, device=dev)[None]
+    cache = DraftCache(len(draft.layers))
+    draft(draft.embed(target, block), features[:, :C], pos[:, : C + B], cache=cache)
+
+    def step(n: int) -> torch.Tensor:
+        h = draft(draft.embed(target, block), features[:, C:], pos[:, C:], cache=cache, rows=slice(1, n + 1))
+        cache.crop(C)
+        return draft.logits(h, target)
+
+    return step
+
+
 @torch.inference_mode()
 def measure_read_costs(target, draft: DFlashDraft, context_len: int = 256, repeats: int = 3) -> list[float]:
-    """Seconds to read n = 1..B-1 offsets of a drafted block: one cached draft block step (one new context
-    position, as in decoding, after `context_len` cached ones) plus the output head over n rows. The price
-    of the draft's proposals and confidences. Returns [r_1, ..., r_{B-1}]."""
-    dev, dtype, B = next(target.parameters()).device, next(draft.parameters()).dtype, draft.block_size
+    """Seconds to read n = 1..B-1 offsets of a drafted block: one cached draft block step after `context_len`
+    cached positions plus the output head over n rows (`draft_read_step`). The price of the draft's proposals
+    and confidences. Returns [r_1, ..., r_{B-1}]."""
+    dev, dtype = next(target.parameters()).device, next(draft.parameters()).dtype
     width = len(draft.target_layer_ids) * target.get_input_embeddings().weight.shape[1]
     feats = torch.randn(1, context_len + 1, width, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
-    block = torch.full((1, B), draft.mask_token_id, device=dev)
-    pos = torch.arange(context_len + 1 + B, device=dev)[None]
-    cache = DraftCache(len(draft.layers))
-    draft(draft.embed(target, block), feats[:, :context_len], pos[:, : context_len + B], cache=cache)
+    step = draft_read_step(target, draft, feats)  # values do not matter for timing
     costs = []
-    for n in range(1, B):
+    for n in range(1, draft.block_size):
         best = float("inf")
         for _ in range(repeats):
-            cache.crop(context_len)
             t0 = _now(dev)
-            h = draft(draft.embed(target, block), feats[:, context_len:], pos[:, context_len:], cache=cache, rows=slice(1, n + 1))
-            draft.logits(h, target)
+            step(n)
             best = min(best, _now(dev) - t0)
         costs.append(best)
-    cache.crop(context_len)
     return costs
 
 
