@@ -49,6 +49,16 @@ def draft_value(config, name: str, default=None):
     return dcfg.get(name, getattr(config, name, default))
 
 
+def context_end(anchors: torch.Tensor, includes_anchor: bool) -> torch.Tensor:
+    """THE context rule of a readout, in one place: a block anchored at position `a` sees the target features
+    of positions `< context_end`, i.e. `< a` for a speculative DFlash draft (the anchor is a token just
+    committed: the target has not run it yet, so its features do not exist) and `<= a` for the *aligned
+    readout* (`dflash_config.context_includes_anchor`), whose k=1 prediction then sees exactly the positions
+    whose last-layer state the target's `lm_head` reads for the same token.
+    # anchors: any shape of absolute positions -> same shape (exclusive end)"""
+    return anchors + int(bool(includes_anchor))
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, H, T, D], cos/sin: [B, T, D]
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
@@ -193,6 +203,8 @@ class DFlashDraft(nn.Module):
         self.embed_scale = float(draft_value(config, "input_embedding_scale", 1.0))
         self.output_multiplier = float(draft_value(config, "output_multiplier", 1.0))
         self.softcap = draft_value(config, "final_logit_softcapping")
+        # aligned readout: context <= anchor (see `context_end`); official dflash ignores the unknown key
+        self.context_includes_anchor = bool(draft_value(config, "context_includes_anchor", False))
         self.gradient_checkpointing = False  # recompute each layer in backward (training/TTT of big drafts)
 
     # -- construction -------------------------------------------------------------------------------
@@ -206,9 +218,11 @@ class DFlashDraft(nn.Module):
         mask_token_id: int,
         target_layer_ids: list[int] | None = None,
         intermediate_size: int | None = None,
+        context_includes_anchor: bool = False,
         seed: int = 0,
     ) -> "DFlashDraft":
-        """A freshly initialised draft shaped for `target` (hidden size, heads, vocab, RoPE)."""
+        """A freshly initialised draft shaped for `target` (hidden size, heads, vocab, RoPE);
+        `context_includes_anchor=True` makes it an aligned readout (see `context_end`)."""
         tc = target.config.get_text_config()
         n_tl = tc.num_hidden_layers
         ids = list(target_layer_ids or build_target_layer_ids(n_tl, max(num_layers, 1)))
@@ -232,6 +246,8 @@ class DFlashDraft(nn.Module):
         config.block_size = block_size
         config.num_target_layers = n_tl
         config.dflash_config = {"mask_token_id": int(mask_token_id), "target_layer_ids": ids}
+        if context_includes_anchor:
+            config.dflash_config["context_includes_anchor"] = True
         torch.manual_seed(seed)
         draft = cls(config)
         draft.init_weights()
@@ -328,6 +344,15 @@ class DFlashDraft(nn.Module):
         if not 0 <= self.mask_token_id < vocab:
             raise DraftGuideError(f"draft mask_token_id {self.mask_token_id} outside the target vocabulary [0, {vocab})")
 
+    def check_speculative(self) -> None:
+        """Raise a one-line DraftGuideError when this draft cannot propose blocks (an aligned readout)."""
+        if self.context_includes_anchor:
+            raise DraftGuideError(
+                "this draft is an aligned readout (context_includes_anchor): it reads the anchor's own target "
+                "features, which a proposed block's anchor does not have yet; speculative decoding needs a "
+                "speculative draft (e.g. smollm2-135m-dflash)"
+            )
+
     # -- forward ----------------------------------------------------------------------------------------
     def embed(self, target, ids: torch.Tensor) -> torch.Tensor:
         # ids: [B, Q] -> [B, Q, d]; raw embedding rows (times the configured scale), as the official code does
@@ -374,15 +399,16 @@ class DFlashDraft(nn.Module):
 
 
 # -- many anchors in one pass (mode b) ----------------------------------------------------------------
-def block_attention_mask(anchors: torch.Tensor, ctx_len: int, block_size: int) -> torch.Tensor:
-    """Bool mask [B, 1, m*bs, ctx_len + m*bs]: block i sees context positions `< anchors[:, i]`
-    (strictly: the anchor's own feature is not known at inference time) and its own block, nothing else.
+def block_attention_mask(anchors: torch.Tensor, ctx_len: int, block_size: int, includes_anchor: bool = False) -> torch.Tensor:
+    """Bool mask [B, 1, m*bs, ctx_len + m*bs]: block i sees the context positions `context_end` allows
+    (`< anchors[:, i]`, or `<=` for an aligned readout) and its own block, nothing else.
     # anchors: [B, m] absolute anchor positions
     """
     B, m = anchors.shape
     dev = anchors.device
     blk = torch.arange(m, device=dev).repeat_interleave(block_size)  # [m*bs] block id of each query
-    ctx_vis = torch.arange(ctx_len, device=dev)[None, None, :] < anchors[:, blk, None]  # [B, m*bs, C]
+    end = context_end(anchors, includes_anchor)
+    ctx_vis = torch.arange(ctx_len, device=dev)[None, None, :] < end[:, blk, None]  # [B, m*bs, C]
     own = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # [B, m*bs, m*bs]
     return torch.cat([ctx_vis, own], dim=-1)[:, None]
 
@@ -409,7 +435,8 @@ def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors,
     ids, pos = block_inputs(token_ids, anchors, bs, draft.mask_token_id)
     ctx_pos = torch.arange(T, device=token_ids.device).expand(B, T)
     blk = torch.arange(anchors.shape[1], device=anchors.device).repeat_interleave(bs)  # block id per query
-    mask = BlockMask(torch.arange(T, device=anchors.device)[None, None, :] < anchors[:, blk, None], bs)
+    end = context_end(anchors, draft.context_includes_anchor)  # [B, m]
+    mask = BlockMask(torch.arange(T, device=anchors.device)[None, None, :] < end[:, blk, None], bs)
     mask.ctx_visible = mask.ctx_visible[:, None]  # [B, 1, m*bs, T]
     h = (forward or draft)(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask)
     return h.view(B, anchors.shape[1], bs, -1)
@@ -522,6 +549,7 @@ __all__ = [
     "block_attention_mask",
     "block_inputs",
     "build_target_layer_ids",
+    "context_end",
     "count_params",
     "draft_value",
     "load_draft",

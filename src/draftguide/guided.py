@@ -222,6 +222,8 @@ def guided_generate(
     if verify_len is not None and not (speculative and 1 <= verify_len < draft.block_size):
         raise DraftGuideError(f"verify_len needs speculative=True and 1 <= verify_len < {draft.block_size}, got {verify_len}")
     draft.check_target(target)
+    if speculative:
+        draft.check_speculative()
     seed = generator.initial_seed() if generator is not None else 0
     s = _Setup(target, draft, float(beta), mix, beta_schedule, guard_top_k, control, seed)
     args = (s, input_ids, max_new_tokens, (temperature, top_p, top_k, generator), set(stop_token_ids or ()), on_token)

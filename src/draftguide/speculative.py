@@ -107,6 +107,7 @@ def speculative_generate(
     check_sampling(temperature, top_p, top_k)
     _check_prompt(input_ids, max_new_tokens)
     draft.check_target(target)
+    draft.check_speculative()
     B, dev = draft.block_size, input_ids.device
     n_verify = B - 1 if verify_len is None else max(1, min(int(verify_len), B - 1))
     stop = set(stop_token_ids or ())
