@@ -46,9 +46,22 @@ def test_labels_are_not_shifted():
 def test_anchors_are_response_positions_with_a_successor():
     rng = random.Random(0)
     for _ in range(50):
-        a = sample_anchors(prompt_len=10, length=30, n=8, rng=rng)
+        a = sample_anchors(prompt_len=10, length=30, n=8, rng=rng, first_token=False)
         assert len(a) == 8 and all(10 <= x <= 28 for x in a) and a == sorted(set(a))
-    assert sample_anchors(10, 11, 4, rng) == []
+    assert sample_anchors(10, 11, 4, rng, first_token=False) == []
+
+
+def test_first_response_token_is_a_label():
+    """By default the last prompt position is an anchor: its block's k=1 label is the first response token."""
+    rng = random.Random(0)
+    assert sample_anchors(10, 11, 4, rng) == [9]  # one response token: only the last prompt position anchors it
+    seen = set()
+    for _ in range(200):
+        seen.update(sample_anchors(prompt_len=10, length=14, n=2, rng=rng))
+    assert seen == {9, 10, 11, 12}
+    ids = torch.arange(100, 114)[None]
+    lab = block_labels(ids, torch.tensor([[9]]), torch.tensor([14]), block_size=4)
+    assert lab[0, 0, 0] == 110  # position 10 = the first response token
 
 
 def test_feature_scale_folds_into_fc_exactly():

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-held-out", action="store_true", help="permit mtbench/humaneval as training prompts")
+    p.add_argument("--responses", default="target", choices=["target", "given"],
+                   help="target: generate the target's own responses; given: tokenize the rows' own last assistant "
+                        "turn or raw 'text' (no generation; e.g. --prompts sharegpt-chat, for --loss kd)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="with --responses given: cut samples to this many tokens")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("train-draft", help="train a DFlash draft for a target on make-data samples (resumable, torchrun-ready)")
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--target-layer-ids", type=int, nargs="+", default=None)
     p.add_argument("--draft-layers", type=int, default=3)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=None, help="default 16, or the --init-from draft's")
     p.add_argument("--anchors-per-seq", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=768)
@@ -117,9 +121,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; --resume continues")
     p.add_argument("--time-budget-minutes", type=float, default=None, help="fit the whole schedule (warmup + cosine to 0) into this much wall time: total steps are re-planned from the speed of the first steps")
     p.add_argument("--no-tf32", action="store_true", help="exact fp32 matmuls on CUDA while training (default: TF32)")
+    p.add_argument("--loss", default="ce", choices=["ce", "kd", "mix"],
+                   help="ce: the text's tokens; kd: distill the target's next-token distribution; mix: both (default ce)")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="share of the KD term with --loss mix (default 0.5)")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--context-includes-anchor", action="store_true",
+                   help="train an aligned readout: blocks see the anchor's own target features (cannot speculate)")
+    p.add_argument("--init-from", default=None, help="start from this draft folder (its shape; e.g. the shipped draft)")
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast of the target and draft forwards (fast on CPUs with AMX)")
+    p.add_argument("--train-offsets", type=int, default=None, help="train block offsets 1..N only (default all)")
+    p.add_argument("--no-first-token", action="store_true", help="anchors only inside the response (the first response token is no label)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_draft)
+
+    p = sub.add_parser("fidelity", help="readout fidelity per block offset (agreement, KL, log p) vs a shuffled-feature null")
+    _add_target_args(p, device="cpu")
+    p.add_argument("--draft", default=None, help="comma list of drafts/readouts (folders, shipped names, init[:N]); "
+                                                 "default: the target's shipped draft")
+    p.add_argument("--draft-dtype", default=None, choices=sorted(DTYPES))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="chat prompts, a comma list of JSONL files or sources (e.g. "
+                                       "mtbench,humaneval,sharegpt-heldout): the target's own greedy responses are generated first")
+    src.add_argument("--text", help="JSONL of conversations ending in an assistant turn, or raw 'text' rows")
+    src.add_argument("--data", help="a folder with samples.jsonl (make-data output, or an earlier fidelity run)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="sequences (per source with --prompts)")
+    p.add_argument("--no-null", action="store_true", help="skip the shuffled-feature null")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("bench-tau", help="tau and speedup per held-out benchmark set (T=0), JSON + table")
     _add_target_args(p, device="cpu", draft=True)
@@ -327,7 +359,7 @@ def _draft_spec(args) -> str:
     """The draft as a JSON-able option: an absolute folder, `init[:N]`, or the target's shipped draft."""
     from pathlib import Path
 
-    from .draft import SHIPPED_DRAFTS
+    from .draft import SHIPPED_DRAFTS, draft_path
 
     if args.draft is None:
         shipped = SHIPPED_DRAFTS.get(args.target)
@@ -336,9 +368,10 @@ def _draft_spec(args) -> str:
         return str(shipped)
     if args.draft.startswith("init"):
         return args.draft
-    if not Path(args.draft).exists():
+    path = draft_path(args.draft)
+    if not path.exists():
         raise DraftGuideError(f"draft folder '{args.draft}' does not exist")
-    return str(Path(args.draft).resolve())
+    return str(path.resolve())
 
 
 def _flags_for(args, method: str) -> dict:
@@ -412,6 +445,15 @@ def cmd_make_data(args) -> int:
     if held and not args.allow_held_out:
         raise DraftGuideError(f"{held} are held-out benchmark sets for measuring tau; pass --allow-held-out to train on them anyway")
     prompts = [r for s in args.prompts for r in load_source(s, limit=args.limit, seed=args.seed)]
+    if args.responses == "given":
+        from transformers import AutoTokenizer
+
+        from .data import make_text_data
+        from .targets import resolve_target
+
+        meta = make_text_data(AutoTokenizer.from_pretrained(resolve_target(args.target)), prompts, args.out, max_tokens=args.max_tokens)
+        print(f"{meta['n_samples']} samples, {meta['n_response_tokens']} response tokens in {args.out}")
+        return 0
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
     meta = make_data(
         target, tok, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -426,6 +468,7 @@ def cmd_train_draft(args) -> int:
 
     import torch
 
+    from .draft import draft_path
     from .targets import load_target
     from .train import TrainConfig, train_draft
 
@@ -444,7 +487,10 @@ def cmd_train_draft(args) -> int:
         normalize_features=not args.no_normalize_features,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
         time_budget_s=args.time_budget_minutes * 60 if args.time_budget_minutes else None, tf32=not args.no_tf32,
-    )
+        loss=args.loss, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+        context_includes_anchor=args.context_includes_anchor, init_from=args.init_from and str(draft_path(args.init_from)),
+        autocast=args.autocast, first_token=not args.no_first_token, train_offsets=args.train_offsets,
+    ).validate()
     try:
         target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
         res = train_draft(target, tok, args.data, args.out, cfg, resume=args.resume,
@@ -458,6 +504,50 @@ def cmd_train_draft(args) -> int:
         state = "finished" if res["finished"] else "stopped early (resume with --resume)"
         print(f"{state} at step {res['step']}/{res['total_steps']} after {res['elapsed_s']:.0f}s; draft in {res['draft']}")
     return 0
+
+
+def cmd_fidelity(args) -> int:
+    import torch
+
+    from .data import encode_conversation, read_samples
+    from .datasources import load_source
+    from .draft import resolve_draft
+    from .fidelity import Sample, run_fidelity, samples_from_rows, target_responses
+    from .prompts import read_jsonl
+    from .targets import load_target
+
+    if args.max_new_tokens < 1:
+        raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    specs = [s.strip() for s in (args.draft or "").split(",") if s.strip()] or [None]
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    readouts = {}
+    for spec in specs:
+        d = resolve_draft(spec, target, tok, target_name=args.target)
+        d.to(dtype=getattr(torch, DTYPES[args.draft_dtype or args.dtype]))
+        readouts[_readout_name(spec, args.target)] = d
+    if args.data:
+        samples = samples_from_rows(read_samples(args.data))[: args.limit]
+    elif args.text:
+        encoded = [(r, encode_conversation(tok, r)) for r in read_jsonl(args.text)[: args.limit]]
+        samples = [Sample(str(r.get("id", i)), e[0], e[1]) for i, (r, e) in enumerate(encoded) if e is not None]
+    else:
+        prompts = [r for src in args.prompts.split(",") if src.strip() for r in load_source(src.strip(), limit=args.limit)]
+        samples = target_responses(target, tok, prompts, args.max_new_tokens)
+    s = run_fidelity(target, readouts, samples, args.out, null=not args.no_null, n_boot=args.n_boot, seed=args.seed,
+                     command=args.command, settings={k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    from .fidelity import fidelity_table
+
+    print(fidelity_table(s))
+    print(f"wrote {args.out}/summary.json, fidelity.md and fidelity.png")
+    return 0
+
+
+def _readout_name(spec: str | None, target: str) -> str:
+    from pathlib import Path
+
+    if spec is None:
+        return f"{target} (shipped draft)"
+    return spec if spec.startswith("init") or "/" not in spec else Path(spec.rstrip("/")).name
 
 
 def cmd_bench_tau(args) -> int:

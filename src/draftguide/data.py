@@ -1,8 +1,13 @@
-"""Training data for drafts: the target's own responses to prompts (the DFlash recipe).
+"""Training data for drafts: the target's own responses to prompts (the DFlash recipe), or given text.
 
 `DIR/samples.jsonl`: one row per prompt, `{"id", "source", "input_ids", "prompt_len"}`; the loss mask is
 `position >= prompt_len` (response tokens only). Appended and flushed per batch, so a rerun with the
 same DIR skips prompts already done (resume) and an interrupted run loses at most one batch.
+
+`make_text_data` takes text that already exists (a conversation's own assistant reply, or raw text) and
+only tokenizes it: no generation. With a distillation teacher (`train-draft --loss kd|mix`) the target's
+own next-token distribution on that text is the label, so any text is usable at the cost of one target
+forward per sequence at training time instead of token-by-token generation.
 """
 
 from __future__ import annotations
@@ -33,6 +38,60 @@ def read_samples(data_dir: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash mid-write: that prompt is simply redone on resume
     return rows
+
+
+def encode_conversation(tokenizer, row: dict, max_tokens: int | None = None) -> tuple[list[int], int] | None:
+    """`(input_ids, prompt_len)` of a row whose `messages` end with an assistant turn (the chat template over
+    all turns; the loss covers the last reply) or of a raw `text` row (all but the first token are labels).
+    None when the row has no usable reply. Cut to `max_tokens`."""
+    from .prompts import encode_prompt
+
+    if "text" in row:
+        ids = tokenizer(str(row["text"]))["input_ids"]
+        n_prompt = 1
+    else:
+        msgs = row.get("messages") or []
+        if len(msgs) < 2 or msgs[-1].get("role") != "assistant" or not str(msgs[-1].get("content", "")).strip():
+            return None
+        prompt = encode_prompt(tokenizer, {**row, "messages": msgs[:-1]})[0].tolist()
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if ids[: len(prompt)] != prompt:  # a template that rewrites earlier turns: reply tokens after the prompt
+            ids = prompt + tokenizer(str(msgs[-1]["content"]), add_special_tokens=False)["input_ids"]
+        n_prompt = len(prompt)
+    ids = ids[:max_tokens] if max_tokens else ids
+    return (ids, n_prompt) if len(ids) - n_prompt >= 2 else None
+
+
+def make_text_data(tokenizer, rows: list[dict], out_dir: str | Path, *, max_tokens: int = 1024, progress: bool = True) -> dict:
+    """Samples from given text (see `encode_conversation`); resumable like `make_data`. Returns meta."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = {r["id"] for r in read_samples(out_dir)} if (out_dir / SAMPLES).is_file() else set()
+    t0, n_new = time.perf_counter(), 0
+    with JsonlWriter(out_dir / SAMPLES) as w:
+        for row in tqdm(rows, desc="make-data (text)", disable=not progress):
+            if row["id"] in done:
+                continue
+            enc = encode_conversation(tokenizer, row, max_tokens)
+            if enc is not None:
+                w.write({"id": row["id"], "source": row.get("source"), "input_ids": enc[0], "prompt_len": enc[1], "text": "given"})
+                n_new += 1
+    return _write_meta(out_dir, {"responses": "given text (teacher-forced)", "max_tokens": max_tokens, "new_this_run": n_new,
+                                 "seconds_this_run": time.perf_counter() - t0})
+
+
+def _write_meta(out_dir: Path, extra: dict) -> dict:
+    rows = read_samples(out_dir)
+    meta = {
+        "n_samples": len(rows),
+        "n_response_tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in rows),
+        "sources": sorted({r.get("source") or "?" for r in rows}),
+    } | extra
+    write_json(out_dir / "meta.json", meta)
+    return meta
 
 
 @torch.inference_mode()
@@ -91,13 +150,7 @@ def make_data(
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
     bar.close()
-    rows = read_samples(out_dir)
-    meta = {
-        "n_samples": len(rows),
-        "n_response_tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in rows),
-        "sources": sorted({r.get("source") or "?" for r in rows}),
-        "max_new_tokens": max_new_tokens, "temperature": temperature,
+    return _write_meta(out_dir, {
+        "responses": "target-generated", "max_new_tokens": max_new_tokens, "temperature": temperature,
         "new_this_run": len(todo), "tokens_per_s_this_run": n_tok / max(time.perf_counter() - t0, 1e-9),
-    }
-    write_json(out_dir / "meta.json", meta)
-    return meta
+    })

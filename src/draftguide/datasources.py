@@ -63,9 +63,13 @@ def iter_json_array(path: Path, chunk: int = 1 << 20) -> Iterator[dict]:
                 return
 
 
-def sharegpt(path: Path | None = None, limit: int | None = None, max_chars: int = 2000, skip: int = 0) -> list[dict]:
+def sharegpt(path: Path | None = None, limit: int | None = None, max_chars: int = 2000, skip: int = 0,
+             with_reply: bool = False, max_seen: int | None = None) -> list[dict]:
     """First human turn of each ShareGPT conversation (empty and over-long turns skipped), after the
-    first `skip` usable ones (`sharegpt-heldout` skips the part any training run here draws from)."""
+    first `skip` usable ones (`sharegpt-heldout` skips the part any training run here draws from).
+    `with_reply`: also its first reply as an assistant turn (rows without a non-empty reply are dropped but
+    still counted, so the held-out split stays the same), for teacher-forced training data. `max_seen`: stop
+    after that many usable conversations (the training part ends where `sharegpt-heldout` begins)."""
     rows, seen = [], 0
     for rec in iter_json_array(path or package_file("sharegpt")):
         conv = rec.get("conversations") or []
@@ -75,9 +79,17 @@ def sharegpt(path: Path | None = None, limit: int | None = None, max_chars: int 
         if not text or len(text) > max_chars:
             continue
         seen += 1
+        if max_seen is not None and seen > max_seen:
+            break
         if seen <= skip:
             continue
-        rows.append({"id": f"sharegpt-{rec.get('id', len(rows))}", "source": "sharegpt", "messages": [{"role": "user", "content": text}]})
+        messages = [{"role": "user", "content": text}]
+        if with_reply:
+            reply = str(conv[1].get("value", "")).strip() if len(conv) > 1 and conv[1].get("from") == "gpt" else ""
+            if not reply:
+                continue
+            messages.append({"role": "assistant", "content": reply})
+        rows.append({"id": f"sharegpt-{rec.get('id', len(rows))}", "source": "sharegpt", "messages": messages})
         if limit and len(rows) >= limit:
             break
     return rows
@@ -130,12 +142,15 @@ CL_TRAIN_SEED_OFFSET = 1_000_003
 
 
 def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """`sharegpt`, `mtbench`, `humaneval`, `gsm[:N]`, `cltasks[:K]` (K per subcategory), or a JSONL file."""
+    """`sharegpt`, `sharegpt-chat` (with the original first replies, training part only),
+    `mtbench`, `humaneval`, `gsm[:N]`, `cltasks[:K]` (K per subcategory), or a JSONL file."""
     name, _, arg = spec.partition(":")
     if name == "sharegpt":
         return sharegpt(limit=limit)
     if name == "sharegpt-heldout":
         return sharegpt(limit=limit, skip=SHAREGPT_HELDOUT_SKIP)
+    if name == "sharegpt-chat":  # training part only, with the original replies (teacher-forced data)
+        return sharegpt(limit=limit, with_reply=True, max_seen=SHAREGPT_HELDOUT_SKIP)
     if name == "mtbench":
         return mtbench(limit=limit)
     if name == "humaneval":
@@ -148,4 +163,5 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict
         from .prompts import load_prompts
 
         return load_prompts(spec)[:limit]
-    raise DraftGuideError(f"unknown prompt source '{spec}' (sharegpt, gsm[:N], cltasks[:K], mtbench, humaneval or a JSONL file)")
+    raise DraftGuideError(
+        f"unknown prompt source '{spec}' (sharegpt, sharegpt-chat, gsm[:N], cltasks[:K], mtbench, humaneval or a JSONL file)")

@@ -424,10 +424,11 @@ def block_inputs(token_ids: torch.Tensor, anchors: torch.Tensor, block_size: int
     return ids.view(B, -1), pos.view(B, -1)
 
 
-def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors, block_size=None, forward=None) -> torch.Tensor:
+def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors, block_size=None, forward=None,
+                       rows: slice | None = None) -> torch.Tensor:
     """All blocks in one masked forward. Returns draft states [B, m, bs, d]; position k of block i
     predicts `token_ids[:, anchors[:, i] + k]`. `forward` replaces `draft` as the module called (a DDP
-    wrapper, say, so that its gradient hooks run).
+    wrapper, say, so that its gradient hooks run). `rows`: only those block offsets -> [B, m, n, d].
     # features: [B, T, n*d], token_ids: [B, T], anchors: [B, m]
     """
     bs = block_size or draft.block_size
@@ -438,8 +439,8 @@ def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors,
     end = context_end(anchors, draft.context_includes_anchor)  # [B, m]
     mask = BlockMask(torch.arange(T, device=anchors.device)[None, None, :] < end[:, blk, None], bs)
     mask.ctx_visible = mask.ctx_visible[:, None]  # [B, 1, m*bs, T]
-    h = (forward or draft)(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask)
-    return h.view(B, anchors.shape[1], bs, -1)
+    h = (forward or draft)(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask, rows=rows)
+    return h.view(B, anchors.shape[1], -1, h.shape[-1])
 
 
 # -- config handling --------------------------------------------------------------------------------
@@ -484,9 +485,22 @@ def _weight_files(path: Path) -> list[Path]:
     raise DraftGuideError(f"draft folder '{path}' has no {WEIGHTS_NAME} (only safetensors weights are loaded)")
 
 
+MODELS_DIR = Path(__file__).resolve().parent / "models"  # drafts shipped with the package, by name
+
+
+def draft_path(spec: str | os.PathLike) -> Path:
+    """A shipped draft's name (e.g. `smollm2-135m-dflash`, `smollm2-135m-readout`) -> its folder; else `spec`."""
+    named = MODELS_DIR / str(spec)
+    if str(spec) and "/" not in str(spec) and not Path(spec).exists() and (named / "config.json").is_file():
+        return named
+    return Path(spec)
+
+
 def load_draft(path: str | os.PathLike, target=None, dtype: torch.dtype | None = None, device="cpu") -> DFlashDraft:
-    """Load a draft and, given a target, check that the two fit together. By default the draft takes
-    the target's dtype and device (a bf16 checkpoint next to an fp32 CPU target runs in fp32)."""
+    """Load a draft folder (or a shipped draft by name, see `draft_path`) and, given a target, check that the
+    two fit together. By default the draft takes the target's dtype and device (a bf16 checkpoint next to an
+    fp32 CPU target runs in fp32)."""
+    path = draft_path(path)
     if not Path(path).exists():
         raise DraftGuideError(f"draft folder '{path}' does not exist")
     if target is not None:
@@ -535,7 +549,7 @@ def resolve_draft(spec: str | None, target, tokenizer, target_name: str | None =
 
 # Drafts committed with the project, by target alias (the folder may be absent in a stripped install).
 SHIPPED_DRAFTS: dict[str, Path] = {
-    "smollm2-135m": Path(__file__).resolve().parent / "models" / "smollm2-135m-dflash",
+    "smollm2-135m": MODELS_DIR / "smollm2-135m-dflash",
 }
 
 

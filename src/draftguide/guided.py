@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from .draft import BlockMask, DraftCache, block_inputs
+from .draft import BlockMask, DraftCache, block_inputs, context_end
 from .errors import DraftGuideError
 from .sampling import check_sampling, sample
 from .speculative import GenStats, _check_prompt, _first_stop, _now, cache_kwarg, crop_cache
@@ -150,13 +150,15 @@ class _Setup:
 
 def _draft_block(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1) -> torch.Tensor:
     """Draft states [1, n, d] of block positions 1..n of the (full) block at `start`, from cached context plus
-    `ctx` (positions len(dcache)..start-1); block position k predicts token start + k.
+    `ctx` (positions len(dcache)..end-1, end = `context_end(start)`: start, or start+1 for an aligned readout);
+    block position k predicts token start + k.
     # ctx: [1, C, n*d], anchor: [1, 1]"""
     d = s.draft
-    B = d.block_size
-    block = torch.full((1, B), d.mask_token_id, dtype=torch.long, device=anchor.device)
+    B, dev = d.block_size, anchor.device
+    block = torch.full((1, B), d.mask_token_id, dtype=torch.long, device=dev)
     block[:, :1] = anchor
-    pos = torch.arange(start - ctx.shape[1], start + B, device=anchor.device)[None]
+    end = int(context_end(torch.tensor(start), d.context_includes_anchor))
+    pos = torch.cat([torch.arange(end - ctx.shape[1], end, device=dev), torch.arange(start, start + B, device=dev)])[None]
     return d(d.embed(s.target, block), ctx, pos, cache=dcache, rows=slice(1, n + 1))
 
 
@@ -248,7 +250,9 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
 
     t0 = _now(dev)
     t_logits, feats, out = _prefill(s, input_ids, tcache, ck)
-    ctx, next_ctx = feats[:, : T0 - 1], feats[:, T0 - 1 :]  # the draft anchored at T0-1 sees context < T0-1
+    # the block anchored at T0-1 sees context < T0-1 (a speculative draft) or <= T0-1 (an aligned readout)
+    aligned = draft.context_includes_anchor
+    ctx, next_ctx = feats[:, : T0 - 1 + aligned], feats[:, T0 - 1 + aligned :]
     anchor = input_ids[:, -1:]
     head = _shared_head(s, out)
     decoder = target.get_decoder() if head is not None else target
@@ -273,10 +277,11 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
             on_token(tid)
         if len(new) >= max_new_tokens or tid in stop:
             break
-        anchor, ctx = tok[:, None], next_ctx
+        anchor = tok[:, None]
         out = decoder(anchor, position_ids=torch.tensor([[pos]], device=dev), **{dk: tcache}, use_cache=True,
                       output_hidden_states=True)
-        next_ctx = extract_features(out.hidden_states, draft.target_layer_ids)
+        new_ctx = extract_features(out.hidden_states, draft.target_layer_ids)  # features of position pos
+        ctx, next_ctx = (new_ctx, None) if aligned else (next_ctx, new_ctx)
         if head is None:
             t_logits = out.logits[:, -1]
         else:

@@ -45,13 +45,13 @@ def load_pair(target: str = DEFAULT_TARGET, draft: str | None = None, dtype: str
     head inputs are cast at the boundary."""
     from pathlib import Path
 
-    from .draft import resolve_draft
+    from .draft import draft_path, resolve_draft
     from .targets import load_target
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     draft_dtype = getattr(torch, draft_dtype) if isinstance(draft_dtype, str) else draft_dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if draft and not str(draft).startswith("init") and not Path(draft).exists():
+    if draft and not str(draft).startswith("init") and not draft_path(draft).exists():
         raise DraftGuideError(f"draft folder '{draft}' does not exist")  # before a slow target load
     model, tok = load_target(target, dtype=dtype, device=device)
     d = resolve_draft(None if draft is None else str(draft), model, tok, target_name=str(target))

@@ -1,9 +1,18 @@
 """Draft training, the DFlash recipe: frozen target, many anchors per sequence in one masked pass.
 
-Per sequence, up to N anchors are drawn uniformly from response positions; block i holds
-`[tok[a_i], MASK x (B-1)]` and position k is trained to predict `tok[a_i + k]` (no shift), seeing
-target features of positions `< a_i` only. Loss = sum_k w_k CE_k / sum_k w_k, w_k = exp(-(k-1)/gamma).
+Per sequence, up to N anchors are drawn uniformly from the last prompt position and the response positions
+(so the first response token is a label); block i holds `[tok[a_i], MASK x (B-1)]` and position k is
+trained to predict `tok[a_i + k]` (no shift), seeing target features of the positions `draft.context_end`
+allows (`< a_i`; `<= a_i` for an aligned readout). Loss = sum_k w_k L_k / sum_k w_k,
+w_k = exp(-(k-1)/gamma), with L_k one of (`TrainConfig.loss`):
+- `ce`: cross-entropy with the text's token (the DFlash paper's recipe);
+- `kd`: distillation, the soft cross-entropy `-sum_v p_T(v) log p_D(v)` (temperature tau, times tau^2) from the
+  target's own next-token distribution for the same token, i.e. at position `a_i + k - 1`, read from the
+  teacher-forced target forward that also gives the features (no extra target pass). EAGLE-family drafts
+  train on the target's distribution; equal to CE when the teacher is one-hot;
+- `mix`: `(1 - kd_weight) * ce + kd_weight * kd`.
 AdamW, linear warmup then cosine, grad clip 1.0. Embeddings and lm_head are the target's (frozen).
+On a CPU with bf16 matrix units, `autocast` runs the target and draft forwards in bf16 (fp32 master weights).
 
 Speed tricks that leave the saved draft a plain official-format draft over the full vocabulary:
 - features are standardised per dimension before `fc` (SmolLM2 has a few huge-magnitude dims);
@@ -41,7 +50,7 @@ IGNORE = -100
 
 @dataclass
 class TrainConfig:
-    block_size: int = 16
+    block_size: int | None = None  # None: 16 for a fresh draft, the --init-from draft's own otherwise
     draft_layers: int = 3
     target_layer_ids: list[int] | None = None
     anchors_per_seq: int = 64
@@ -63,6 +72,28 @@ class TrainConfig:
     save_dtype: str = "bfloat16"  # dtype of the final official-layout draft
     time_budget_s: float | None = None  # fit the schedule (warmup + cosine to 0) into this much wall time
     tf32: bool = True  # TF32 matmuls on CUDA (training only; features differ from fp32 by ~1e-3 relative)
+    loss: str = "ce"  # ce | kd | mix (see the module docstring)
+    kd_weight: float = 0.5  # share of the KD term in `mix`
+    kd_temperature: float = 1.0
+    context_includes_anchor: bool = False  # train an aligned readout (draft.context_end)
+    init_from: str | None = None  # an official-layout draft folder to start from (its shape wins over draft_layers etc.)
+    autocast: bool = False  # bf16 autocast of the target and draft forwards (fp32 master weights)
+    first_token: bool = True  # anchors may sit on the last prompt position: the first response token is a label
+    train_offsets: int | None = None  # train block offsets 1..N only (None: all B-1)
+
+    def validate(self) -> "TrainConfig":
+        if self.loss not in LOSSES:
+            raise DraftGuideError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise DraftGuideError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        if self.train_offsets is not None and not 1 <= self.train_offsets:
+            raise DraftGuideError(f"--train-offsets must be >= 1, got {self.train_offsets}")
+        if not self.kd_temperature > 0 or not math.isfinite(self.kd_temperature):
+            raise DraftGuideError(f"--kd-temperature must be a positive number, got {self.kd_temperature}")
+        return self
+
+
+LOSSES = ("ce", "kd", "mix")
 
 
 def loss_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
@@ -72,9 +103,11 @@ def loss_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
     return torch.exp(-(k - 1) / gamma)
 
 
-def sample_anchors(prompt_len: int, length: int, n: int, rng: random.Random) -> list[int]:
-    """Up to n distinct anchors among response positions that have at least one token after them."""
-    lo, hi = max(prompt_len, 1), length - 2  # anchor = a committed response token; a+1 must exist
+def sample_anchors(prompt_len: int, length: int, n: int, rng: random.Random, first_token: bool = True) -> list[int]:
+    """Up to n distinct anchors that have at least one response token after them: the response positions and,
+    with `first_token`, the last prompt position (whose block predicts the first response token, as every
+    decode step right after a prompt asks)."""
+    lo, hi = max(prompt_len - int(first_token), 1), length - 2  # a+1 must exist
     if hi < lo:
         return []
     pool = range(lo, hi + 1)
@@ -106,22 +139,64 @@ def draft_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     return loss, acc, n
 
 
+def kd_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Weighted soft cross-entropy `-sum_v p_T(v) log softmax(logits / tau)(v)`, times tau^2 (Hinton et al. 2015),
+    averaged like `draft_loss`; equals its CE when `teacher_probs` is one-hot at tau 1.
+    # logits: [B, m, bs-1, V'], teacher_probs: same (already softened by tau), valid: [B, m, bs-1], weights: [bs-1]"""
+    logq = torch.log_softmax(logits.float() / temperature, -1)
+    soft = -(teacher_probs * logq).sum(-1) * temperature**2  # [B, m, bs-1]
+    w = weights.to(soft.device)[None, None, :] * valid
+    return (soft.masked_fill(~valid, 0.0) * w).sum() / w.sum().clamp_min(1e-9)
+
+
+def teacher_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Positions [B, m, bs-1] whose target next-token distribution teaches block offset k = 1..bs-1: the token
+    `anchor + k` is predicted by the target at `anchor + k - 1`. # anchors: [B, m]"""
+    return anchors[:, :, None] + torch.arange(block_size - 1, device=anchors.device)
+
+
 def block_loss(draft, target, features, ids, anchors, lengths, weights, *, block_size=None, head=None, remap=None,
-               forward=None):
+               forward=None, teacher_states=None, loss: str = "ce", kd_weight: float = 0.5, kd_temperature: float = 1.0,
+               offsets: int | None = None):
     """The DFlash loss of the blocks anchored at `anchors` (-1 = padding) in one masked draft pass.
     `head` [V', d] replaces the draft's own logits (`draft.logits`, full vocabulary) by a vocabulary subset
-    and `remap` maps full-vocabulary label ids into it. Returns `draft_loss`'s (loss, acc, n).
+    and `remap` maps full-vocabulary label ids into it. `teacher_states` [B, T, d]: the target's final
+    (normed) hidden states, needed for `loss` kd/mix; the teacher logits go through the same head.
+    `offsets` (1..bs-1, default all): train only block offsets 1..offsets (the last draft layer then computes
+    only those rows; an aligned readout that serves k=1 reads needs no more).
+    Returns (loss, acc [K], n [K], agree [K]); agree = top-1 agreement with the teacher (NaN without one).
     # features: [B, T, n*d], ids: [B, T], anchors: [B, m], lengths: [B]"""
     bs = block_size or draft.block_size
-    labels = block_labels(ids, anchors, lengths, bs)  # [B, m, bs-1]
-    hidden = multi_block_hidden(draft, target, features, ids, anchors.clamp_min(0), bs, forward=forward)  # [B, m, bs, d]
-    if head is None:
-        logits = draft.logits(hidden[:, :, 1:], target)  # [B, m, bs-1, V]
-    else:
-        logits = hidden[:, :, 1:] @ head.T.to(hidden.dtype)  # [B, m, bs-1, V']
+    K = offsets or bs - 1
+    labels = block_labels(ids, anchors, lengths, bs)[..., :K]  # [B, m, K]
+    weights = weights[:K]
+    valid = labels != IGNORE  # position-valid (before the subset remap)
+    rows = slice(1, K + 1) if K < bs - 1 else None
+    hidden = multi_block_hidden(draft, target, features, ids, anchors.clamp_min(0), bs, forward=forward, rows=rows)
+    hidden = hidden[:, :, -K:]  # [B, m, K, d]
+    project = (lambda h: draft.logits(h, target)) if head is None else (lambda h: h @ head.T.to(h.dtype))
+    logits = project(hidden)  # [B, m, K, V']
     if remap is not None:
         labels = remap[labels.clamp_min(0)].masked_fill(labels == IGNORE, IGNORE)
-    return draft_loss(logits, labels, weights)
+    ce, acc, n = draft_loss(logits, labels, weights)
+    agree = torch.full_like(acc, float("nan"))
+    if loss == "ce" and teacher_states is None:
+        return ce, acc, n, agree
+    if teacher_states is None:
+        raise ValueError(f"loss '{loss}' needs teacher_states")
+    pos = teacher_positions(anchors.clamp_min(0), bs)[..., :K].clamp_max(teacher_states.shape[1] - 1)
+    with torch.no_grad():
+        t_h = teacher_states.gather(1, pos.flatten(1)[..., None].expand(-1, -1, teacher_states.shape[-1]))
+        t_logits = project(t_h.view(*pos.shape, -1).to(hidden.dtype)).float()  # [B, m, bs-1, V']
+        teacher = torch.softmax(t_logits / kd_temperature, -1)
+        hit = (logits.argmax(-1) == t_logits.argmax(-1)) & valid
+        agree = hit.sum((0, 1)) / valid.sum((0, 1)).clamp_min(1)
+    if loss == "ce":
+        return ce, acc, n, agree
+    kd = kd_loss(logits, teacher, valid, weights, kd_temperature)
+    total = kd if loss == "kd" else (1 - kd_weight) * ce + kd_weight * kd
+    return total, acc, n, agree
 
 
 class FeatureScale(torch.nn.Module):
@@ -171,6 +246,33 @@ def vocab_subset(samples: list[dict], size: int | None, vocab: int) -> torch.Ten
 
 
 # -- the loop -------------------------------------------------------------------------------------
+def initial_draft(target, tokenizer, cfg: TrainConfig) -> DFlashDraft:
+    """A fresh draft shaped by `cfg`, or a copy of `cfg.init_from` (its shape and mask token; the readout kind
+    follows `cfg.context_includes_anchor`, so a speculative draft can seed an aligned readout). fp32."""
+    if cfg.init_from:
+        from .draft import load_draft
+
+        src = load_draft(cfg.init_from, dtype=torch.float32)
+        config = src.config
+        config.dflash_config = dict(getattr(config, "dflash_config", None) or {})
+        config.dflash_config.pop("context_includes_anchor", None)
+        if cfg.context_includes_anchor:
+            config.dflash_config["context_includes_anchor"] = True
+        if cfg.block_size:  # a block-16 draft generalises down, not up (DFlash paper ablation)
+            config.block_size = cfg.block_size
+            config.dflash_config.pop("block_size", None)
+        draft = DFlashDraft(config)
+        draft.load_state_dict(src.state_dict())
+        return draft
+    tc = target.config.get_text_config()
+    mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else default_mask_token_id(tokenizer)
+    return DFlashDraft.for_target(
+        target, num_layers=cfg.draft_layers, block_size=cfg.block_size or 16, mask_token_id=mask_id,
+        target_layer_ids=cfg.target_layer_ids or build_target_layer_ids(tc.num_hidden_layers, 5), seed=cfg.seed,
+        context_includes_anchor=cfg.context_includes_anchor,
+    )
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -190,8 +292,8 @@ def _collate(batch: list[dict], max_len: int, pad: int):
     return ids, lengths
 
 
-def _anchor_tensor(batch, lengths, n, rng) -> torch.Tensor:
-    lists = [sample_anchors(s["prompt_len"], int(lengths[i]), n, rng) for i, s in enumerate(batch)]
+def _anchor_tensor(batch, lengths, n, rng, first_token: bool = True) -> torch.Tensor:
+    lists = [sample_anchors(s["prompt_len"], int(lengths[i]), n, rng, first_token) for i, s in enumerate(batch)]
     m = max(1, max(len(a) for a in lists))
     out = torch.full((len(batch), m), -1, dtype=torch.long)
     for i, a in enumerate(lists):
@@ -233,14 +335,10 @@ def train_draft(
         raise DraftGuideError(f"no usable samples in '{data_dir}' (each needs >= 2 response tokens)")
     if cfg.batch_size % world:
         raise DraftGuideError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {world}")
-    tc = target.config.get_text_config()
-    ids_default = build_target_layer_ids(tc.num_hidden_layers, 5)
-    mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else default_mask_token_id(tokenizer)
-    draft = DFlashDraft.for_target(
-        target, num_layers=cfg.draft_layers, block_size=cfg.block_size, mask_token_id=mask_id,
-        target_layer_ids=cfg.target_layer_ids or ids_default, seed=cfg.seed,
-    )
+    cfg.validate()
+    draft = initial_draft(target, tokenizer, cfg)
     draft.check_target(target)
+    cfg.block_size = draft.block_size  # an --init-from draft sets the shape
     dev = next(target.parameters()).device
     draft.to(dev).train()
     scale = FeatureScale(draft.fc.in_features).to(dev)
@@ -252,6 +350,7 @@ def train_draft(
         remap = torch.full((head_w.shape[0],), IGNORE, dtype=torch.long, device=dev)
         remap[subset.to(dev)] = torch.arange(len(subset), device=dev)
     weights = loss_weights(cfg.block_size, cfg.gamma).to(dev)
+    n_off = min(cfg.train_offsets or cfg.block_size - 1, cfg.block_size - 1)  # offsets with a loss
 
     steps_per_epoch = max(1, len(samples) // cfg.batch_size)
     total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
@@ -321,7 +420,7 @@ def train_draft(
     bar = tqdm(total=state["total"], initial=state["step"], desc="train-draft", disable=not progress or rank != 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     perm = order(state["epoch"])
-    t_start, agg = time.perf_counter(), {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
+    t_start, agg = time.perf_counter(), {"loss": 0.0, "acc": torch.zeros(n_off), "agree": torch.zeros(n_off), "n": 0, "tok": 0}
     t_log, t_probe, steps_here = t_start, t_start, 0
     try:
         while state["step"] < state["total"] and not stop["flag"]:
@@ -333,7 +432,8 @@ def train_draft(
             local = [samples[i] for i in idx[rank::world]]
             ids, lengths = _collate(local, cfg.max_len, pad)
             ids, lengths = ids.to(dev), lengths.to(dev)
-            with torch.no_grad():
+            amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast)
+            with torch.no_grad(), amp:
                 hs = target(ids, attention_mask=(torch.arange(ids.shape[1], device=dev) < lengths[:, None]).long(), output_hidden_states=True, logits_to_keep=1).hidden_states
                 feats = extract_features(hs, draft.target_layer_ids)  # [b, T, n*d]
                 if not state["scale_fitted"]:
@@ -343,10 +443,15 @@ def train_draft(
                         import torch.distributed as dist
 
                         dist.broadcast(scale.scale, 0)
+                    if cfg.init_from:  # the loaded fc reads raw features: W diag(s) reads scaled ones alike
+                        draft.fc.weight.mul_(scale.scale.to(draft.fc.weight)[None, :])
                     state["scale_fitted"] = True
-            anchors = _anchor_tensor(local, lengths.cpu(), cfg.anchors_per_seq, random).to(dev)
-            loss, acc, n = block_loss(draft, target, scale(feats), ids, anchors, lengths, weights, block_size=cfg.block_size,
-                                      head=head_sub, remap=remap, forward=model)
+            anchors = _anchor_tensor(local, lengths.cpu(), cfg.anchors_per_seq, random, cfg.first_token).to(dev)
+            with amp:
+                loss, acc, n, agree = block_loss(
+                    draft, target, scale(feats), ids, anchors, lengths, weights, block_size=cfg.block_size, head=head_sub,
+                    remap=remap, forward=model, teacher_states=hs[-1], loss=cfg.loss, kd_weight=cfg.kd_weight,
+                    kd_temperature=cfg.kd_temperature, offsets=cfg.train_offsets and min(cfg.train_offsets, cfg.block_size - 1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -356,8 +461,10 @@ def train_draft(
             state["pos"] += cfg.batch_size
             agg["loss"] += float(loss.detach())
             agg["acc"] += acc.cpu()
+            agg["agree"] += agree.cpu()
             agg["n"] += 1
             agg["tok"] += int(n.sum())
+            state["labels_seen"] = state.get("labels_seen", 0) + int(n.sum()) * world
             bar.update(1)
             steps_here += 1
             if cfg.time_budget_s and not state.get("planned") and steps_here in (1, PROBE_STEPS + 1):
@@ -375,14 +482,16 @@ def train_draft(
                 el = now - t_start
                 row = {
                     "step": state["step"], "epoch": state["epoch"], "loss": agg["loss"] / agg["n"],
-                    "acc": [round(float(a), 4) for a in agg["acc"] / agg["n"]], "lr": sched.get_last_lr()[0],
+                    "acc": [round(float(a), 4) for a in agg["acc"] / agg["n"]],
+                    "agree": [round(float(a), 4) for a in agg["agree"] / agg["n"]], "labels_seen": state["labels_seen"],
+                    "lr": sched.get_last_lr()[0],
                     "grad_norm": float(gnorm), "labels_per_s": agg["tok"] * world / max(now - t_log, 1e-9),
                     "elapsed_s": state["elapsed_s"] + el,
                 }
                 if log:
                     log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc1=row["acc"][0], acc2=row["acc"][1] if len(row["acc"]) > 1 else 0)
-                agg = {"loss": 0.0, "acc": torch.zeros(cfg.block_size - 1), "n": 0, "tok": 0}
+                agg = {"loss": 0.0, "acc": torch.zeros(n_off), "agree": torch.zeros(n_off), "n": 0, "tok": 0}
                 t_log = now
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint()
