@@ -7,7 +7,6 @@ same DIR skips prompts already done (resume) and an interrupted run loses at mos
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,14 +24,9 @@ def read_samples(data_dir: str | Path) -> list[dict]:
     path = Path(data_dir) / SAMPLES
     if not path.is_file():
         raise DraftGuideError(f"no {SAMPLES} in '{data_dir}': run `draftguide make-data` first")
-    rows = []
-    with path.open() as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write: that prompt is simply redone on resume
-    return rows
+    from .prompts import read_jsonl
+
+    return read_jsonl(path, bad=[], line_numbers=False)  # a line cut by a crash mid-write: that prompt is redone on resume
 
 
 @torch.inference_mode()

@@ -360,7 +360,7 @@ def _check_settings(out_dir: Path, settings: dict, rank: int) -> None:
 
     path = out_dir / RUN
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8-sig"))
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise DraftGuideError(f"'{out_dir}' holds a run with other settings ({', '.join(diff)}); use another --out")

@@ -41,7 +41,7 @@ def load_prompt(path: str | Path | None) -> str:
     path = Path(path)
     if not path.is_file():
         raise DraftGuideError(f"judge prompt file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     missing = [p for p in PLACEHOLDERS if p not in text]
     if missing:
         raise DraftGuideError(f"judge prompt file '{path}' lacks the placeholder(s) {', '.join(missing)}")

@@ -70,7 +70,7 @@ def load_runs(dirs: list[str | Path], skip: Path | None = None, warn: Callable[[
             warn(f"'{d}' is not a folder: skipped")
             continue
         try:
-            summary = json.loads((d / "summary.json").read_text())
+            summary = json.loads((d / "summary.json").read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             summary = {}
         except json.JSONDecodeError as e:

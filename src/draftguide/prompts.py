@@ -19,14 +19,16 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def read_jsonl(path: str | Path, bad: list | None = None) -> list[dict]:
-    """Rows of a JSONL file; a malformed line raises an error naming its line number, or, when a list
-    `bad` is given, is appended to it as `(line_number, message)` and skipped."""
+def read_jsonl(path: str | Path, bad: list | None = None, line_numbers: bool = True) -> list[dict]:
+    """Rows of a JSONL file (every JSONL reader of the package comes here); a malformed line raises an error
+    naming its line number, or, when a list `bad` is given, is appended to it as `(line_number, message)` and
+    skipped. A UTF-8 byte-order mark (Windows editors write one) is accepted. `line_numbers`: each row gets
+    its line as `_line` (unless it has one)."""
     path = Path(path)
     if not path.is_file():
         raise DraftGuideError(f"file '{path}' does not exist")
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -41,9 +43,19 @@ def read_jsonl(path: str | Path, bad: list | None = None) -> list[dict]:
                     raise DraftGuideError(msg)
                 bad.append((n, msg))
                 continue
-            row.setdefault("_line", n)
+            if line_numbers:
+                row.setdefault("_line", n)
             rows.append(row)
     return rows
+
+
+def open_text(path: str | Path):
+    """A UTF-8 text file for reading, a leading byte-order mark skipped (gzip-compressed if it ends in .gz)."""
+    if str(path).endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def load_prompts(source: str) -> list[dict]:
