@@ -392,9 +392,15 @@ def cmd_speculate(args) -> int:
         target, tok, draft, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, verify_len=args.verify_len, seed=args.seed, baseline=not args.no_baseline,
     )
+    from .runs import fmt
+
     print(f"\n{'prompts':>8} {'tau':>6} {'tok/s':>8} {'base tok/s':>11} {'speedup':>8} {'lossless':>9}")
-    base = s.get("baseline_tokens_per_s", float("nan"))
-    print(f"{s['n_prompts']:>8} {s['tau']:>6.2f} {s['tokens_per_s']:>8.1f} {base:>11.1f} {s.get('speedup', float('nan')):>8.2f} {str(s.get('lossless')):>9}")
+    print(f"{s['n_prompts']:>8} {fmt(s['tau']):>6} {fmt(s['tokens_per_s'], '.1f'):>8} {fmt(s.get('baseline_tokens_per_s'), '.1f'):>11} "
+          f"{fmt(s.get('speedup')):>8} {str(s.get('lossless')):>9}")
+    if s.get("tau_missing"):
+        print(f"tau -: {s['tau_missing']}")
+    if args.no_baseline:
+        print("base tok/s, speedup -: no baseline run (--no-baseline)")
     print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
     return 0
 
@@ -480,9 +486,14 @@ def cmd_bench_tau(args) -> int:
                "sets": {k: {f: v.get(f) for f in keys} for k, v in res.items()}, "environment": environment()}
     write_json(out / "summary.json", summary)
     print(f"\n{'set':<18} {'n':>4} {'tau':>6} {'tok/s':>7} {'base':>7} {'speedup':>8} {'vs HF':>6} {'lossless':>9}")
+    from .runs import fmt
+
     for k, v in res.items():
-        print(f"{k:<18} {v['n_prompts']:>4} {v['tau']:>6.2f} {v['tokens_per_s']:>7.1f} {v['baseline_tokens_per_s']:>7.1f} "
-              f"{v['speedup']:>8.2f} {v['speedup_vs_hf_generate']:>6.2f} {str(v['lossless']):>9}")
+        print(f"{k:<18} {v['n_prompts']:>4} {fmt(v['tau']):>6} {fmt(v['tokens_per_s'], '.1f'):>7} {fmt(v['baseline_tokens_per_s'], '.1f'):>7} "
+              f"{fmt(v['speedup']):>8} {fmt(v['speedup_vs_hf_generate']):>6} {str(v['lossless']):>9}")
+    missing = {k: v["tau_missing"] for k, v in res.items() if v.get("tau_missing")}
+    for k, why in missing.items():
+        print(f"{k}: tau -: {why}")
     return 0
 
 

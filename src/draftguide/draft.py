@@ -323,7 +323,9 @@ class DFlashDraft(nn.Module):
         tmp = path / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path / WEIGHTS_NAME)
-        (path / "config.json.tmp").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        from .runs import dumps
+
+        (path / "config.json.tmp").write_text(dumps(cfg, indent=2, sort_keys=True) + "\n")
         os.replace(path / "config.json.tmp", path / "config.json")
 
     # -- compatibility with a target ------------------------------------------------------------------

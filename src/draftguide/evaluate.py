@@ -474,9 +474,11 @@ def summarize(rows: list[dict], n_tasks: int | None = None) -> dict:
 
 
 def format_table(summary: dict) -> str:
+    from .runs import fmt
+
     def line(name, g, indent=""):
         lo, hi = g["ci95"]
-        return f"{indent + name:<44} {g['n']:>5} {g['solve_rate']:>7.3f}  [{lo:.2f}, {hi:.2f}]"
+        return f"{indent + name:<44} {g['n']:>5} {fmt(g['solve_rate'], '.3f'):>7}  [{fmt(lo)}, {fmt(hi)}]"
 
     out = [f"{'category / subcategory':<44} {'n':>5} {'solved':>7}  95% CI"]
     for c, g in summary["categories"].items():
@@ -487,4 +489,6 @@ def format_table(summary: dict) -> str:
              if summary.get(k)]
     if extra:
         out.append("(" + ", ".join(extra) + ")")
+    if not summary["n"]:
+        out.append("(solved -: no task finished, so there is no rate)")
     return "\n".join(out)

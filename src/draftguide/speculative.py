@@ -23,6 +23,9 @@ from .sampling import check_sampling, probs_from_logits, rejection_sample, sampl
 from .targets import extract_features
 
 
+TAU_MISSING = "no verify step ran: every generation ended at its first token (max_new_tokens 1, or a stop token)"
+
+
 @dataclass
 class GenStats:
     num_input_tokens: int
@@ -425,6 +428,8 @@ def run_speculate(
         "new_tokens": spec_tok,
         "tokens_per_s": tps,
     }
+    if not steps:  # the file gets null (no NaN in output JSON); tables print "-" and this reason
+        summary["tau_missing"] = TAU_MISSING
     if baseline:
         rates = {k: n / s for k, (n, s) in base.items()}
         best = max(rates, key=rates.get)

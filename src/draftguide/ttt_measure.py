@@ -154,13 +154,16 @@ def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limi
 
 
 def tau_table(summary: dict) -> str:
+    from .runs import fmt
+
     head = f"{'set':<18} {'n':>3} {'ctx tok':>7} {'tau base':>8} {'tau ttt':>8} {'delta (95% CI)':>24} {'loss before->after':>19} {'ttt s':>6}"
     lines = [head]
     for name, s in [*summary["sets"].items(), ("all", summary["all"])]:
         lo, hi = s["delta_tau_ci95"]
-        lines.append(f"{name:<18} {s['n_contexts']:>3} {s['mean_context_tokens']:>7.0f} {s['tau_base']:>8.3f} {s['tau_ttt']:>8.3f} "
-                     f"{s['delta_tau_mean']:>+8.3f} [{lo:+.3f}, {hi:+.3f}] {s['mean_context_loss_before']:>8.3f} -> "
-                     f"{s['mean_context_loss_after']:<7.3f} {s['mean_ttt_s']:>6.2f}")
+        lines.append(f"{name:<18} {s['n_contexts']:>3} {fmt(s['mean_context_tokens'], '.0f'):>7} {fmt(s['tau_base'], '.3f'):>8} "
+                     f"{fmt(s['tau_ttt'], '.3f'):>8} {fmt(s['delta_tau_mean'], '+.3f'):>8} [{fmt(lo, '+.3f')}, {fmt(hi, '+.3f')}] "
+                     f"{fmt(s['mean_context_loss_before'], '.3f'):>8} -> {fmt(s['mean_context_loss_after'], '.3f'):<7} "
+                     f"{fmt(s['mean_ttt_s'], '.2f'):>6}")
     return "\n".join(lines)
 
 
