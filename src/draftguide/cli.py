@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--verify-len", type=_verify_len, default=None, help="drafted tokens verified per step: N, or 'auto' (adaptive, from the measured cost curve); default block_size-1")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh randomness; the seed used is in summary.json)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-greedy timing runs")
     p.set_defaults(func=cmd_speculate)
 
@@ -380,10 +380,12 @@ def load_models(args):
 
 def cmd_speculate(args) -> int:
     from .prompts import load_prompts
-    from .sampling import check_sampling
+    from .sampling import check_sampling, resolve_seed
     from .speculative import run_speculate
 
     check_sampling(args.temperature, args.top_p, args.top_k)  # fail before loading any model
+    if args.seed is not None:
+        resolve_seed(args.seed)
     if args.max_new_tokens < 1:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = load_prompts(args.prompts)[: args.limit]
@@ -688,7 +690,9 @@ def cmd_generate(args) -> int:
     kw = dict(method="guided", beta=0.0 if args.beta is None else args.beta, speculative=args.speculative,
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, **opts)
     check_generate(**kw)  # before the models load
-    if args.speculative and args.temperature > 0:
+    from .sampling import effective_temperature
+
+    if args.speculative and effective_temperature(args.temperature) > 0:
         raise DraftGuideError("--speculative is exact for greedy decoding only: use --temperature 0")
     dg = DraftGuide(*load_models(args), name=args.target)
     prompt = {"prompt": args.prompt} if args.raw else args.prompt  # a plain string takes the chat template if any
@@ -697,12 +701,16 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    g = dg.generate(prompt, seed=args.seed or 0, ttt=_guided_ttt(args), on_text=show, **kw)
+    g = dg.generate(prompt, seed=args.seed, ttt=_guided_ttt(args), on_text=show, **kw)
     if g.ttt:
         r = g.ttt
         print(f"\n[TTT on the prompt: {r['steps']} steps in {r['seconds']:.1f}s, context loss {r['loss_before']:.3f} -> "
               f"{r['loss_after']:.3f}]", file=sys.stderr)
-    print(f"\n[{len(g.tokens)} tokens in {g.stats['seconds']:.1f}s ({g.stats['tokens_per_s']:.1f} tok/s), beta {kw['beta']:g}, "
+    from .runs import fmt
+
+    sampled = effective_temperature(args.temperature) > 0
+    print(f"\n[{len(g.tokens)} tokens in {g.stats['seconds']:.1f}s ({fmt(g.stats['tokens_per_s'], '.1f')} tok/s), beta {kw['beta']:g}, "
+          f"{'seed ' + str(g.seed) + ', ' if sampled else ''}"
           f"{g.stats.get('n_flips', 0)} tokens flipped by guidance]", file=sys.stderr)
     return 0
 
