@@ -518,6 +518,7 @@ def cmd_eval(args) -> int:
 
     check_method(args.method, args.max_new_tokens)
     opts = _method_options(args, args.method)
+    opts = _eval_seed(opts, args.method, args.out)
     tasks, bad = load_tasks(args.tasks, skip_bad=args.skip_bad)
     tasks = tasks[: args.limit]
     judge = None
@@ -534,6 +535,25 @@ def cmd_eval(args) -> int:
         print("\n" + format_table(s))
         print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
     return 0
+
+
+def _eval_seed(opts: dict, method: str, out: str) -> dict:
+    """A sampling eval without --seed draws a fresh seed (recorded in the run's settings and summary), so
+    unseeded runs do not repeat each other; a rerun into the same --out resumes with the seed it recorded."""
+    import json
+    from pathlib import Path
+
+    from .sampling import effective_temperature, resolve_seed
+
+    samples = method in ("sample", "power") or (method == "guided" and effective_temperature(opts.get("temperature", 0.0)) > 0)
+    if "seed" in opts or not samples:
+        return opts
+    run = Path(out) / "run.json"
+    try:
+        seed = json.loads(run.read_text(encoding="utf-8-sig"))["method_options"]["seed"] if run.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        seed = None
+    return opts | {"seed": resolve_seed(seed if isinstance(seed, int) else None)}
 
 
 def cmd_diagnose(args) -> int:
