@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DraftGuideError
-from .prompts import encode_prompt, stop_token_ids
+from .prompts import check_length, encode_prompt, place, stop_token_ids
 from .runs import JsonlWriter, write_json
 
 SAMPLES = "samples.jsonl"
@@ -53,7 +53,8 @@ def make_data(
         if row["id"] in done:
             continue
         ids = encode_prompt(tokenizer, row)[0]
-        if ids.numel() <= max_prompt_tokens:
+        if ids.numel() <= max_prompt_tokens:  # longer prompts are left out (--max-prompt-tokens); kept ones must fit
+            check_length(target, ids.numel(), max_new_tokens, place(row))
             todo.append((row, ids))
     todo.sort(key=lambda x: x[1].numel())  # similar lengths per batch: less left-padding
     stop = stop_token_ids(tokenizer, target)

@@ -222,8 +222,11 @@ def ttt_adapt(
 
     _check_options(steps, lr, rank, anchors_per_step, dropout, eval_anchors)
     draft.check_target(target)
+    from .prompts import check_length
+
     dev = next(target.parameters()).device
     ids = _context_ids(context_ids, dev)  # [1, T]
+    check_length(target, ids.shape[1], where="TTT context", what="context")
     T, bs = ids.shape[1], block_size or draft.block_size
     if not 2 <= bs:
         raise DraftGuideError(f"block_size must be >= 2, got {bs}")

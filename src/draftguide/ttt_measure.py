@@ -128,7 +128,11 @@ def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limi
     from .prompts import stop_token_ids
     from .runs import JsonlWriter, environment, write_json
 
+    from .prompts import check_length
+
     contexts = {set_name(s): load_contexts(s, tokenizer, limit, context_tokens) for s in sets}
+    for ctx in (c for cs in contexts.values() for c in cs):  # every context fits, before any work
+        check_length(target, ctx.ids.shape[1], max_new_tokens, f"{ctx.set} context {ctx.id!r}", "context")
     stop = stop_token_ids(tokenizer, target)
     out_dir = Path(out_dir)
     rows: dict[str, list[dict]] = {s: [] for s in contexts}
@@ -225,8 +229,12 @@ def prepare_sweep_task(target, draft, task, *, max_new_tokens: int, stop: list[i
     from .diagnostic import gold_scores
     from .speculative import greedy_generate
 
+    from .prompts import check_length
+
     dev = next(target.parameters()).device
     P = len(task.prompt_ids)
+    check_length(target, P + len(task.answer_ids), where=f"task {task.task_id!r}", what="prompt with its reference answer")
+    check_length(target, P, max_new_tokens, where=f"task {task.task_id!r}")
     ids = torch.tensor([task.prompt_ids + task.answer_ids], device=dev)
     out = target(ids, output_hidden_states=True, logits_to_keep=len(task.answer_ids) + 1)
     target_logp = gold_scores(out.logits[0, :-1], ids[0, P:])["logp"]
