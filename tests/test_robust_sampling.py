@@ -124,3 +124,15 @@ def test_server_sampling_edges(dg):
             assert status == 400 and r["error"]["type"] == "invalid_request_error", (extra, r)
         status, r = _post(url, f'{{"messages": {msg}, "max_tokens": 4, "seed": {2**70}}}')
         assert status == 400 and "seed" in r["error"]["message"]
+
+
+def test_make_data_tiny_temperature_is_greedy(tmp_path, qwen3_pair):
+    from draftguide.data import make_data, read_samples
+
+    t, _ = qwen3_pair
+    rows = [{"id": "a", "prompt": "hello there"}]
+    make_data(t, char_tokenizer(), rows, tmp_path / "g", max_new_tokens=4, temperature=0.0, progress=False)
+    make_data(t, char_tokenizer(), rows, tmp_path / "t", max_new_tokens=4, temperature=1e-40, progress=False)
+    assert read_samples(tmp_path / "t")[0]["input_ids"] == read_samples(tmp_path / "g")[0]["input_ids"]
+    with pytest.raises(DraftGuideError, match="finite"):
+        make_data(t, char_tokenizer(), rows, tmp_path / "n", max_new_tokens=4, temperature=float("nan"), progress=False)

@@ -59,6 +59,10 @@ def make_data(
     todo.sort(key=lambda x: x[1].numel())  # similar lengths per batch: less left-padding
     stop = stop_token_ids(tokenizer, target)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    from .sampling import check_sampling, effective_temperature
+
+    check_sampling(temperature)
+    temperature = effective_temperature(temperature)  # a tiny temperature is greedy (HF would divide by it)
     gc = GenerationConfig(
         do_sample=temperature > 0, temperature=temperature or None, top_p=None, top_k=None,
         max_new_tokens=max_new_tokens, eos_token_id=stop or None, pad_token_id=pad,
