@@ -86,7 +86,7 @@ def test_cli_speculate(dirs, tmp_path, capsys):
     _one_error_line(capsys, "line 2, prompt 'long'", "max_position_embeddings")
 
 
-def _task(tid, text, line=None):
+def _task(tid, text):
     return {"messages": [{"role": "user", "content": text}], "metadata": {"task_id": tid},
             "checks": [{"type": "contains", "value": "x"}], "reference_answer": "blue"}
 
