@@ -16,7 +16,7 @@ VOCAB = 96
 def tiny_target(arch: str = "qwen3", seed: int = 0, vocab: int = VOCAB, layers: int = 6):
     common = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
         tie_word_embeddings=False, rms_norm_eps=1e-6,
     )
     cfg = Qwen3Config(**common) if arch == "qwen3" else LlamaConfig(**common)

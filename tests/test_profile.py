@@ -20,7 +20,7 @@ def profile(tmp_path_factory):
 
 def test_prefill_rows_and_feature_memory(profile):
     s, _ = profile
-    assert [r["context_len"] for r in s["prefill"]] == [16, 64]  # 10k is past max_position_embeddings (512)
+    assert [r["context_len"] for r in s["prefill"]] == [16, 64]  # 10k is past max_position_embeddings (4096)
     for r in s["prefill"]:
         assert r["features_bytes"] == r["context_len"] * 3 * 64 * 4  # 3 selected layers x d=64 x fp32
         assert r["kv_cache_bytes"] == r["context_len"] * 2 * 6 * 2 * 16 * 4  # K+V x layers x kv heads x head_dim x fp32

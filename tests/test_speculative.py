@@ -89,7 +89,7 @@ def test_sampling_distribution_equals_target_end_to_end():
     "kwargs, message",
     [
         (dict(temperature=-0.5), "temperature must be >= 0"),
-        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
         (dict(max_new_tokens=0), "max_new_tokens"),
     ],
 )

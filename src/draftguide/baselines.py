@@ -37,7 +37,7 @@ def sample_generate(
     from .sampling import check_sampling, sample
 
     check_sampling(temperature, top_p, top_k)
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(input_ids, max_new_tokens, target)
     pick = lambda out: sample(out.logits[:, -1], temperature, top_p, top_k, generator)[:, None]  # noqa: E731
     return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick)
 
@@ -151,7 +151,7 @@ def power_sample(
     and accepting with min(1, [p(x')^alpha q(x)] / [p(x)^alpha q(x')]). Stops after the block in which the
     continuation ends with a stop token, or at `max_new_tokens`. `generator` seeds both the proposals and
     the MH choices. Returns `(tokens [1, T + n], stats)`; `stats.tokens_per_output_token` is its cost."""
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(input_ids, max_new_tokens, target)
     if not alpha >= 1:
         raise DraftGuideError(f"alpha must be >= 1 (p^alpha sharpens the model), got {alpha}")
     if n_mcmc < 0 or block_size < 1:
@@ -231,7 +231,7 @@ def dola_generate(
     premature layer M (hidden-state index: 0 = embeddings, i = after decoder layer i, L = final) is the
     candidate with the largest Jensen-Shannon divergence from the final distribution at this token. Final
     norm applied to intermediate states before lm_head. No repetition penalty (the paper adds 1.2)."""
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(input_ids, max_new_tokens, target)
     L = target.config.get_text_config().num_hidden_layers
     cands = list(candidate_layers) if candidate_layers else default_candidate_layers(target)
     if any(not 0 <= j <= L for j in cands):

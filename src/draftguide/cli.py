@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--verify-len", type=_verify_len, default=None, help="drafted tokens verified per step: N, or 'auto' (adaptive, from the measured cost curve); default block_size-1")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh randomness; the seed used is in summary.json)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-greedy timing runs")
     p.set_defaults(func=cmd_speculate)
 
@@ -413,10 +413,12 @@ def load_models(args):
 
 def cmd_speculate(args) -> int:
     from .prompts import load_prompts
-    from .sampling import check_sampling
+    from .sampling import check_sampling, resolve_seed
     from .speculative import run_speculate
 
     check_sampling(args.temperature, args.top_p, args.top_k)  # fail before loading any model
+    if args.seed is not None:
+        resolve_seed(args.seed)
     if args.max_new_tokens < 1:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = load_prompts(args.prompts)[: args.limit]
@@ -425,9 +427,15 @@ def cmd_speculate(args) -> int:
         target, tok, draft, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, verify_len=args.verify_len, seed=args.seed, baseline=not args.no_baseline,
     )
+    from .runs import fmt
+
     print(f"\n{'prompts':>8} {'tau':>6} {'tok/s':>8} {'base tok/s':>11} {'speedup':>8} {'lossless':>9}")
-    base = s.get("baseline_tokens_per_s", float("nan"))
-    print(f"{s['n_prompts']:>8} {s['tau']:>6.2f} {s['tokens_per_s']:>8.1f} {base:>11.1f} {s.get('speedup', float('nan')):>8.2f} {str(s.get('lossless')):>9}")
+    print(f"{s['n_prompts']:>8} {fmt(s['tau']):>6} {fmt(s['tokens_per_s'], '.1f'):>8} {fmt(s.get('baseline_tokens_per_s'), '.1f'):>11} "
+          f"{fmt(s.get('speedup')):>8} {str(s.get('lossless')):>9}")
+    if s.get("tau_missing"):
+        print(f"tau -: {s['tau_missing']}")
+    if args.no_baseline:
+        print("base tok/s, speedup -: no baseline run (--no-baseline)")
     print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
     return 0
 
@@ -570,9 +578,14 @@ def cmd_bench_tau(args) -> int:
                "sets": {k: {f: v.get(f) for f in keys} for k, v in res.items()}, "environment": environment()}
     write_json(out / "summary.json", summary)
     print(f"\n{'set':<18} {'n':>4} {'tau':>6} {'tok/s':>7} {'base':>7} {'speedup':>8} {'vs HF':>6} {'lossless':>9}")
+    from .runs import fmt
+
     for k, v in res.items():
-        print(f"{k:<18} {v['n_prompts']:>4} {v['tau']:>6.2f} {v['tokens_per_s']:>7.1f} {v['baseline_tokens_per_s']:>7.1f} "
-              f"{v['speedup']:>8.2f} {v['speedup_vs_hf_generate']:>6.2f} {str(v['lossless']):>9}")
+        print(f"{k:<18} {v['n_prompts']:>4} {fmt(v['tau']):>6} {fmt(v['tokens_per_s'], '.1f'):>7} {fmt(v['baseline_tokens_per_s'], '.1f'):>7} "
+              f"{fmt(v['speedup']):>8} {fmt(v['speedup_vs_hf_generate']):>6} {str(v['lossless']):>9}")
+    missing = {k: v["tau_missing"] for k, v in res.items() if v.get("tau_missing")}
+    for k, why in missing.items():
+        print(f"{k}: tau -: {why}")
     return 0
 
 
@@ -595,6 +608,7 @@ def cmd_eval(args) -> int:
 
     check_method(args.method, args.max_new_tokens)
     opts = _method_options(args, args.method)
+    opts = _eval_seed(opts, args.method, args.out)
     tasks, bad = load_tasks(args.tasks, skip_bad=args.skip_bad)
     tasks = tasks[: args.limit]
     judge = None
@@ -611,6 +625,25 @@ def cmd_eval(args) -> int:
         print("\n" + format_table(s))
         print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
     return 0
+
+
+def _eval_seed(opts: dict, method: str, out: str) -> dict:
+    """A sampling eval without --seed draws a fresh seed (recorded in the run's settings and summary), so
+    unseeded runs do not repeat each other; a rerun into the same --out resumes with the seed it recorded."""
+    import json
+    from pathlib import Path
+
+    from .sampling import effective_temperature, resolve_seed
+
+    samples = method in ("sample", "power") or (method == "guided" and effective_temperature(opts.get("temperature", 0.0)) > 0)
+    if "seed" in opts or not samples:
+        return opts
+    run = Path(out) / "run.json"
+    try:
+        seed = json.loads(run.read_text(encoding="utf-8-sig"))["method_options"]["seed"] if run.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        seed = None
+    return opts | {"seed": resolve_seed(seed if isinstance(seed, int) else None)}
 
 
 def cmd_diagnose(args) -> int:
@@ -767,7 +800,9 @@ def cmd_generate(args) -> int:
     kw = dict(method="guided", beta=0.0 if args.beta is None else args.beta, speculative=args.speculative,
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, **opts)
     check_generate(**kw)  # before the models load
-    if args.speculative and args.temperature > 0:
+    from .sampling import effective_temperature
+
+    if args.speculative and effective_temperature(args.temperature) > 0:
         raise DraftGuideError("--speculative is exact for greedy decoding only: use --temperature 0")
     dg = DraftGuide(*load_models(args), name=args.target)
     prompt = {"prompt": args.prompt} if args.raw else args.prompt  # a plain string takes the chat template if any
@@ -776,12 +811,16 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    g = dg.generate(prompt, seed=args.seed or 0, ttt=_guided_ttt(args), on_text=show, **kw)
+    g = dg.generate(prompt, seed=args.seed, ttt=_guided_ttt(args), on_text=show, **kw)
     if g.ttt:
         r = g.ttt
         print(f"\n[TTT on the prompt: {r['steps']} steps in {r['seconds']:.1f}s, context loss {r['loss_before']:.3f} -> "
               f"{r['loss_after']:.3f}]", file=sys.stderr)
-    print(f"\n[{len(g.tokens)} tokens in {g.stats['seconds']:.1f}s ({g.stats['tokens_per_s']:.1f} tok/s), beta {kw['beta']:g}, "
+    from .runs import fmt
+
+    sampled = effective_temperature(args.temperature) > 0
+    print(f"\n[{len(g.tokens)} tokens in {g.stats['seconds']:.1f}s ({fmt(g.stats['tokens_per_s'], '.1f')} tok/s), beta {kw['beta']:g}, "
+          f"{'seed ' + str(g.seed) + ', ' if sampled else ''}"
           f"{g.stats.get('n_flips', 0)} tokens flipped by guidance]", file=sys.stderr)
     return 0
 

@@ -12,7 +12,6 @@ forward per sequence at training time instead of token-by-token generation.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DraftGuideError
-from .prompts import encode_prompt, stop_token_ids
+from .prompts import check_length, encode_prompt, place, stop_token_ids
 from .runs import JsonlWriter, write_json
 
 SAMPLES = "samples.jsonl"
@@ -30,14 +29,9 @@ def read_samples(data_dir: str | Path) -> list[dict]:
     path = Path(data_dir) / SAMPLES
     if not path.is_file():
         raise DraftGuideError(f"no {SAMPLES} in '{data_dir}': run `draftguide make-data` first")
-    rows = []
-    with path.open() as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write: that prompt is simply redone on resume
-    return rows
+    from .prompts import read_jsonl
+
+    return read_jsonl(path, bad=[], line_numbers=False)  # a line cut by a crash mid-write: that prompt is redone on resume
 
 
 def encode_conversation(tokenizer, row: dict, max_tokens: int | None = None) -> tuple[list[int], int] | None:
@@ -118,11 +112,16 @@ def make_data(
         if row["id"] in done:
             continue
         ids = encode_prompt(tokenizer, row)[0]
-        if ids.numel() <= max_prompt_tokens:
+        if ids.numel() <= max_prompt_tokens:  # longer prompts are left out (--max-prompt-tokens); kept ones must fit
+            check_length(target, ids.numel(), max_new_tokens, place(row))
             todo.append((row, ids))
     todo.sort(key=lambda x: x[1].numel())  # similar lengths per batch: less left-padding
     stop = stop_token_ids(tokenizer, target)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    from .sampling import check_sampling, effective_temperature
+
+    check_sampling(temperature)
+    temperature = effective_temperature(temperature)  # a tiny temperature is greedy (HF would divide by it)
     gc = GenerationConfig(
         do_sample=temperature > 0, temperature=temperature or None, top_p=None, top_k=None,
         max_new_tokens=max_new_tokens, eos_token_id=stop or None, pad_token_id=pad,

@@ -8,7 +8,6 @@ Held-out sets for measuring tau (never train on them): MT-Bench first turns, Hum
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 from pathlib import Path
@@ -39,7 +38,7 @@ def package_file(name: str) -> Path:
 def iter_json_array(path: Path, chunk: int = 1 << 20) -> Iterator[dict]:
     """Decode a top-level JSON array record by record; a truncated tail is skipped, not fatal."""
     dec = json.JSONDecoder()
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         buf, pos, started = "", 0, False
         while True:
             data = f.read(chunk)
@@ -97,25 +96,21 @@ def sharegpt(path: Path | None = None, limit: int | None = None, max_chars: int 
 
 def mtbench(path: Path | None = None, limit: int | None = None) -> list[dict]:
     """MT-Bench first turns (80 questions)."""
-    rows = []
-    with (path or package_file("mtbench")).open() as f:
-        for line in f:
-            if line.strip():
-                q = json.loads(line)
-                rows.append({"id": f"mtbench-{q['question_id']}", "source": "mtbench", "category": q.get("category"),
-                             "messages": [{"role": "user", "content": q["turns"][0]}]})
+    from .prompts import read_jsonl
+
+    rows = [{"id": f"mtbench-{q['question_id']}", "source": "mtbench", "category": q.get("category"),
+             "messages": [{"role": "user", "content": q["turns"][0]}]} for q in read_jsonl(path or package_file("mtbench"))]
     return rows[:limit]
 
 
 def humaneval(path: Path | None = None, limit: int | None = None) -> list[dict]:
     """HumanEval prompts (164), asked as 'complete this function'."""
+    from .prompts import read_jsonl
+
     rows = []
-    with gzip.open(path or package_file("humaneval"), "rt") as f:
-        for line in f:
-            if line.strip():
-                p = json.loads(line)
-                ask = f"Complete the following Python function.\n\n```python\n{p['prompt']}```"
-                rows.append({"id": p["task_id"].replace("/", "-"), "source": "humaneval", "messages": [{"role": "user", "content": ask}]})
+    for p in read_jsonl(path or package_file("humaneval"), line_numbers=False):  # .jsonl.gz
+        ask = f"Complete the following Python function.\n\n```python\n{p['prompt']}```"
+        rows.append({"id": p["task_id"].replace("/", "-"), "source": "humaneval", "messages": [{"role": "user", "content": ask}]})
     return rows[:limit]
 
 

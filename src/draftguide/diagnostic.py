@@ -230,6 +230,11 @@ def diagnose(target, draft, prepared: Prepared, *, modes: Iterable[str] = MODES,
     its task's `ttt_report`. Controls always run the base draft."""
     from tqdm.auto import tqdm
 
+    from .prompts import check_length
+
+    for t in prepared.tasks:  # teacher forcing reads prompt + answer in one forward: it must fit, before any work
+        check_length(target, len(t.prompt_ids) + len(t.answer_ids), where=f"task {t.task_id!r}",
+                     what="prompt with its reference answer")
     modes, controls = list(modes), list(controls)
     ctl = {}
     if "noise" in controls:

@@ -273,7 +273,7 @@ class DFlashDraft(nn.Module):
         if not cfg_file.is_file():
             raise DraftGuideError(f"draft folder '{path}' has no config.json")
         try:
-            raw = json.loads(cfg_file.read_text())
+            raw = json.loads(cfg_file.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DraftGuideError(f"corrupt draft config '{cfg_file}': {e}") from e
         config = _config_from_dict(raw, cfg_file)
@@ -323,7 +323,9 @@ class DFlashDraft(nn.Module):
         tmp = path / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path / WEIGHTS_NAME)
-        (path / "config.json.tmp").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        from .runs import dumps
+
+        (path / "config.json.tmp").write_text(dumps(cfg, indent=2, sort_keys=True) + "\n")
         os.replace(path / "config.json.tmp", path / "config.json")
 
     # -- compatibility with a target ------------------------------------------------------------------
@@ -474,7 +476,7 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / (WEIGHTS_NAME + ".index.json")
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"].values()))
         except (json.JSONDecodeError, KeyError) as e:
             raise DraftGuideError(f"corrupt weight index '{index}'") from e
         files = [path / n for n in names]

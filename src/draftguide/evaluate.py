@@ -269,6 +269,15 @@ def check_method(method: str, max_new_tokens: int) -> None:
         raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def check_prompt_lengths(target, tokenizer, tasks: list[dict], max_new_tokens: int) -> None:
+    """Every task's prompt plus `max_new_tokens` fits the target's positions, or one error naming the first
+    task that does not (its line and task id)."""
+    from .prompts import check_length, encode_prompt, place
+
+    for t in tasks:
+        check_length(target, encode_prompt(tokenizer, t).shape[1], max_new_tokens, place(t))
+
+
 def check_judge(tasks: list[dict], judge: str) -> bool:
     """Whether the run needs the LLM judge; raises if `rules` is asked for tasks without checks."""
     if judge not in JUDGES:
@@ -291,14 +300,17 @@ def _categories(task: dict) -> dict:
 def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: int, stop: list[int], judge: str,
                   llm_judge=None, method_options: dict | None = None) -> dict:
     """Generate and score one task; raises on failure (the run loop records it)."""
-    from .prompts import encode_prompt
+    from .judge import JudgeUnavailable
+    from .pipeline import decode_text
+    from .prompts import check_length, encode_prompt, place
 
     ids = encode_prompt(tokenizer, task).to(next(target.parameters()).device)
+    check_length(target, ids.shape[1], max_new_tokens, place(task))
     t0 = time.perf_counter()
     new = METHODS[method](target, tokenizer, ids, max_new_tokens, stop, **(method_options or {}))
     gen_s = time.perf_counter() - t0
     new, extra = new if isinstance(new, tuple) else (new, {})  # a method may add fields to the row
-    raw = tokenizer.decode(new, skip_special_tokens=True)
+    raw = decode_text(tokenizer, new)
     response = strip_thinking(raw)
     rec = _categories(task) | {"method": method, "status": "ok", "response": response, "reference_answer": task.get("reference_answer")}
     if raw.strip() != response:
@@ -309,7 +321,11 @@ def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: in
         passed, details = score_checks(response, task["checks"])
         rec |= {"judge": "rules", "score": int(passed), "checks": details}
     else:
-        v = llm_judge(task.get("rubrics", []), response)
+        try:
+            v = llm_judge(task.get("rubrics", []), response)
+        except JudgeUnavailable as e:  # no verdict: a failed task (retried by a rerun), never a 0
+            return rec | {"judge": "llm", "status": "error", "score": None, "error": str(e), "prompt_tokens": ids.shape[1],
+                          "new_tokens": len(new), "gen_s": gen_s} | extra
         rec |= {"judge": "llm", "score": v["score"], "rubrics": task.get("rubrics", []), "rubric_results": v["rubric_results"],
                 "judge_rationale": v["rationale"], "judge_tries": v["tries"], "judge_error": v["error"]}
     rec |= {"prompt_tokens": ids.shape[1], "new_tokens": len(new), "gen_s": gen_s, "judge_s": time.perf_counter() - t1,
@@ -360,7 +376,7 @@ def _check_settings(out_dir: Path, settings: dict, rank: int) -> None:
 
     path = out_dir / RUN
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8-sig"))
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise DraftGuideError(f"'{out_dir}' holds a run with other settings ({', '.join(diff)}); use another --out")
@@ -382,6 +398,7 @@ def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "gr
     check_method_options(method, method_options or {})
     if check_judge(tasks, judge) and llm_judge is None:
         raise DraftGuideError("some tasks need the LLM judge (no 'checks'), but none is configured")
+    check_prompt_lengths(target, tokenizer, tasks, max_new_tokens)  # every task fits, before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"method": method, "method_options": method_options or {}, "max_new_tokens": max_new_tokens,
@@ -456,8 +473,9 @@ def _group(scores: list[int]) -> dict:
 
 
 def summarize(rows: list[dict], n_tasks: int | None = None) -> dict:
-    """Solve rate over finished tasks (judge failures count as 0), per category and subcategory with
-    95% bootstrap CIs; failed tasks (errors) are counted apart and left out of the rates."""
+    """Solve rate over finished tasks (an unparseable judge reply counts as 0), per category and subcategory
+    with 95% bootstrap CIs; failed tasks (errors, a judge that could not be reached included) are counted apart
+    and left out of the rates."""
     ok = [r for r in rows if r.get("status") == "ok"]
     cats: dict[str, dict[str, list[int]]] = {}
     for r in ok:
@@ -474,9 +492,11 @@ def summarize(rows: list[dict], n_tasks: int | None = None) -> dict:
 
 
 def format_table(summary: dict) -> str:
+    from .runs import fmt
+
     def line(name, g, indent=""):
         lo, hi = g["ci95"]
-        return f"{indent + name:<44} {g['n']:>5} {g['solve_rate']:>7.3f}  [{lo:.2f}, {hi:.2f}]"
+        return f"{indent + name:<44} {g['n']:>5} {fmt(g['solve_rate'], '.3f'):>7}  [{fmt(lo)}, {fmt(hi)}]"
 
     out = [f"{'category / subcategory':<44} {'n':>5} {'solved':>7}  95% CI"]
     for c, g in summary["categories"].items():
@@ -487,4 +507,6 @@ def format_table(summary: dict) -> str:
              if summary.get(k)]
     if extra:
         out.append("(" + ", ".join(extra) + ")")
+    if not summary["n"]:
+        out.append("(solved -: no task finished, so there is no rate)")
     return "\n".join(out)

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from .draft import BlockMask, DraftCache, block_inputs, context_end
 from .errors import DraftGuideError
-from .sampling import check_sampling, sample
+from .sampling import check_sampling, effective_temperature, sample
 from .speculative import GenStats, _check_prompt, _first_stop, _now, cache_kwarg, crop_cache
 from .targets import extract_features
 
@@ -78,7 +78,7 @@ def noise_logits(draft_logits: torch.Tensor, positions: torch.Tensor, seed: int)
     # draft_logits: [N, V], positions: [N] -> [N, V]"""
     d = draft_logits.float()
     V = d.shape[-1]
-    z = torch.stack([torch.randn(V, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(p))) for p in positions.tolist()])
+    z = torch.stack([torch.randn(V, generator=torch.Generator().manual_seed((seed * 1_000_003 + int(p)) % 2**64)) for p in positions.tolist()])
     return d.mean(-1, keepdim=True) + d.std(-1, keepdim=True) * z.to(d.device)
 
 
@@ -217,8 +217,9 @@ def guided_generate(
     and token-by-token read the k=1 readout through different passes, equal up to float rounding: exact ties
     aside, identical tokens; a bf16 draft rounds more coarsely than fp32.)"""
     check_sampling(temperature, top_p, top_k)
+    temperature = effective_temperature(temperature)  # a tiny temperature is greedy
     check_guided(beta, beta_schedule, mix, guard_top_k, control)
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(input_ids, max_new_tokens, target)
     if speculative and temperature > 0:
         raise DraftGuideError("speculative guided decoding is exact for greedy decoding only: use temperature 0")
     if verify_len is not None and not (speculative and 1 <= verify_len < draft.block_size):

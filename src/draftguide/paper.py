@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DraftGuideError
-from .runs import read_command
+from .runs import fmt, read_command
 
 TITLES = {"diagnose": "Readout diagnostic", "profile": "Compute profile", "speculate": "Speculative decoding",
           "bench-tau": "Acceptance length per benchmark set", "eval": "Context-learning evaluation",
@@ -70,7 +70,7 @@ def load_runs(dirs: list[str | Path], skip: Path | None = None, warn: Callable[[
             warn(f"'{d}' is not a folder: skipped")
             continue
         try:
-            summary = json.loads((d / "summary.json").read_text())
+            summary = json.loads((d / "summary.json").read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             summary = {}
         except json.JSONDecodeError as e:
@@ -91,7 +91,7 @@ def load_runs(dirs: list[str | Path], skip: Path | None = None, warn: Callable[[
 # -- sections -------------------------------------------------------------------------------------
 def _ci(lo_hi) -> str:
     lo, hi = lo_hi
-    return f"[{lo:.2f}, {hi:.2f}]"
+    return f"[{fmt(lo)}, {fmt(hi)}]"
 
 
 def embedded(run: Run, fig_dir: Path) -> list[str]:
@@ -121,12 +121,12 @@ def speculate_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
     t = count.table()
     lines = ["| prompts | new tokens | block | verify | tau [95% CI] | tok/s | baseline tok/s | speedup | lossless |",
              "|---|---|---|---|---|---|---|---|---|",
-             f"| {s['n_prompts']} | {s['new_tokens']} | {s['block_size']} | {s['verify_len']} | {s['tau']:.2f} "
-             f"{_ci(s['tau_ci95_over_prompts'])} | {s['tokens_per_s']:.1f} | {_num(s.get('baseline_tokens_per_s'))} "
+             f"| {s['n_prompts']} | {s['new_tokens']} | {s['block_size']} | {s['verify_len']} | {fmt(s['tau'])} "
+             f"{_ci(s['tau_ci95_over_prompts'])} | {fmt(s['tokens_per_s'], '.1f')} | {_num(s.get('baseline_tokens_per_s'))} "
              f"({s.get('baseline_method', '-')}) | {_num(s.get('speedup'), 2)} | {s.get('lossless', '-')} |", "",
              f"*Table {t}*: speculative decoding, n = {s['n_prompts']} prompts, T = {s['temperature']}; tau = tokens committed "
              "per target forward, 95% bootstrap CI over prompts; baseline = the faster plain decoding of the same target in the "
-             f"same run. Command: `{run.command}`.", ""]
+             f"same run{'; tau -: ' + s['tau_missing'] if s.get('tau_missing') else ''}. Command: `{run.command}`.", ""]
     hist = s.get("acceptance_histogram") or []
     if hist:
         from .report import _plt
@@ -138,7 +138,7 @@ def speculate_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
         ax.set_ylabel("steps")
         lines += _figure(plt, fig, fig_dir / "acceptance.png", count,
                          f"acceptance lengths over all {sum(hist)} verify steps of n = {s['n_prompts']} prompts (tau "
-                         f"{s['tau']:.2f}, 95% CI {_ci(s['tau_ci95_over_prompts'])}). Command: `{run.command}`.")
+                         f"{fmt(s['tau'])}, 95% CI {_ci(s['tau_ci95_over_prompts'])}). Command: `{run.command}`.")
     return lines
 
 
@@ -146,7 +146,7 @@ def bench_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
     s = run.summary
     lines = ["| set | prompts | tau [95% CI] | tok/s | baseline tok/s | speedup | lossless |", "|---|---|---|---|---|---|---|"]
     for name, v in s["sets"].items():
-        lines.append(f"| {name} | {v['n_prompts']} | {v['tau']:.2f} {_ci(v['tau_ci95_over_prompts'])} | {v['tokens_per_s']:.1f} | "
+        lines.append(f"| {name} | {v['n_prompts']} | {fmt(v['tau'])} {_ci(v['tau_ci95_over_prompts'])} | {fmt(v['tokens_per_s'], '.1f')} | "
                      f"{_num(v.get('baseline_tokens_per_s'))} | {_num(v.get('speedup'), 2)} | {v.get('lossless')} |")
     lines += ["", f"*Table {count.table()}*: tau and speedup per held-out set, {s.get('max_new_tokens')} new tokens per prompt, "
               f"n prompts per row, 95% bootstrap CI over prompts. Command: `{run.command}`.", ""]
@@ -160,9 +160,10 @@ def ttt_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
     rows = [*s["sets"].items(), ("all", s["all"])]
     lines = ["| set | contexts | context tokens | tau base | tau TTT | delta tau [95% CI] | context loss before -> after | TTT s |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {v['n_contexts']} | {v['mean_context_tokens']:.0f} | {v['tau_base']:.3f} | {v['tau_ttt']:.3f} | "
-              f"{v['delta_tau_mean']:+.3f} {_ci(v['delta_tau_ci95'])} | {v['mean_context_loss_before']:.3f} -> "
-              f"{v['mean_context_loss_after']:.3f} | {v['mean_ttt_s']:.2f} |" for name, v in rows]
+    lines += [f"| {name} | {v['n_contexts']} | {fmt(v['mean_context_tokens'], '.0f')} | {fmt(v['tau_base'], '.3f')} | "
+              f"{fmt(v['tau_ttt'], '.3f')} | {fmt(v['delta_tau_mean'], '+.3f')} {_ci(v['delta_tau_ci95'])} | "
+              f"{fmt(v['mean_context_loss_before'], '.3f')} -> {fmt(v['mean_context_loss_after'], '.3f')} | "
+              f"{fmt(v['mean_ttt_s'], '.2f')} |" for name, v in rows]
     t = s.get("ttt", {})
     lines += ["", f"*Table {count.table()}*: acceptance length of greedy speculative decoding before and after TTT "
               f"({t.get('steps')} steps, lr {t.get('lr')}, rank {t.get('rank')}) on the same context, n contexts per row, "
@@ -211,7 +212,7 @@ def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
         ax.set_ylabel("solve rate")
         lines += _figure(plt, fig, fig_dir / "solve_rate.png", count,
                          f"solve rate by category, bars 95% bootstrap CI over tasks, n per bar below it (overall "
-                         f"{s['solve_rate']:.3f} on n = {s['n']}). Command: `{run.command}`.")
+                         f"{fmt(s['solve_rate'], '.3f')} on n = {s['n']}). Command: `{run.command}`.")
     return lines
 
 
@@ -226,7 +227,7 @@ def _figure(plt, fig, path: Path, count: Counter, caption: str) -> list[str]:
 
 
 def _num(x, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+    return fmt(x, f".{digits}f")
 
 
 class Counter:

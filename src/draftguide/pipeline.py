@@ -59,9 +59,24 @@ def load_pair(target: str = DEFAULT_TARGET, draft: str | None = None, dtype: str
     return model, tok, d
 
 
+def complete_text(text: str) -> str:
+    """`text` without the replacement characters a decode leaves for an incomplete trailing UTF-8 sequence
+    (tokens cut inside a multi-byte character): what is final so far."""
+    return text.rstrip("\ufffd")
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """The text of generated tokens, as everywhere output text is made (server, CLI, eval, speculate): special
+    tokens skipped, and a character cut by the token limit left out rather than written as U+FFFD. The same
+    string `TextStream` streams piece by piece."""
+    return complete_text(tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
 class TextStream:
-    """Token ids in, printable text deltas out. Holds back a trailing incomplete UTF-8 character and any
-    tail that could still grow into a stop string; a stop string ends the text just before it."""
+    """Token ids in, printable text deltas out (an incremental detokenizer). Holds back trailing bytes of an
+    incomplete UTF-8 character and any tail that could still grow into a stop string; a stop string ends the
+    text just before it. At the end (`flush`) an incomplete character is dropped, so the streamed pieces
+    always join to `text`, which is `decode_text` of the tokens (up to a stop string)."""
 
     def __init__(self, tokenizer, stop_token_ids: list[int], stop: list[str] = ()):
         self.tok, self.stop_ids, self.stop = tokenizer, set(stop_token_ids), [s for s in stop if s]
@@ -78,15 +93,17 @@ class TextStream:
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         cuts = [text.find(s) for s in self.stop if s in text]
         if cuts:
-            self.text, self.stop_hit = text[: min(cuts)], True
+            self.text, self.stop_hit = complete_text(text[: min(cuts)]), True
             return self._emit(len(self.text))
         self.text = text
-        safe = len(text) - text.endswith("\ufffd")
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        safe = len(complete_text(text))
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
         return self._emit(safe - hold)
 
     def flush(self) -> str:
-        return self._emit(len(self.text.rstrip("\ufffd")))
+        """The rest of the text, an incomplete trailing character dropped; `text` is then what was emitted."""
+        self.text = complete_text(self.text)
+        return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
         delta = self.text[self.emitted : max(upto, self.emitted)]
@@ -103,6 +120,8 @@ class Generation:
     method: str
     stats: dict = field(default_factory=dict)  # seconds, tokens_per_s, tau (speculative), the method's own stats
     ttt: dict | None = None  # the TTT report when the draft was adapted for this request
+    seed: int | None = None  # the seed the generation used (drawn fresh when none was given)
+    logprobs: list[dict] | None = None  # per token of `text`, when asked for: see `target_logprobs`
 
     def __str__(self) -> str:
         return self.text
@@ -140,20 +159,22 @@ class DraftGuide:
         return next(self.target.parameters()).device
 
     # -- prompts ------------------------------------------------------------------------------------
-    def encode(self, prompt) -> torch.Tensor:
+    def encode(self, prompt, where: str | None = None) -> torch.Tensor:
         """str -> one user turn through the chat template (raw text without one); list -> messages;
-        dict -> a prompt-file row ({'prompt': raw text} or {'messages': [...]}); tensor -> ids. [1, T]"""
+        dict -> a prompt-file row ({'prompt': raw text} or {'messages': [...]}); tensor -> ids. [1, T]
+        Errors name `where` (default: the row's line/id, or 'prompt')."""
         from .prompts import encode_prompt
 
         if isinstance(prompt, torch.Tensor):
             ids = prompt.reshape(1, -1)
         elif isinstance(prompt, dict):
-            ids = encode_prompt(self.tokenizer, prompt)
+            ids = encode_prompt(self.tokenizer, prompt, where)
         elif isinstance(prompt, list):
-            ids = encode_prompt(self.tokenizer, {"messages": prompt})
+            ids = encode_prompt(self.tokenizer, {"messages": prompt}, where or "prompt")
         elif isinstance(prompt, str):
             chat = self.tokenizer.chat_template is not None
-            ids = encode_prompt(self.tokenizer, {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+            ids = encode_prompt(self.tokenizer, {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt},
+                                where or "prompt")
         else:
             raise DraftGuideError(f"prompt must be a string, a list of messages, a row dict or token ids, got {type(prompt).__name__}")
         return ids.to(self.device)
@@ -166,10 +187,13 @@ class DraftGuide:
             from .ttt import ttt_adapt
         except ImportError as e:
             raise DraftGuideError("test-time training is not available in this installation (draftguide.ttt)") from e
+        from .prompts import check_length
+
         if isinstance(context, str):
             ids = torch.tensor([self.tokenizer(context)["input_ids"]], device=self.device)
         else:
             ids = self.encode(context)
+        check_length(self.target, ids.shape[1], where="TTT context", what="context")
         with self._lock:
             self.reset()
             self._adapted = ttt_adapt(self.draft, self.target, ids, **ttt)
@@ -185,16 +209,21 @@ class DraftGuide:
     # -- generation ---------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, method: str | None = None, beta: float = 0.0,
                  speculative: bool = False, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 stop: list[str] | str | None = None, seed: int = 0, ttt: dict | bool | None = None,
-                 stream: bool = False, on_text: Callable[[str], None] | None = None, **options):
+                 stop: list[str] | str | None = None, seed: int | None = None, ttt: dict | bool | None = None,
+                 stream: bool = False, on_text: Callable[[str], None] | None = None, logprobs: bool = False,
+                 top_logprobs: int = 0, **options):
         """Decode a reply to `prompt` (see `encode`). `method`: greedy (the target alone), speculative
         (lossless, the same output faster when the draft is good), guided (target and draft logits mixed
         with weight `beta`; `speculative=True` for its exact block-verified variant); default: guided if
         beta else speculative if `speculative` else greedy. `ttt`: adapt the base draft on this prompt
         first (True or ttt_adapt options), reset after. `stream=True` returns an iterator of text pieces;
-        otherwise a `Generation` (`on_text` still sees the pieces as they come)."""
+        otherwise a `Generation` (`on_text` still sees the pieces as they come). `seed`: None draws fresh
+        randomness (recorded in `Generation.seed`), an integer reproduces. Temperatures below
+        `sampling.GREEDY_BELOW` decode greedily. `logprobs`: also the target's log-probabilities of the output
+        tokens, with `top_logprobs` (0..20) alternatives each (`target_logprobs`)."""
         kw = dict(max_new_tokens=max_new_tokens, method=method, beta=beta, speculative=speculative,
-                  temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ttt=ttt, **options)
+                  temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ttt=ttt,
+                  logprobs=logprobs, top_logprobs=top_logprobs, **options)
         if stream:
             return self._stream(prompt, kw)
         return self._generate(prompt, on_text=on_text, **kw)
@@ -229,12 +258,16 @@ class DraftGuide:
             closed.set()
 
     def _generate(self, prompt, *, max_new_tokens, method, beta, speculative, temperature, top_p, top_k, stop, seed,
-                  ttt, on_text=None, **options) -> Generation:
-        from .prompts import stop_token_ids
+                  ttt, logprobs=False, top_logprobs=0, on_text=None, where=None, **options) -> Generation:
+        from .prompts import check_length, stop_token_ids
+        from .sampling import effective_temperature, resolve_seed
 
         method = check_generate(method=method, beta=beta, speculative=speculative, temperature=temperature, top_p=top_p,
-                                top_k=top_k, max_new_tokens=max_new_tokens, **options)
-        ids = self.encode(prompt)  # [1, T]
+                                top_k=top_k, max_new_tokens=max_new_tokens, stop=stop, seed=seed, logprobs=logprobs,
+                                top_logprobs=top_logprobs, **options)
+        temperature, seed = effective_temperature(temperature), resolve_seed(seed)
+        ids = self.encode(prompt, where)  # [1, T]
+        check_length(self.target, ids.shape[1], max_new_tokens, where or "prompt")
         stop_ids = stop_token_ids(self.tokenizer, self.target)
         text = TextStream(self.tokenizer, stop_ids, [stop] if isinstance(stop, str) else list(stop or ()))
 
@@ -265,13 +298,19 @@ class DraftGuide:
         if tail and on_text:
             on_text(tail)
         n = len(text.ids)
-        stats = {"seconds": seconds, "tokens_per_s": n / seconds if seconds > 0 else float("nan"), **_stats_dict(st)}
+        stats = {"seconds": seconds, "tokens_per_s": n / seconds if seconds > 0 else None, **_stats_dict(st)}
+        lp = None
+        if logprobs:
+            out = [t for t in text.ids if t not in stop_ids]  # a final stop token is not part of the text
+            with self._lock:
+                lp = target_logprobs(self.target, self.tokenizer, ids, out, top_logprobs)
         return Generation(text=text.text, tokens=text.ids, prompt_tokens=ids.shape[1],
                           finish_reason="stop" if text.stop_hit else "length", method=method, stats=stats,
-                          ttt=_stats_dict(report) if report is not None else None)
+                          ttt=_stats_dict(report) if report is not None else None, seed=seed, logprobs=lp)
 
     @torch.inference_mode()
     def _decode(self, method, ids, n, beta, speculative, temperature, top_p, top_k, stop_ids, seed, on_token, options):
+        """`temperature` is already effective (0 = greedy) and `seed` resolved."""
         from .speculative import greedy_generate, speculative_generate
 
         gen = torch.Generator(device=ids.device).manual_seed(seed)
@@ -319,20 +358,97 @@ class DraftGuide:
             )
 
 
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API
+
+
 def check_generate(*, method=None, beta=0.0, speculative=False, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1,
-                   stop=None, seed=0, ttt=None, **options) -> str:
+                   stop=None, seed=None, ttt=None, logprobs=False, top_logprobs=0, **options) -> str:
     """Every generate() option checked before any work; returns the method that will run."""
-    from .sampling import check_sampling
+    from .sampling import check_sampling, resolve_seed
 
     method = resolve_method(method, beta, speculative)
     check_sampling(temperature, top_p, top_k)
+    if seed is not None:
+        resolve_seed(seed)
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise DraftGuideError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+    if top_logprobs and not logprobs:
+        raise DraftGuideError("top_logprobs needs logprobs = true")
     bad = sorted(set(options) - set(METHOD_OPTIONS[method]))
     if bad:
         raise DraftGuideError(f"{', '.join(bad)}: not an option of method {method!r} "
                               f"(it takes {', '.join(METHOD_OPTIONS[method]) or 'none'})")
-    if max_new_tokens < 1:
-        raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DraftGuideError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     return method
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for: exact for byte-level BPE (GPT-2 style) and SentencePiece byte-fallback
+    (`<0xAB>`) tokens, else the UTF-8 of its decoded text. A token may hold part of a multi-byte character."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if isinstance(piece, str):
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        dec = _byte_decoder()
+        if piece and _byte_level(tokenizer) and all(c in dec for c in piece):
+            return bytes(dec[c] for c in piece)
+    return tokenizer.decode([int(token_id)]).encode("utf-8")
+
+
+def _byte_level(tokenizer) -> bool:
+    """Whether a fast tokenizer decodes with GPT-2's byte-level mapping."""
+    try:
+        return "ByteLevel" in tokenizer.backend_tokenizer.decoder.__getstate__().decode()
+    except Exception:
+        return False
+
+
+_BYTE_DECODER: dict | None = None
+
+
+def _byte_decoder() -> dict:
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:  # GPT-2's bytes_to_unicode, inverted
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs, n = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
+    return _BYTE_DECODER
+
+
+@torch.inference_mode()
+def target_logprobs(target, tokenizer, prompt_ids: torch.Tensor, new_tokens: list[int], top: int = 0) -> list[dict]:
+    """The target's own log-probabilities of `new_tokens` after `prompt_ids` (one teacher-forced forward):
+    the raw next-token distribution, log_softmax of the logits at temperature 1, before any top-k/top-p
+    filter and before guidance, whichever method chose the tokens (OpenAI and vLLM report them so too). Per
+    token, in the OpenAI chat format: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}] (the
+    `top` most likely, best first)}."""
+    if not new_tokens:
+        return []
+    dev, n = prompt_ids.device, len(new_tokens)
+    seq = torch.cat([prompt_ids.reshape(1, -1), torch.tensor([new_tokens], device=dev)], 1)
+    logits = target(seq[:, :-1], logits_to_keep=n).logits[0, -n:]  # [n, V]
+    logp = torch.log_softmax(logits.float(), -1)
+    chosen = logp.gather(-1, torch.tensor(new_tokens, device=dev)[:, None])[:, 0].tolist()
+    tops = logp.topk(top, -1) if top else None
+
+    def entry(tid: int, value: float) -> dict:
+        b = token_bytes(tokenizer, tid)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": max(value, -9999.0), "bytes": list(b)}
+
+    rows = []
+    for i, tid in enumerate(new_tokens):
+        alts = [] if tops is None else [entry(j, v) for v, j in zip(tops.values[i].tolist(), tops.indices[i].tolist())]
+        rows.append(entry(tid, chosen[i]) | {"top_logprobs": alts})
+    return rows
 
 
 def resolve_method(method: str | None, beta: float, speculative: bool) -> str:
@@ -349,4 +465,5 @@ def resolve_method(method: str | None, beta: float, speculative: bool) -> str:
     return method
 
 
-__all__ = ["DraftGuide", "Generation", "METHODS", "METHOD_OPTIONS", "check_generate", "TextStream", "load_pair", "resolve_method"]
+__all__ = ["DraftGuide", "Generation", "METHODS", "METHOD_OPTIONS", "check_generate", "TextStream", "decode_text", "load_pair",
+           "resolve_method", "target_logprobs"]

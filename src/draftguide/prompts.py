@@ -19,14 +19,16 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def read_jsonl(path: str | Path, bad: list | None = None) -> list[dict]:
-    """Rows of a JSONL file; a malformed line raises an error naming its line number, or, when a list
-    `bad` is given, is appended to it as `(line_number, message)` and skipped."""
+def read_jsonl(path: str | Path, bad: list | None = None, line_numbers: bool = True) -> list[dict]:
+    """Rows of a JSONL file (every JSONL reader of the package comes here); a malformed line raises an error
+    naming its line number, or, when a list `bad` is given, is appended to it as `(line_number, message)` and
+    skipped. A UTF-8 byte-order mark (Windows editors write one) is accepted. `line_numbers`: each row gets
+    its line as `_line` (unless it has one)."""
     path = Path(path)
     if not path.is_file():
         raise DraftGuideError(f"file '{path}' does not exist")
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -41,9 +43,19 @@ def read_jsonl(path: str | Path, bad: list | None = None) -> list[dict]:
                     raise DraftGuideError(msg)
                 bad.append((n, msg))
                 continue
-            row.setdefault("_line", n)
+            if line_numbers:
+                row.setdefault("_line", n)
             rows.append(row)
     return rows
+
+
+def open_text(path: str | Path):
+    """A UTF-8 text file for reading, a leading byte-order mark skipped (gzip-compressed if it ends in .gz)."""
+    if str(path).endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def load_prompts(source: str) -> list[dict]:
@@ -57,15 +69,31 @@ def load_prompts(source: str) -> list[dict]:
     return rows
 
 
-def encode_prompt(tokenizer, row: dict) -> torch.Tensor:
-    """`messages` -> chat template with the generation prompt; `prompt` -> raw text. Returns [1, T]."""
-    where = f"line {row['_line']}" if "_line" in row else f"prompt {row.get('id', '?')}"
+def place(row: dict) -> str:
+    """Where a prompt row came from, for error messages: its line, task id or prompt id (or 'prompt')."""
+    parts = [f"line {row['_line']}"] if "_line" in row else []
+    meta = row.get("metadata")
+    if isinstance(meta, dict) and meta.get("task_id"):
+        parts.append(f"task {meta['task_id']!r}")
+    elif row.get("id") is not None:
+        parts.append(f"prompt {row['id']!r}")
+    return ", ".join(parts) or row.get("_where", "prompt")
+
+
+def encode_prompt(tokenizer, row: dict, where: str | None = None) -> torch.Tensor:
+    """`messages` -> chat template with the generation prompt; `prompt` -> raw text. Returns [1, T].
+    Errors name `where` (default: `place(row)`) and the message at fault."""
+    where = where or place(row)
     if "messages" in row:
         msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
+        if not isinstance(msgs, list) or not msgs:
             raise DraftGuideError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        if not any(str(m.get("content", "")).strip() for m in msgs):
-            raise DraftGuideError(f"{where}: empty prompt (every message is empty)")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m:
+                raise DraftGuideError(f"{where}: messages[{i}] must be a {{role, content}} object, got {str(m)[:60]!r}")
+        if not any(str(m.get("content") or "").strip() for m in msgs):
+            which = "messages[0].content is" if len(msgs) == 1 else f"every message's content (messages[0..{len(msgs) - 1}]) is"
+            raise DraftGuideError(f"{where}: empty prompt: {which} empty or whitespace")
         if tokenizer.chat_template is None:
             raise DraftGuideError(f"{where}: the tokenizer has no chat template; use a raw 'prompt' instead")
         ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -73,7 +101,7 @@ def encode_prompt(tokenizer, row: dict) -> torch.Tensor:
             ids = ids["input_ids"]
     elif "prompt" in row:
         if not str(row["prompt"]).strip():
-            raise DraftGuideError(f"{where}: empty prompt")
+            raise DraftGuideError(f"{where}: empty prompt: 'prompt' is empty or whitespace")
         ids = tokenizer(str(row["prompt"]))["input_ids"]
     else:
         raise DraftGuideError(f"{where}: a row needs 'messages' or 'prompt'")
@@ -81,6 +109,28 @@ def encode_prompt(tokenizer, row: dict) -> torch.Tensor:
     if ids.shape[1] == 0:
         raise DraftGuideError(f"{where}: empty prompt (no tokens)")
     return ids
+
+
+def max_positions(model) -> int | None:
+    """The model's position limit (`max_position_embeddings` of its config), or None when it has none."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_length(model, n_tokens: int, max_new_tokens: int = 0, where: str = "prompt", what: str = "prompt") -> None:
+    """The one length check of every place a prompt (or a context, or a scored sequence) enters a model:
+    `n_tokens` + `max_new_tokens` must fit the target's `max_position_embeddings`, or a DraftGuideError
+    names `where`, the lengths and the limit (nothing is truncated silently; shorten the input or ask for
+    fewer new tokens)."""
+    limit = max_positions(model)
+    if limit is None or n_tokens + max_new_tokens <= limit:
+        return
+    if n_tokens > limit or not max_new_tokens:
+        raise DraftGuideError(f"{where}: the {what} has {n_tokens} tokens, more than the target's {limit} positions "
+                              f"(max_position_embeddings); shorten it")
+    raise DraftGuideError(f"{where}: the {what} has {n_tokens} tokens and {max_new_tokens} new tokens are asked for, "
+                          f"{n_tokens + max_new_tokens} in all, more than the target's {limit} positions "
+                          f"(max_position_embeddings); shorten the {what} or ask for at most {limit - n_tokens} new tokens")
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
 
 import numpy as np
+
+
+def finite(obj):
+    """`obj` with every NaN or infinite float (Python, numpy or a 0-d tensor) replaced by None, containers
+    walked: output JSON holds `null` where a figure is undefined (a mean over nothing), never NaN/Infinity,
+    which strict parsers reject."""
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite(obj.tolist())
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    """The one JSON encoder of every output file and server reply: non-finite numbers become null, and
+    `allow_nan=False` makes any that slip past a loud error rather than an unreadable file."""
+    return json.dumps(finite(obj), allow_nan=False, default=_jsonable, **kw)
+
+
+def fmt(x, spec: str = ".2f", missing: str = "-") -> str:
+    """A table figure: `missing` for None or a non-finite number (say in the table why it is missing)."""
+    if x is None or (isinstance(x, float | np.floating) and not math.isfinite(x)):
+        return missing
+    return format(x, spec)
 
 
 class JsonlWriter:
@@ -18,10 +47,10 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if mode == "a" and self.path.is_file():
             _drop_torn_line(self.path)
-        self._f = self.path.open(mode)
+        self._f = self.path.open(mode, encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(dumps(row) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -51,7 +80,7 @@ def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(dumps(obj, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -59,7 +88,9 @@ def _jsonable(x):
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):
-        return float(x)
+        return finite(x)
+    if hasattr(x, "tolist") and getattr(x, "ndim", None) == 0:  # a 0-d tensor
+        return finite(x.tolist())
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x)}")

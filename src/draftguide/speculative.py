@@ -19,8 +19,11 @@ from transformers import DynamicCache
 
 from .draft import DFlashDraft, DraftCache
 from .errors import DraftGuideError
-from .sampling import check_sampling, probs_from_logits, rejection_sample, sample, sample_probs
+from .sampling import check_sampling, effective_temperature, probs_from_logits, rejection_sample, sample, sample_probs
 from .targets import extract_features
+
+
+TAU_MISSING = "no verify step ran: every generation ended at its first token (max_new_tokens 1, or a stop token)"
 
 
 @dataclass
@@ -48,13 +51,17 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int) -> None:
+def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int, target=None) -> None:
+    from .prompts import check_length
+
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise DraftGuideError(f"input_ids must have shape [1, T] (batch size 1), got {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise DraftGuideError("empty prompt: input_ids has no tokens")
     if max_new_tokens < 1:
         raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if target is not None:
+        check_length(target, input_ids.shape[1], max_new_tokens)
 
 
 def crop_cache(cache, length: int) -> None:
@@ -105,7 +112,8 @@ def speculative_generate(
     `on_token(ids)` receives each step's committed tokens as they are committed (streaming); an exception
     it raises ends the generation."""
     check_sampling(temperature, top_p, top_k)
-    _check_prompt(input_ids, max_new_tokens)
+    temperature = effective_temperature(temperature)
+    _check_prompt(input_ids, max_new_tokens, target)
     draft.check_target(target)
     draft.check_speculative()
     B, dev = draft.block_size, input_ids.device
@@ -290,7 +298,7 @@ def greedy_generate(
 ) -> tuple[torch.Tensor, GenStats]:
     """Plain autoregressive greedy decoding with a KV cache: one target forward per token. `on_token([id])`
     is called with every new token (streaming)."""
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(input_ids, max_new_tokens, target)
     pick = lambda out: out.logits[:, -1].argmax(-1, keepdim=True)  # noqa: E731
     return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, on_token=on_token)
 
@@ -328,7 +336,7 @@ def hf_generate(
     """HF `generate`, greedy, with a fresh generation config (no model-specific sampling defaults)."""
     from transformers import GenerationConfig
 
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(input_ids, max_new_tokens, target)
     stop = list(stop_token_ids or [])
     gc = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
@@ -353,24 +361,30 @@ def run_speculate(
     top_p: float = 1.0,
     top_k: int = 0,
     verify_len: int | str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     baseline: bool = True,
     progress: bool = True,
 ) -> dict:
     """Speculative decoding over `prompts`, timed against plain greedy decoding of the same target in the
-    same run. Writes `results.jsonl` (a row per prompt, flushed as it goes) and `summary.json`."""
+    same run. Writes `results.jsonl` (a row per prompt, flushed as it goes) and `summary.json`. `seed`: of the
+    sampling at temperature > 0 (None: fresh randomness); the seed used is in the summary."""
     from pathlib import Path
 
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .prompts import encode_prompt, stop_token_ids
+    from .pipeline import decode_text
+    from .prompts import check_length, encode_prompt, place, stop_token_ids
     from .runs import JsonlWriter, bootstrap_ci, environment, write_json
+    from .sampling import resolve_seed
 
     check_sampling(temperature, top_p, top_k)
+    seed = resolve_seed(seed)
+    encoded = [(row, encode_prompt(tokenizer, row)) for row in prompts]  # validate every row before any work
+    for row, ids in encoded:
+        check_length(target, ids.shape[1], max_new_tokens, place(row))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoded = [(row, encode_prompt(tokenizer, row)) for row in prompts]  # validate every row before any work
     dev = next(target.parameters()).device
     stop = stop_token_ids(tokenizer, target)
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -396,7 +410,7 @@ def run_speculate(
             new = tokens[0, ids.shape[1]:].tolist()
             rec = {
                 "id": row.get("id"), "prompt_tokens": ids.shape[1], "new_tokens": len(new),
-                "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new,
+                "text": decode_text(tokenizer, new), "tokens": new,
                 "acceptance_lengths": st.acceptance_lengths, "tau": st.tau,
                 "prefill_s": st.prefill_s, "decode_s": st.decode_s, "tokens_per_s": len(new) / st.total_s,
             }
@@ -416,7 +430,7 @@ def run_speculate(
     tps = spec_tok / spec_s
     summary = {
         "n_prompts": len(rows),
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
         "block_size": draft.block_size, "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
         "verify_costs_s": costs, "read_costs_s": head,
         "tau": sum(steps) / len(steps) if steps else float("nan"),
@@ -425,6 +439,8 @@ def run_speculate(
         "new_tokens": spec_tok,
         "tokens_per_s": tps,
     }
+    if not steps:  # the file gets null (no NaN in output JSON); tables print "-" and this reason
+        summary["tau_missing"] = TAU_MISSING
     if baseline:
         rates = {k: n / s for k, (n, s) in base.items()}
         best = max(rates, key=rates.get)
@@ -435,7 +451,7 @@ def run_speculate(
             "hf_generate_tokens_per_s": rates["hf_generate"],
             "speedup": tps / rates[best],
             "speedup_vs_hf_generate": tps / rates["hf_generate"],
-            "lossless": all(r["identical_to_baseline"] for r in rows) if temperature == 0 else None,
+            "lossless": all(r["identical_to_baseline"] for r in rows) if effective_temperature(temperature) == 0 else None,
         })
     summary["environment"] = environment()
     write_json(out_dir / "summary.json", summary)

@@ -362,11 +362,11 @@ def build_tasks(n_per_subcategory: int = 16, seed: int = 0) -> list[dict]:
 
 
 def write_tasks(rows: list[dict], path: str | Path) -> Path:
-    import json
+    from .runs import dumps
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text("".join(dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
 

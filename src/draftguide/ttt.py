@@ -176,7 +176,10 @@ class AdaptedDraft(DFlashDraft):
 
 
 def load_adapter(draft: DFlashDraft, path: str | Path) -> AdaptedDraft:
-    """`draft` with the peft adapter saved in `path` (by `AdaptedDraft.save_adapter`)."""
+    """`draft` with the peft adapter saved in `path` (by `AdaptedDraft.save_adapter`). Every adapter tensor
+    must land on a LoRA weight of the draft and every LoRA weight must get one: otherwise a DraftGuideError
+    names the unmatched and the missing keys (an adapter saved under other key names would else load as a
+    silent no-op, the draft unchanged)."""
     from peft import LoraConfig, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
@@ -185,8 +188,20 @@ def load_adapter(draft: DFlashDraft, path: str | Path) -> AdaptedDraft:
     cfg = LoraConfig.from_pretrained(str(path))
     cfg.inference_mode = False
     adapted = AdaptedDraft.wrap(draft, cfg)
-    set_peft_model_state_dict(adapted._peft, load_peft_weights(str(path), device=str(next(draft.parameters()).device)),
-                              adapter_name=ADAPTER)
+    weights = load_peft_weights(str(path), device=str(next(draft.parameters()).device))
+    try:
+        result = set_peft_model_state_dict(adapted._peft, weights, adapter_name=ADAPTER)
+    except RuntimeError as e:  # e.g. a shape mismatch (another rank or draft)
+        raise DraftGuideError(f"adapter '{path}' does not fit this draft: {str(e).splitlines()[0]}") from None
+    unmatched = sorted(getattr(result, "unexpected_keys", ()) or ())
+    missing = sorted(k for k in getattr(result, "missing_keys", ()) or () if ".lora_" in k and f".{ADAPTER}." in k)
+    if unmatched or missing or not weights:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+        parts = [f"{len(unmatched)} adapter tensor(s) match no LoRA weight of the draft: {few(unmatched)}"] if unmatched else []
+        parts += [f"{len(missing)} LoRA weight(s) of the draft get no tensor: {few(missing)}"] if missing else []
+        raise DraftGuideError(f"adapter '{path}' does not match the draft's LoRA weights ({'; '.join(parts) or 'no tensors'})")
     return adapted.eval()
 
 
@@ -222,8 +237,11 @@ def ttt_adapt(
 
     _check_options(steps, lr, rank, anchors_per_step, dropout, eval_anchors)
     draft.check_target(target)
+    from .prompts import check_length
+
     dev = next(target.parameters()).device
     ids = _context_ids(context_ids, dev)  # [1, T]
+    check_length(target, ids.shape[1], where="TTT context", what="context")
     T, bs = ids.shape[1], block_size or draft.block_size
     if not 2 <= bs:
         raise DraftGuideError(f"block_size must be >= 2, got {bs}")

@@ -128,7 +128,11 @@ def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limi
     from .prompts import stop_token_ids
     from .runs import JsonlWriter, environment, write_json
 
+    from .prompts import check_length
+
     contexts = {set_name(s): load_contexts(s, tokenizer, limit, context_tokens) for s in sets}
+    for ctx in (c for cs in contexts.values() for c in cs):  # every context fits, before any work
+        check_length(target, ctx.ids.shape[1], max_new_tokens, f"{ctx.set} context {ctx.id!r}", "context")
     stop = stop_token_ids(tokenizer, target)
     out_dir = Path(out_dir)
     rows: dict[str, list[dict]] = {s: [] for s in contexts}
@@ -154,13 +158,16 @@ def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limi
 
 
 def tau_table(summary: dict) -> str:
+    from .runs import fmt
+
     head = f"{'set':<18} {'n':>3} {'ctx tok':>7} {'tau base':>8} {'tau ttt':>8} {'delta (95% CI)':>24} {'loss before->after':>19} {'ttt s':>6}"
     lines = [head]
     for name, s in [*summary["sets"].items(), ("all", summary["all"])]:
         lo, hi = s["delta_tau_ci95"]
-        lines.append(f"{name:<18} {s['n_contexts']:>3} {s['mean_context_tokens']:>7.0f} {s['tau_base']:>8.3f} {s['tau_ttt']:>8.3f} "
-                     f"{s['delta_tau_mean']:>+8.3f} [{lo:+.3f}, {hi:+.3f}] {s['mean_context_loss_before']:>8.3f} -> "
-                     f"{s['mean_context_loss_after']:<7.3f} {s['mean_ttt_s']:>6.2f}")
+        lines.append(f"{name:<18} {s['n_contexts']:>3} {fmt(s['mean_context_tokens'], '.0f'):>7} {fmt(s['tau_base'], '.3f'):>8} "
+                     f"{fmt(s['tau_ttt'], '.3f'):>8} {fmt(s['delta_tau_mean'], '+.3f'):>8} [{fmt(lo, '+.3f')}, {fmt(hi, '+.3f')}] "
+                     f"{fmt(s['mean_context_loss_before'], '.3f'):>8} -> {fmt(s['mean_context_loss_after'], '.3f'):<7} "
+                     f"{fmt(s['mean_ttt_s'], '.2f'):>6}")
     return "\n".join(lines)
 
 
@@ -222,8 +229,12 @@ def prepare_sweep_task(target, draft, task, *, max_new_tokens: int, stop: list[i
     from .diagnostic import gold_scores
     from .speculative import greedy_generate
 
+    from .prompts import check_length
+
     dev = next(target.parameters()).device
     P = len(task.prompt_ids)
+    check_length(target, P + len(task.answer_ids), where=f"task {task.task_id!r}", what="prompt with its reference answer")
+    check_length(target, P, max_new_tokens, where=f"task {task.task_id!r}")
     ids = torch.tensor([task.prompt_ids + task.answer_ids], device=dev)
     out = target(ids, output_hidden_states=True, logits_to_keep=len(task.answer_ids) + 1)
     target_logp = gold_scores(out.logits[0, :-1], ids[0, P:])["logp"]
