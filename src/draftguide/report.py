@@ -362,7 +362,8 @@ def ttt_markdown(summary: dict) -> list[str]:
         "(system and user turns), reset before the next task; columns `draft` are the base draft. Controls run the base draft.", "",
         f"Context loss (the draft training loss on the prompt): {t['mean_context_loss_before']:.3f} before, "
         f"{t['mean_context_loss_after']:.3f} after (mean over {t['n_tasks']} tasks); TTT {t['mean_ttt_seconds']:.2f} s per task.", "",
-        f"Verdict of the adapted draft, by the rule above with the base draft's null controls as its gate: **{t['verdict']}** "
+        f"Verdict of the adapted draft, by the rule above with the base draft's null controls as its gate (the adapted "
+        f"draft itself is not run under controls, so this gate is weaker than a readout's own): **{t['verdict']}** "
         f"({v['because']}).", "",
         "| mode | mean per-task log p_ttt - log p_draft | 95% CI | tasks |", "|---|---|---|---|",
     ]
