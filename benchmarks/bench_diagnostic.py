@@ -50,7 +50,7 @@ def main() -> None:
         raise SystemExit(code)
     s = json.loads((Path(args.out) / "summary.json").read_text())
     result = {
-        "command": "draftguide " + " ".join(argv),
+        "command": s["command"],  # the argv the run recorded
         "wall_s": wall,
         "scoring_s": s["score_s"],  # teacher-forced forwards only (target + draft + controls)
         "peak_rss_mb": peak_rss_mb(),

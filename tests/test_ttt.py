@@ -306,10 +306,11 @@ def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_ta
             "--ttt-lr", "0.01", "--ttt-rank", "4"]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["modes"]["next"]["all"]["mean_logp"]) == {"target", "draft", "ttt", "noise", "random"}
+    assert set(s["modes"]["next"]["all"]["mean_logp"]) == {"target", "draft", "ttt", "draft.shuffle", "draft.gauss"}
     t = s["ttt"]
     assert t["config"]["steps"] == 3 and t["config"]["rank"] == 4 and t["n_tasks"] == 3
-    assert t["verdict"] in {"draft_better", "draft_equal", "draft_worse"} and t["verdict_detail"]["pathway"] == "ttt"
+    assert t["verdict"] in {"draft_better", "equivalent", "draft_worse", "inconclusive"} and t["verdict_detail"]["pathway"] == "ttt"
+    assert set(t["verdict_detail"]["vs_controls"]) == {"shuffle", "gauss"}  # the base draft's null controls
     assert t["mean_context_loss_after"] < t["mean_context_loss_before"]
     assert len((out / "ttt.jsonl").read_text().splitlines()) == 3
     assert {json.loads(r)["pathway"] for r in (out / "tokens.jsonl").read_text().splitlines()} >= {"draft_next", "ttt_next"}

@@ -191,20 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("diagnose", help="readout diagnostic: gold-token rank and log p under the target and the draft (teacher forcing)")
+    p = sub.add_parser("diagnose", help="readout diagnostic: gold-token rank and log p under the target and deep readouts (teacher forcing), with null controls and a verdict")
     _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--drafts", default=None,
+                   help="comma list of readouts scored side by side against one target forward, each with its own controls "
+                        "(draft folders or init[:LAYERS]; instead of --draft)")
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin'")
     p.add_argument("--out", required=True)
     p.add_argument("--modes", default="next,block", help="comma list of next, block")
     p.add_argument("--limit", type=int, default=None, help="the first N tasks")
-    p.add_argument("--solved-from", default=None, help="eval results.jsonl whose scores say which tasks the target solves")
+    p.add_argument("--solved-from", default=None, help="eval results.jsonl whose scores say which tasks the target solves (and whose responses frame the answers)")
     p.add_argument("--no-solve", action="store_true", help="without --solved-from: leave solve status unknown instead of running greedy eval")
     p.add_argument("--solve-max-new-tokens", type=int, default=256, help="greedy eval length when solve status is computed")
     p.add_argument("--reference-from", default=None, help="results.jsonl whose 'response' per task_id replaces reference_answer")
-    p.add_argument("--no-controls", action="store_true", help="skip the noise-feature and random-draft controls")
+    p.add_argument("--answer-frame", default="framed", choices=["framed", "bare"],
+                   help="framed (default): score the reference after the target's own greedy response up to its answer; "
+                        "bare: right after the generation prompt")
+    p.add_argument("--frame-from", default=None,
+                   help="results.jsonl with the target's greedy 'response' per task_id (default: --solved-from, or the solve run)")
+    p.add_argument("--frame-lead", default=None,
+                   help="framed mode: the text the reference follows when the response holds neither it nor the distractor "
+                        "(default 'The answer is: ')")
+    p.add_argument("--controls", default=None,
+                   help="comma list of null controls per readout: shuffle, gauss, noise; and random (a sanity row no rule "
+                        "reads); default shuffle,gauss")
+    p.add_argument("--no-controls", action="store_true", help="no controls (the verdict is then inconclusive)")
+    p.add_argument("--margin", type=float, default=None, help="equivalence margin in nats per token (TOST; default 0.1)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ttt", action="store_true", help="also score the draft adapted (TTT) on each task's context, beside the base draft")
+    p.add_argument("--ttt", action="store_true", help="also score the (first) draft adapted (TTT) on each task's context, beside the base draft")
     _add_ttt_args(p)
     p.set_defaults(func=cmd_diagnose)
 
@@ -646,10 +661,25 @@ def _eval_seed(opts: dict, method: str, out: str) -> dict:
     return opts | {"seed": resolve_seed(seed if isinstance(seed, int) else None)}
 
 
+def _readout_names(specs: list[str]) -> list[str]:
+    """Names of the readouts of `diagnose --drafts`: a folder's name, or the init spec; repeats get a suffix."""
+    from .draft import draft_path
+
+    names: list[str] = []
+    for spec in specs:
+        base = spec if spec.startswith("init") else draft_path(spec).resolve().name
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
 def cmd_diagnose(args) -> int:
     from pathlib import Path
 
-    from .diagnostic import CONTROLS, MODES
+    from .diagnostic import CONTROLS, DEFAULT_CONTROLS, EQUIV_MARGIN, MODES
+    from .draft import draft_path, resolve_draft
     from .evaluate import load_tasks
     from .report import compute_solved, results_field, run_diagnose, solved_from
 
@@ -657,45 +687,71 @@ def cmd_diagnose(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise DraftGuideError(f"--modes {args.modes!r}: expected a comma list of {', '.join(MODES)}")
+    if args.controls is None:
+        args.controls = ",".join(DEFAULT_CONTROLS)
+    if args.margin is None:
+        args.margin = EQUIV_MARGIN
+    controls = [] if args.no_controls else [c.strip() for c in args.controls.split(",") if c.strip()]
+    bad = [c for c in controls if c not in CONTROLS]
+    if bad:
+        raise DraftGuideError(f"--controls {args.controls!r}: expected a comma list of {', '.join(CONTROLS)}")
+    if args.drafts is not None and args.draft is not None:
+        raise DraftGuideError("give --draft or --drafts, not both")
+    specs = [d.strip() for d in args.drafts.split(",") if d.strip()] if args.drafts is not None else [args.draft]
+    if not specs:
+        raise DraftGuideError(f"--drafts {args.drafts!r}: expected a comma list of draft folders or init[:LAYERS]")
+    for spec in specs:
+        if spec is not None and not spec.startswith("init") and not draft_path(spec).exists():
+            raise DraftGuideError(f"draft folder '{spec}' does not exist")
+    if args.margin <= 0:
+        raise DraftGuideError(f"--margin must be > 0, got {args.margin}")
     ttt = _ttt_config(args) if args.ttt else None
     tasks = load_tasks(args.tasks)[0][: args.limit]
     refs = {k: v for k, v in results_field(args.reference_from, "response").items() if isinstance(v, str)} if args.reference_from else None
     solved = solved_from(args.solved_from) if args.solved_from else None
-    target, tok, draft = load_models(args)
+    frame_file = args.frame_from or args.solved_from
+    responses = results_field(frame_file, "response") if frame_file and args.answer_frame == "framed" else None
+    args.draft = specs[0]
+    target, tok, first = load_models(args)
+    readouts = {"draft": first}
+    if args.drafts is not None:
+        p = next(target.parameters())
+        others = [resolve_draft(spec, target, tok, target_name=args.target).to(device=p.device, dtype=next(first.parameters()).dtype)
+                  for spec in specs[1:]]
+        readouts = dict(zip(_readout_names(specs), [first, *others]))
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     if solved is None and not args.no_solve:
-        solved, _ = compute_solved(target, tok, tasks, Path(args.out), args.solve_max_new_tokens,
+        solved, folder = compute_solved(target, tok, tasks, Path(args.out), args.solve_max_new_tokens,
                                         {"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
-    opts = [("--target", args.target), ("--draft", args.draft), ("--modes", ",".join(modes)), ("--limit", args.limit),
-            ("--solved-from", args.solved_from), ("--reference-from", args.reference_from)]
-    cmd = ["draftguide", "diagnose", "--tasks", args.tasks, "--out", args.out]
-    cmd += [x for flag, val in opts if val is not None for x in (flag, str(val))]
-    cmd += [flag for flag, on in (("--no-solve", args.no_solve), ("--no-controls", args.no_controls)) if on]
-    if ttt is not None:
-        cmd += ["--ttt", "--ttt-steps", str(ttt.steps), "--ttt-lr", f"{ttt.lr:g}", "--ttt-rank", str(ttt.rank),
-                "--ttt-anchors", str(ttt.anchors_per_step), "--ttt-modules", ",".join(ttt.target_modules)]
-    s = run_diagnose(target, tok, draft, tasks, args.out, modes=modes, controls=() if args.no_controls else CONTROLS,
-                     references=refs, solved=solved, command=shlex.join(cmd), n_boot=args.n_boot, seed=args.seed,
-                     settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype],
-                               "tasks": source, "modes": modes, "limit": args.limit, "solved_from": args.solved_from,
-                               "reference_from": args.reference_from}, ttt=ttt)
-    v = s["verdict_detail"]
-    print(f"\n{s['n_tasks']} tasks, {s['n_tokens']} answer tokens ({s['n_skipped']} tasks skipped without a reference)")
+        if responses is None and args.answer_frame == "framed" and (folder / "results.jsonl").is_file():
+            responses = results_field(folder / "results.jsonl", "response")
+    s = run_diagnose(target, tok, readouts, tasks, args.out, modes=modes, controls=controls, references=refs, solved=solved,
+                     responses=responses, frame=args.answer_frame, margin=args.margin, command=args.command, argv=args.argv,
+                     n_boot=args.n_boot, seed=args.seed, ttt=ttt,
+                     **({"lead": args.frame_lead} if args.frame_lead is not None else {}),
+                     settings={"target": args.target, "drafts": {k: (spec or "shipped") for k, spec in zip(readouts, specs)},
+                               "dtype": DTYPES[args.dtype], "draft_dtype": args.draft_dtype, "device": args.device,
+                               "tasks": source, "modes": modes, "controls": controls, "limit": args.limit,
+                               "solved_from": args.solved_from, "reference_from": args.reference_from,
+                               "answer_frame": args.answer_frame, "frame_from": frame_file, "margin": args.margin,
+                               "n_boot": args.n_boot, "seed": args.seed})
+    print(f"\n{s['n_tasks']} tasks, {s['n_tokens']} answer tokens ({s['n_skipped']} tasks skipped without a reference); "
+          f"answer frame {args.answer_frame} {s['answer_frame']['tasks_by_frame']}")
     for mode, g in s["modes"].items():
         a = g["all"]
-        print(f"{mode:>6}: mean log p target {a['mean_logp']['target']['mean']:.3f}  draft {a['mean_logp']['draft']['mean']:.3f}  "
-              f"median rank target {a['median_rank']['target']['median']:.0f}  draft {a['median_rank']['draft']['median']:.0f}  "
-              f"draft rank win {a['rank_vs_target']['draft']['win']['mean']:.2f}")
-    print(f"verdict: {s['verdict']} (mean per-task log p diff {v['mean_per_task_logp_diff']:.3f}, 95% CI "
-          f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] on {v['basis']})")
+        for name in s["readouts"]:
+            print(f"{mode:>6} {name}: mean log p target {a['mean_logp']['target']['mean']:.3f}  readout {a['mean_logp'][name]['mean']:.3f}  "
+                  f"median rank target {a['median_rank']['target']['median']:.0f}  readout {a['median_rank'][name]['median']:.0f}  "
+                  f"rank win {a['rank_vs_target'][name]['win']['mean']:.2f}")
+    for name, v in s["verdict_details"].items():
+        print(f"verdict {name}: {v['verdict']} -- {v['because']}")
     if ttt is not None:
         t, tv = s["ttt"], s["ttt"]["verdict_detail"]
         for mode, g in t["gain_over_base"].items():
             print(f"   ttt {mode:>6}: mean per-task log p gain over the base draft {g['mean_per_task_logp_gain']:+.3f} "
                   f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]")
-        print(f"ttt verdict: {t['verdict']} (log p diff {tv['mean_per_task_logp_diff']:.3f}, 95% CI [{tv['ci95'][0]:.3f}, "
-              f"{tv['ci95'][1]:.3f}]); context loss {t['mean_context_loss_before']:.3f} -> {t['mean_context_loss_after']:.3f}, "
-              f"{t['mean_ttt_seconds']:.2f} s TTT per task")
+        print(f"ttt verdict: {t['verdict']} -- {tv['because']}; context loss {t['mean_context_loss_before']:.3f} -> "
+              f"{t['mean_context_loss_after']:.3f}, {t['mean_ttt_seconds']:.2f} s TTT per task")
     print(f"wrote {args.out}/tokens.jsonl, summary.json, report.md and figures")
     return 0
 
@@ -872,7 +928,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars: noise next to our own progress
-    args.command = shlex.join(["draftguide", *argv])
+    args.argv = ["draftguide", *argv]  # what was run, recorded as is (no command line is rebuilt from options)
+    args.command = shlex.join(args.argv)
     try:
         code = args.func(args)
         if code == 0 and getattr(args, "run_folder", True) and getattr(args, "out", None):

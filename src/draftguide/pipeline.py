@@ -336,9 +336,9 @@ class DraftGuide:
         """`draftguide diagnose` on `tasks` ('builtin', a JSONL path or a list of task rows) with the current
         draft (adapted or not); `ttt` (True or TTTConfig fields): also the draft adapted on each task's context,
         as `diagnose --ttt`. Writes the run folder `out` and returns its summary."""
-        from .diagnostic import CONTROLS
+        from .diagnostic import DEFAULT_CONTROLS
         from .evaluate import load_tasks
-        from .report import run_diagnose, solved_from as read_solved
+        from .report import results_field, run_diagnose, solved_from as read_solved
 
         rows = load_tasks(tasks)[0] if isinstance(tasks, str) else list(tasks)
         config = None
@@ -349,7 +349,8 @@ class DraftGuide:
         with self._lock:
             return run_diagnose(
                 self.target, self.tokenizer, self.draft, rows[:limit], out, modes=list(modes),
-                controls=CONTROLS if controls else (), solved=read_solved(solved_from) if solved_from else None,
+                controls=DEFAULT_CONTROLS if controls else (), solved=read_solved(solved_from) if solved_from else None,
+                responses=results_field(solved_from, "response") if solved_from else None,
                 n_boot=n_boot, seed=seed, progress=progress, ttt=config,
                 command=f"DraftGuide.from_pretrained({self.name!r}).diagnose({tasks if isinstance(tasks, str) else '<rows>'!r}, out={str(out)!r})",
                 settings={"target": self.name, "tasks": tasks if isinstance(tasks, str) else "(rows)", "modes": list(modes),
