@@ -441,7 +441,8 @@ def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors,
     end = context_end(anchors, draft.context_includes_anchor)  # [B, m]
     mask = BlockMask(torch.arange(T, device=anchors.device)[None, None, :] < end[:, blk, None], bs)
     mask.ctx_visible = mask.ctx_visible[:, None]  # [B, 1, m*bs, T]
-    h = (forward or draft)(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask, rows=rows)
+    kw = {} if rows is None else {"rows": rows}  # custom `forward`s (DDP, test doubles) need not know `rows`
+    h = (forward or draft)(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask, **kw)
     return h.view(B, anchors.shape[1], -1, h.shape[-1])
 
 
