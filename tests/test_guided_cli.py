@@ -71,6 +71,16 @@ def test_eval_bad_options(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file,
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_removed_mix_is_refused_with_a_pointer(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
+    with pytest.raises(SystemExit) as e:  # an argparse error, before any model is loaded
+        _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", "--method", "guided", "--beta", "0.5",
+              "--mix", "logprobs")
+    assert e.value.code == 2 and "use mix 'probs'" in capsys.readouterr().err
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "guided", "--beta", "0.5",
+                 "--mix", "probs") == 0
+    assert json.loads((tmp_path / "p" / "run.json").read_text())["method_options"]["mix"] == "probs"
+
+
 def test_sweep_beta_outputs(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
     out = tmp_path / "sweep"
     code = main(["sweep", "beta", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks_file),

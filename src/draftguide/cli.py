@@ -292,12 +292,23 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError("expected a comma list of integers") from None
 
 
+def _mix(text: str) -> str:
+    from .guided import MIXES, REMOVED_MIXES
+
+    if text in REMOVED_MIXES:
+        raise argparse.ArgumentTypeError(REMOVED_MIXES[text])
+    if text not in MIXES:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(MIXES)})")
+    return text
+
+
 def _add_method_args(p: argparse.ArgumentParser, beta: bool = True, baselines: bool = True) -> None:
     g = p.add_argument_group("draft-guided decoding (methods guided, guided-noise)")
     if beta:
         g.add_argument("--beta", type=float, default=None, help="weight of the draft logits, in [0, 1]")
     g.add_argument("--beta-schedule", choices=["fixed", "adaptive"], default=None, help="adaptive: beta * JS(target, draft) / ln 2 per token")
-    g.add_argument("--mix", choices=["logits", "logprobs"], default=None)
+    g.add_argument("--mix", type=_mix, default=None, metavar="{logits,probs}",
+                   help="logits: (1-beta) target + beta draft logits (default); probs: (1-beta) p_target + beta p_draft")
     g.add_argument("--guard-top-k", type=int, default=None, help="guidance only re-ranks the target's top-k tokens")
     g.add_argument("--speculative", action="store_true", help="exact speculative guided greedy (same tokens, fewer target passes)")
     g.add_argument("--seed", type=int, default=None, help="seed of the noise control / Power Sampling / sampling")

@@ -67,7 +67,7 @@ class ChatRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)
     ttt: bool | dict[str, Any] | None = None
     beta_schedule: Literal["fixed", "adaptive"] | None = None  # guided only, as the three below
-    mix: Literal["logits", "logprobs"] | None = None
+    mix: Literal["logits", "probs"] | None = None
     guard_top_k: int | None = Field(default=None, ge=1)
 
     @field_validator("n")
@@ -75,6 +75,15 @@ class ChatRequest(BaseModel):
     def _one_choice(cls, v: int) -> int:
         if v != 1:
             raise ValueError("only n = 1 is supported")
+        return v
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _removed_mix(cls, v):
+        from .guided import REMOVED_MIXES
+
+        if v in REMOVED_MIXES:
+            raise ValueError(REMOVED_MIXES[v])
         return v
 
     @field_validator("method")
