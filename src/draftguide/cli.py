@@ -50,13 +50,16 @@ def _add_ttt_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--ttt-anchors", type=int, default=C.anchors_per_step,
                    help=f"random context anchors per TTT step (default {C.anchors_per_step})")
     p.add_argument("--ttt-modules", default=",".join(C.target_modules), help="comma list of draft modules with LoRA")
+    p.add_argument("--ttt-raw-fc", action="store_true",
+                   help="the LoRA adapter on fc reads raw target features (default: standardised per dimension by the context's RMS)")
 
 
 def _ttt_config(args, **override):
     from .ttt import TTTConfig
 
     modules = tuple(m.strip() for m in args.ttt_modules.split(",") if m.strip())
-    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=getattr(args, "seed", 0)) | override
+    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=getattr(args, "seed", 0),
+                  standardize_fc=not args.ttt_raw_fc) | override
     if hasattr(args, "ttt_steps"):
         fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank) | fields
     return TTTConfig(**fields).validate()
