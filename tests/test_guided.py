@@ -34,7 +34,7 @@ def _prompt(n, seed=0, vocab=90):
 
 
 @pytest.mark.parametrize("pair", ["qwen3_pair", "llama_pair"])
-@pytest.mark.parametrize("mix", ["logits", "logprobs"])
+@pytest.mark.parametrize("mix", ["logits", "probs"])
 def test_beta_zero_is_target_greedy(pair, mix, request):
     target, draft = request.getfixturevalue(pair)
     for n in (1, 17):
@@ -48,7 +48,7 @@ def test_beta_zero_is_target_greedy(pair, mix, request):
 
 @pytest.mark.parametrize("shared_head", [True, False])
 @pytest.mark.parametrize("beta", [1.0, 0.5])
-@pytest.mark.parametrize("mix", ["logits", "logprobs"])
+@pytest.mark.parametrize("mix", ["logits", "probs"])
 def test_matches_uncached_reference(qwen3_pair, beta, mix, shared_head, monkeypatch):
     """beta=1 is decoding from the draft's k=1 readout alone; any beta equals the no-cache reference, both with
     one output-head call for target and draft and on the path with two (drafts with a scale or softcap)."""
@@ -75,7 +75,7 @@ def test_speculative_is_exact_token_by_token():
     """Several betas, both mixes, a stop token, the adaptive schedule, the guard and the noise control."""
     target, draft, ids = mixed_acceptance_pair()
     accepted = []
-    cases = [dict(beta=b, mix=m) for b in (0.0, 0.2, 0.5, 0.8, 1.0) for m in ("logits", "logprobs")]
+    cases = [dict(beta=b, mix=m) for b in (0.0, 0.2, 0.5, 0.8, 1.0) for m in ("logits", "probs")]
     cases += [dict(beta=0.7, beta_schedule="adaptive"), dict(beta=1.0, guard_top_k=3), dict(beta=0.6, control="noise")]
     for kw in cases:
         ref, rst = guided_generate(target, draft, ids, max_new_tokens=50, **kw)
@@ -121,6 +121,39 @@ def test_js_and_adaptive_beta():
     assert torch.allclose(g, a, atol=1e-5)  # identical distributions: no guidance
 
 
+def test_mix_rules_differ_where_they_should():
+    """`probs` is the mixture of the two distributions, `logits` the product of experts; they differ in
+    between and agree at beta 0 (the target's logits themselves) and beta 1 (the draft's distribution).
+    A mix of log-softmaxes (the refused `logprobs`) is `logits` again: same distribution, which is why it went."""
+    g = torch.Generator().manual_seed(0)
+    t, d = 3 * torch.randn(4, 50, generator=g), 3 * torch.randn(4, 50, generator=g)
+    pt, pd = torch.softmax(t, -1), torch.softmax(d, -1)
+    for b in (0.25, 0.5, 0.9):
+        lo, _ = guide(t, d, b, mix="logits")
+        pr, _ = guide(t, d, b, mix="probs")
+        assert torch.allclose(torch.softmax(pr, -1), (1 - b) * pt + b * pd, atol=1e-6)
+        assert torch.allclose(pr.exp().sum(-1), torch.ones(4), atol=1e-5)  # log-probabilities
+        assert torch.allclose(torch.softmax(lo, -1), torch.softmax((1 - b) * t + b * d, -1), atol=1e-6)
+        assert (torch.softmax(lo, -1) - torch.softmax(pr, -1)).abs().max() > 0.05
+        old = (1 - b) * torch.log_softmax(t, -1) + b * torch.log_softmax(d, -1)
+        assert torch.allclose(torch.softmax(old, -1), torch.softmax(lo, -1), atol=1e-5)
+    for mix in ("logits", "probs"):
+        assert torch.equal(guide(t, d, 0.0, mix=mix)[0], t)
+        assert torch.allclose(torch.softmax(guide(t, d, 1.0, mix=mix)[0], -1), pd, atol=1e-6)
+    # the argmax itself can differ: the target is sure of token 0, the draft rules it out
+    t1, d1 = torch.tensor([[3.0, 0.0, 0.0]]), torch.tensor([[-10.0, 1.0, 0.0]])
+    assert guide(t1, d1, 0.5, mix="logits")[0].argmax().item() == 1
+    assert guide(t1, d1, 0.5, mix="probs")[0].argmax().item() == 0
+    # per-row beta (adaptive) and the guard work with the mixture too
+    pr, betas = guide(t, d, 0.8, mix="probs", beta_schedule="adaptive")
+    bb = betas[:, None]
+    assert torch.allclose(torch.softmax(pr, -1), (1 - bb) * pt + bb * pd, atol=1e-6)
+    pr, _ = guide(t, d, 0.5, mix="probs", guard_top_k=3)
+    assert ((pr > float("-inf")).sum(-1) == 3).all() and (pr.argmax(-1)[:, None] == t.topk(3).indices).any(-1).all()
+    with pytest.raises(DraftGuideError, match="use mix 'probs'"):
+        guide(t, d, 0.5, mix="logprobs")
+
+
 def test_noise_control_statistics_and_seeding(qwen3_pair):
     d = torch.randn(2, 20000) * torch.tensor([[2.0], [0.5]]) + torch.tensor([[1.0], [-3.0]])
     z = noise_logits(d, torch.tensor([5, 6]), seed=0)
@@ -153,7 +186,8 @@ def test_streaming_and_sampling(qwen3_pair):
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(beta=1.5), "beta must be in"), (dict(beta=float("nan")), "beta must be in"),
-    (dict(beta=0.5, mix="probs"), "mix must be"), (dict(beta=0.5, beta_schedule="cosine"), "beta_schedule"),
+    (dict(beta=0.5, mix="logprobs"), "decoded exactly like mix 'logits'.*use mix 'probs'"),
+    (dict(beta=0.5, mix="mean"), "mix must be"), (dict(beta=0.5, beta_schedule="cosine"), "beta_schedule"),
     (dict(beta=0.5, guard_top_k=0), "guard_top_k"), (dict(beta=0.5, control="zeros"), "control must be"),
     (dict(beta=0.5, speculative=True, temperature=0.7), "greedy decoding only"), (dict(beta=0.5, max_new_tokens=0), "max_new_tokens"),
 ])

@@ -51,11 +51,12 @@ def test_eval_guided_methods(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_fi
 
 
 def test_eval_baseline_methods(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file):
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "power", "--n-mcmc", "2",
-                 "--power-block-size", "4") == 0
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "power", "--power-preset", "cpu",
+                 "--mcmc-steps", "3") == 0
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "d", "--method", "dola", "--dola-layers", "0,2") == 0
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "s", "--method", "sample", "--temperature", "0.7") == 0
     assert all(r["status"] == "ok" and r["tokens_per_output_token"] > 1 for r in _rows(tmp_path / "p"))  # MCMC resamples
+    assert all(r["power"] == {"preset": "cpu", "alpha": 4.0, "block_num": 4, "mcmc_steps": 3} for r in _rows(tmp_path / "p"))
     assert all(set(r["premature_layers"]) <= {0, 2} for r in _rows(tmp_path / "d"))
 
 
@@ -71,10 +72,27 @@ def test_eval_bad_options(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file,
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag, pointer", [("--n-mcmc", "use --mcmc-steps"), ("--power-block-size", "use --block-num")])
+def test_renamed_power_flags_point_to_the_new_ones(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys, flag, pointer):
+    with pytest.raises(SystemExit):
+        _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", "--method", "power", flag, "2")
+    assert pointer in capsys.readouterr().err
+
+
+def test_removed_mix_is_refused_with_a_pointer(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
+    with pytest.raises(SystemExit) as e:  # an argparse error, before any model is loaded
+        _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", "--method", "guided", "--beta", "0.5",
+              "--mix", "logprobs")
+    assert e.value.code == 2 and "use mix 'probs'" in capsys.readouterr().err
+    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "guided", "--beta", "0.5",
+                 "--mix", "probs") == 0
+    assert json.loads((tmp_path / "p" / "run.json").read_text())["method_options"]["mix"] == "probs"
+
+
 def test_sweep_beta_outputs(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
     out = tmp_path / "sweep"
     code = main(["sweep", "beta", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks_file),
-                 "--out", str(out), "--betas", "0,0.5,1", "--max-new-tokens", "6", "--n-mcmc", "1", "--power-block-size", "3"])
+                 "--out", str(out), "--betas", "0,0.5,1", "--max-new-tokens", "6", "--power-preset", "cpu", "--mcmc-steps", "1"])
     assert code == 0
     for f in ("summary.json", "report.md", "beta_sweep.png", "flips.jsonl"):
         assert (out / f).is_file(), f

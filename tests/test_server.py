@@ -143,6 +143,7 @@ def test_stop_string(client):
     (json.dumps({"messages": MSG, "beta": 2}).encode(), "beta"),
     (json.dumps({"messages": MSG, "mix": "logits", "method": "greedy"}).encode(), "not an option of method 'greedy'"),
     (json.dumps({"messages": MSG, "beta": 0.5, "beta_schedule": "sometimes"}).encode(), "beta_schedule"),
+    (json.dumps({"messages": MSG, "beta": 0.5, "mix": "logprobs"}).encode(), "use mix 'probs'"),
 ])
 def test_malformed_request_is_a_400_json_error(server, body, what):
     status, err = _post(server, body)
@@ -214,9 +215,9 @@ def test_guided_and_ttt_body_fields(client, dg):
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, extra_body={"beta": 0.5})
     assert r.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5).text
     r2 = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8,
-                                        extra_body={"beta": 0.5, "beta_schedule": "adaptive", "guard_top_k": 2, "mix": "logprobs"})
+                                        extra_body={"beta": 0.5, "beta_schedule": "adaptive", "guard_top_k": 2, "mix": "probs"})
     assert r2.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5, beta_schedule="adaptive",
-                                                        guard_top_k=2, mix="logprobs").text
+                                                        guard_top_k=2, mix="probs").text
     assert r.model_extra["draftguide"]["method"] == "guided" and r.model_extra["draftguide"]["n_flips"] is not None
     base = dg.draft
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, extra_body={

@@ -164,6 +164,60 @@ def test_merged_draft_equals_adapted_and_saves_in_official_format(pair, tmp_path
                                    merged(emb, feats, pos), atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def _logits_on(draft, target, feats, ids):
+    anchors = torch.tensor([[1, 7, 30, ids.shape[1] - 2]])
+    return draft.logits(multi_block_hidden(draft, target, feats, ids, anchors), target)
+
+
+def test_fc_adapter_reads_standardised_features_and_merges_back(pair, tmp_path):
+    """Features with a few dimensions ~100x larger than the rest (as a trained draft's fc sees them): the fc
+    adapter's input is standardised per dimension (RMS within a factor sqrt 2 of 1, exact powers of two), the
+    base fc still reads raw features, and the merged draft and the saved peft adapter compute the same."""
+    from peft import PeftModel
+
+    from draftguide.ttt import context_feature_scale
+
+    target, draft = pair
+    ids = _context(120, seed=3)
+    with torch.no_grad():
+        feats = extract_features(target(ids, output_hidden_states=True).hidden_states, draft.target_layer_ids)
+    feats[..., [3, 70, 150]] *= 100.0
+    seen = {}
+    adapted = ttt_adapt(draft, target, ids, features=feats, steps=6, lr=3e-3)
+    a_in = adapted.fc.lora_A["default"]
+    hook = a_in.register_forward_hook(lambda m, args, out: seen.__setitem__("a", args[0].detach().clone()))
+    base_hook = adapted.fc.base_layer.register_forward_hook(lambda m, args, out: seen.__setitem__("w", args[0].detach().clone()))
+    ours = _logits_on(adapted, target, feats, ids)
+    hook.remove(), base_hook.remove()
+    scale = context_feature_scale(feats)
+    assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))  # powers of two: x / s is exact
+    assert torch.equal(seen["w"], feats) and torch.equal(seen["a"], feats / scale)
+    rms = (feats / scale)[0, 1:].pow(2).mean(0).sqrt()
+    assert rms.min() > 0.7 and rms.max() < 1.42
+    r = adapted.report
+    assert r.standardize_fc and r.fc_scale_spread >= 64 and r.loss_after < r.loss_before
+    # merged: the scale folded back into fc (W + scaling B A diag(1/s)); same outputs
+    merged = adapted.merged()
+    torch.testing.assert_close(_logits_on(merged, target, feats, ids), ours, atol=1e-4, rtol=1e-5)
+    assert not torch.equal(merged.fc.weight, draft.fc.weight)  # TTT changed fc
+    # the saved adapter is plain peft on raw features (A / s), exactly the same function; saving leaves us as we were
+    adapted.save_adapter(tmp_path / "a")
+    assert torch.equal(_logits_on(adapted, target, feats, ids), ours)
+    loaded = load_adapter(draft, tmp_path / "a")
+    assert loaded.fc_scale is None and torch.equal(_logits_on(loaded, target, feats, ids), ours)
+    pm = PeftModel.from_pretrained(copy.deepcopy(draft), str(tmp_path / "a"))
+    torch.testing.assert_close(_logits_on(pm.base_model.model, target, feats, ids), ours, atol=1e-5, rtol=1e-5)
+    # the other geometry is really different: raw inputs, other training trajectory; zero steps: the base exactly
+    raw = ttt_adapt(draft, target, ids, features=feats, steps=6, lr=3e-3, standardize_fc=False)
+    assert raw.fc_scale is None and not raw.report.standardize_fc and raw.report.train_losses != r.train_losses
+    with ttt_adapt(draft, target, ids, features=feats, steps=0) as zero:
+        assert zero.fc_scale is not None and torch.equal(_logits_on(zero, target, feats, ids), _logits_on(draft, target, feats, ids))
+    assert zero.fc_scale is None and not zero.lora_modules()
+    no_fc = ttt_adapt(draft, target, ids, features=feats, steps=1, target_modules=("q_proj",))
+    assert no_fc.fc_scale is None and not no_fc.report.standardize_fc
+
+
 def test_adapter_saves_and_loads_in_peft_format(pair, tmp_path):
     from peft import PeftModel
 
@@ -303,7 +357,7 @@ def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_ta
     out = tmp_path / "out"
     argv = ["diagnose", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
             "--out", str(out), "--no-solve", "--n-boot", "50", "--modes", "next", "--ttt", "--ttt-steps", "3",
-            "--ttt-lr", "0.01", "--ttt-rank", "4"]
+            "--ttt-lr", "0.003", "--ttt-rank", "4"]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert set(s["modes"]["next"]["all"]["mean_logp"]) == {"target", "draft", "ttt", "draft.shuffle", "draft.gauss"}
@@ -381,7 +435,7 @@ def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
     out = tmp_path / "sweep"
     argv = ["sweep", "ttt", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
-            "--steps", "0,2,4", "--lr", "0.01", "--rank", "2,4", "--max-new-tokens", "10", "--out", str(out)]
+            "--steps", "0,2,4", "--lr", "0.003", "--rank", "2,4", "--max-new-tokens", "10", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert len(s["table"]) == 6 and all(r["n_tasks"] == 3 for r in s["table"])

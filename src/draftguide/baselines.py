@@ -43,9 +43,20 @@ def sample_generate(
 
 
 # -- Power Sampling ----------------------------------------------------------------------------------
+# The reference's settings (Karan & Du 2025, `mcmc_power_samp`): max_new_tokens split into block_num = 16
+# blocks, mcmc_steps = 10 MH steps after each, alpha = 4 (proposal at temperature 1/alpha). "cpu" is a
+# cheaper preset for this machine (about 3.5 tokens generated per output token instead of about 43).
+POWER_PRESETS = {
+    "paper": {"alpha": 4.0, "block_num": 16, "mcmc_steps": 10},
+    "cpu": {"alpha": 4.0, "block_num": 4, "mcmc_steps": 2},
+}
+
+
 @dataclass
 class PowerStats(GenStats):
     alpha: float = 4.0
+    block_num: int = 16
+    mcmc_steps: int = 10
     sampled_tokens: int = 0  # every token drawn: the initial growth plus all MH proposals
     proposals: int = 0
     accepted: int = 0
@@ -68,16 +79,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, alpha: float) -> 
     return torch.log_softmax(lf, -1).gather(-1, idx)[:, 0], torch.log_softmax(alpha * lf, -1).gather(-1, idx)[:, 0]
 
 
-def mh_log_ratio(alpha: float, lp_new, lq_new, lp_old, lq_old) -> float:
-    """log of the MH acceptance ratio for replacing a suffix, target pi = p^alpha, proposal q:
-    log [pi(x') q(x | prefix)] / [pi(x) q(x' | prefix)]; the shared prefix cancels. Each argument holds the
-    per-token log-probs of the new (') or old suffix."""
-    return float(alpha * (lp_new.sum() - lp_old.sum()) + (lq_old.sum() - lq_new.sum()))
+def mh_log_ratio(alpha: float, i: int, lp_new, lq_new, lp_old, lq_old) -> float:
+    """log of the MH acceptance ratio for replacing the suffix from offset i of a continuation of length
+    L = i + len(old) by one of length L' = i + len(new), target pi = p^alpha, the move being: pick i
+    uniformly among the L offsets, then draw from the proposal q until a stop token or the length limit:
+
+        log [pi(x') (1/L') q(old | prefix)] / [pi(x) (1/L) q(new | prefix)]
+
+    (the shared prefix cancels). Each of lp_*/lq_* holds the per-token log p / log q of a suffix; the
+    reverse move exists because both suffixes are complete proposals (each ends at a stop or the limit)."""
+    L, L_new = i + len(lp_old), i + len(lp_new)
+    return float(alpha * (lp_new.sum() - lp_old.sum()) + (lq_old.sum() - lq_new.sum())) + math.log(L / L_new)
 
 
 class _Chain:
     """The current continuation with per-token log p / log q, and a target cache valid for `valid` positions
-    of it (a rejected proposal leaves stale entries behind `valid`)."""
+    of it (a rejected proposal leaves stale entries behind `valid`). A stop token can only be its last token."""
 
     def __init__(self, target, input_ids: torch.Tensor, alpha: float, stop: set[int], generator):
         self.target, self.alpha, self.stop, self.gen = target, alpha, stop, generator
@@ -119,12 +136,20 @@ class _Chain:
         self.ids = torch.cat([self.ids[:, : self.T0 + i], toks[None]], 1)
         self.lp, self.lq = torch.cat([self.lp[:i], lp]), torch.cat([self.lq[:i], lq])
 
-    def mh_step(self, rng: torch.Generator) -> bool:
-        """Resample a uniformly chosen suffix from the proposal; accept with the MH ratio."""
+    def grow(self, limit: int) -> None:
+        """Extend the continuation from the proposal up to `limit` tokens (or a stop token)."""
+        if not self.ended() and self.length < limit:
+            self.set_suffix(self.length, *self.propose(self.ids.shape[1], limit - self.length))
+
+    def mh_step(self, rng: torch.Generator, limit: int) -> bool:
+        """One MH step targeting p^alpha over continuations of at most `limit` tokens (those that end at a
+        stop token, or reach the limit): resample the suffix from a uniformly chosen offset i with the
+        proposal, until a stop token or the limit (a stopped continuation can grow back), and accept with
+        `mh_log_ratio` (which includes the 1/L vs 1/L' of choosing i)."""
         L = self.length
         i = int(torch.randint(0, L, (1,), generator=rng))
-        toks, lp, lq = self.propose(self.T0 + i, L - i)
-        log_r = mh_log_ratio(self.alpha, lp, lq, self.lp[i:], self.lq[i:])
+        toks, lp, lq = self.propose(self.T0 + i, limit - i)
+        log_r = mh_log_ratio(self.alpha, i, lp, lq, self.lp[i:], self.lq[i:])
         if math.log(float(torch.rand(1, generator=rng)) + 1e-300) < log_r:
             self.set_suffix(i, toks, lp, lq)
             return True
@@ -132,41 +157,48 @@ class _Chain:
         return False
 
 
+def block_ends(max_new_tokens: int, block_num: int) -> list[int]:
+    """Continuation length at the end of each block: max_new_tokens split into block_num blocks (as evenly
+    as possible when it does not divide; the reference requires it to; at most one block per token)."""
+    n = min(block_num, max_new_tokens)
+    return [(k + 1) * max_new_tokens // n for k in range(n)]
+
+
 @torch.inference_mode()
 def power_sample(
     target,
     input_ids: torch.Tensor,  # [1, T]
     *,
-    alpha: float = 4.0,
-    n_mcmc: int = 4,
-    block_size: int = 16,
+    alpha: float = POWER_PRESETS["paper"]["alpha"],
+    mcmc_steps: int = POWER_PRESETS["paper"]["mcmc_steps"],
+    block_num: int = POWER_PRESETS["paper"]["block_num"],
     max_new_tokens: int,
     stop_token_ids: list[int] | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, PowerStats]:
-    """Sample (approximately) from p(x)^alpha / Z over continuations: grow `block_size` tokens from the
-    proposal (the model at temperature 1/alpha), then run `n_mcmc` Metropolis-Hastings steps over the whole
-    continuation so far, each resampling a uniformly chosen suffix (same length, or until a stop token)
-    and accepting with min(1, [p(x')^alpha q(x)] / [p(x)^alpha q(x')]). Stops after the block in which the
-    continuation ends with a stop token, or at `max_new_tokens`. `generator` seeds both the proposals and
-    the MH choices. Returns `(tokens [1, T + n], stats)`; `stats.tokens_per_output_token` is its cost."""
+    """Sample (approximately) from p(x)^alpha / Z over continuations, as the reference `mcmc_power_samp`:
+    `max_new_tokens` is split into `block_num` blocks; each block grows the continuation from the proposal
+    (the model at temperature 1/alpha), then `mcmc_steps` Metropolis-Hastings steps run over the whole
+    continuation so far (`_Chain.mh_step`: a uniformly chosen suffix resampled up to the current block's
+    length limit or a stop token, accepted with `mh_log_ratio`; each step leaves p^alpha restricted to
+    continuations within the limit invariant). Stops after the block in which the continuation ends with a
+    stop token. Defaults: the reference's (`POWER_PRESETS["paper"]`). `generator` seeds both the proposals
+    and the MH choices. Returns `(tokens [1, T + n], stats)`; `stats.tokens_per_output_token` is its cost."""
     _check_prompt(input_ids, max_new_tokens, target)
     if not alpha >= 1:
         raise DraftGuideError(f"alpha must be >= 1 (p^alpha sharpens the model), got {alpha}")
-    if n_mcmc < 0 or block_size < 1:
-        raise DraftGuideError(f"need n_mcmc >= 0 and block_size >= 1, got {n_mcmc} and {block_size}")
+    if mcmc_steps < 0 or block_num < 1:
+        raise DraftGuideError(f"need mcmc_steps >= 0 and block_num >= 1, got {mcmc_steps} and {block_num}")
     gen = generator or torch.Generator(device=input_ids.device).manual_seed(0)
     rng = torch.Generator().manual_seed(int(gen.initial_seed()) + 1)  # the MH choices, on the CPU
     chain = _Chain(target, input_ids, float(alpha), set(stop_token_ids or ()), gen)
-    stats = PowerStats(num_input_tokens=input_ids.shape[1], alpha=float(alpha))
+    stats = PowerStats(num_input_tokens=input_ids.shape[1], alpha=float(alpha), block_num=block_num, mcmc_steps=mcmc_steps)
     t0 = _now(input_ids.device)
-    n_blocks = math.ceil(max_new_tokens / block_size)
-    for _ in tqdm(range(n_blocks), desc="power", disable=not progress):
-        grow = min(block_size, max_new_tokens - chain.length)
-        chain.set_suffix(chain.length, *chain.propose(chain.ids.shape[1], grow))
-        for _ in range(n_mcmc):
-            stats.accepted += chain.mh_step(rng)
+    for limit in tqdm(block_ends(max_new_tokens, block_num), desc="power", disable=not progress):
+        chain.grow(limit)
+        for _ in range(mcmc_steps):
+            stats.accepted += chain.mh_step(rng, limit)
             stats.proposals += 1
         if chain.ended():
             break
@@ -252,5 +284,5 @@ def dola_generate(
     return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, stats, hidden=True)
 
 
-__all__ = ["PowerStats", "DolaStats", "dola_generate", "dola_scores", "mh_log_ratio", "power_sample", "sample_generate",
+__all__ = ["POWER_PRESETS", "PowerStats", "DolaStats", "block_ends", "dola_generate", "dola_scores", "mh_log_ratio", "power_sample", "sample_generate",
            "token_logprobs"]

@@ -50,13 +50,16 @@ def _add_ttt_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--ttt-anchors", type=int, default=C.anchors_per_step,
                    help=f"random context anchors per TTT step (default {C.anchors_per_step})")
     p.add_argument("--ttt-modules", default=",".join(C.target_modules), help="comma list of draft modules with LoRA")
+    p.add_argument("--ttt-raw-fc", action="store_true",
+                   help="the LoRA adapter on fc reads raw target features (default: standardised per dimension by the context's RMS)")
 
 
 def _ttt_config(args, **override):
     from .ttt import TTTConfig
 
     modules = tuple(m.strip() for m in args.ttt_modules.split(",") if m.strip())
-    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=getattr(args, "seed", 0)) | override
+    fields = dict(anchors_per_step=args.ttt_anchors, target_modules=modules, seed=getattr(args, "seed", 0),
+                  standardize_fc=not args.ttt_raw_fc) | override
     if hasattr(args, "ttt_steps"):
         fields = dict(steps=args.ttt_steps, lr=args.ttt_lr, rank=args.ttt_rank) | fields
     return TTTConfig(**fields).validate()
@@ -320,9 +323,10 @@ METHOD_FLAGS = {
     "mix": ("mix", ("guided", "guided-noise")),
     "guard_top_k": ("guard_top_k", ("guided", "guided-noise")),
     "speculative": ("speculative", ("guided", "guided-noise")),
+    "power_preset": ("preset", ("power",)),
     "alpha": ("alpha", ("power",)),
-    "n_mcmc": ("n_mcmc", ("power",)),
-    "power_block_size": ("block_size", ("power",)),
+    "mcmc_steps": ("mcmc_steps", ("power",)),
+    "block_num": ("block_num", ("power",)),
     "dola_layers": ("candidate_layers", ("dola",)),
     "relative_top": ("relative_top", ("dola",)),
     "seed": ("seed", ("guided", "guided-noise", "power", "sample")),
@@ -339,20 +343,55 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError("expected a comma list of integers") from None
 
 
+def _renamed(replacement: str):
+    def refuse(text: str):
+        raise argparse.ArgumentTypeError(f"this flag was replaced: use {replacement}")
+
+    return refuse
+
+
+def _preset_text(name: str) -> str:
+    from .baselines import POWER_PRESETS
+
+    p = POWER_PRESETS[name]
+    return f"alpha {p['alpha']:g}, {p['block_num']} blocks, {p['mcmc_steps']} MH steps each"
+
+
+def _mix(text: str) -> str:
+    from .guided import MIXES, REMOVED_MIXES
+
+    if text in REMOVED_MIXES:
+        raise argparse.ArgumentTypeError(REMOVED_MIXES[text])
+    if text not in MIXES:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(MIXES)})")
+    return text
+
+
 def _add_method_args(p: argparse.ArgumentParser, beta: bool = True, baselines: bool = True) -> None:
     g = p.add_argument_group("draft-guided decoding (methods guided, guided-noise)")
     if beta:
         g.add_argument("--beta", type=float, default=None, help="weight of the draft logits, in [0, 1]")
     g.add_argument("--beta-schedule", choices=["fixed", "adaptive"], default=None, help="adaptive: beta * JS(target, draft) / ln 2 per token")
-    g.add_argument("--mix", choices=["logits", "logprobs"], default=None)
+    g.add_argument("--mix", type=_mix, default=None, metavar="{logits,probs}",
+                   help="logits: (1-beta) target + beta draft logits (default); probs: (1-beta) p_target + beta p_draft")
     g.add_argument("--guard-top-k", type=int, default=None, help="guidance only re-ranks the target's top-k tokens")
     g.add_argument("--speculative", action="store_true", help="exact speculative guided greedy (same tokens, fewer target passes)")
     g.add_argument("--seed", type=int, default=None, help="seed of the noise control / Power Sampling / sampling")
     if baselines:
+        from .baselines import POWER_PRESETS
+
         g = p.add_argument_group("baselines (methods power, dola)")
-        g.add_argument("--alpha", type=float, default=None, help="Power Sampling exponent (default 4)")
-        g.add_argument("--n-mcmc", type=int, default=None, help="MH steps per block (default 4)")
-        g.add_argument("--power-block-size", type=int, default=None, help="tokens grown per block (default 16)")
+        g.add_argument("--power-preset", choices=list(POWER_PRESETS), default=None,
+                       help="Power Sampling settings: paper (the reference's: " + _preset_text("paper") + "; default) or cpu ("
+                            + _preset_text("cpu") + "); the three flags below override it")
+        g.add_argument("--alpha", type=float, default=None, help="Power Sampling exponent (proposal temperature 1/alpha)")
+        g.add_argument("--mcmc-steps", type=int, default=None, help="Power Sampling: MH steps after each block")
+        g.add_argument("--block-num", type=int, default=None, help="Power Sampling: blocks max_new_tokens is split into")
+        g.add_argument("--n-mcmc", type=_renamed("--mcmc-steps (MH steps after each block, the reference's name)"),
+                       default=None, help=argparse.SUPPRESS)
+        g.add_argument("--power-block-size", type=_renamed("--block-num (the number of blocks max_new_tokens is split into, "
+                                                           "as in the reference; it was tokens per block)"),
+                       default=None, help=argparse.SUPPRESS)
         g.add_argument("--dola-layers", type=_int_list, default=None, help="DoLa candidate layers (hidden-state indices), comma list")
         g.add_argument("--relative-top", type=float, default=None, help="DoLa plausibility filter (default 0.1)")
 

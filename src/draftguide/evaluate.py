@@ -134,16 +134,23 @@ def sample(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: li
 
 
 @register_method("power")
-def power(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, alpha: float = 4.0,
-          n_mcmc: int = 4, block_size: int = 16, seed: int = 0):
+def power(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, preset: str = "paper",
+          alpha: float | None = None, mcmc_steps: int | None = None, block_num: int | None = None, seed: int = 0):
+    """Power Sampling with a preset's settings (`POWER_PRESETS`: "paper", the reference's; "cpu", cheaper),
+    any of alpha / mcmc_steps / block_num overriding it. The row records the settings used and the cost."""
     import torch
 
-    from .baselines import power_sample
+    from .baselines import POWER_PRESETS, power_sample
 
+    if preset not in POWER_PRESETS:
+        raise DraftGuideError(f"unknown Power Sampling preset {preset!r} (expected one of {', '.join(POWER_PRESETS)})")
+    given = {k: v for k, v in dict(alpha=alpha, mcmc_steps=mcmc_steps, block_num=block_num).items() if v is not None}
+    settings = POWER_PRESETS[preset] | given
     gen = torch.Generator(device=input_ids.device).manual_seed(seed)
-    tokens, st = power_sample(target, input_ids, alpha=alpha, n_mcmc=n_mcmc, block_size=block_size,
-                              max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, generator=gen)
-    extra = {"tokens_per_output_token": st.tokens_per_output_token, "mh_acceptance": st.acceptance_rate}
+    tokens, st = power_sample(target, input_ids, **settings, max_new_tokens=max_new_tokens,
+                              stop_token_ids=stop_token_ids, generator=gen)
+    extra = {"tokens_per_output_token": st.tokens_per_output_token, "mh_acceptance": st.acceptance_rate,
+             "power": {"preset": preset, **settings}}
     return tokens[0, input_ids.shape[1]:].tolist(), extra
 
 

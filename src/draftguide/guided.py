@@ -4,7 +4,12 @@ Each step the target scores the next token and the draft reads the target's inte
 latest anchor (the last committed token; block position 1 predicts the next token, as in speculation):
 
     guided = (1 - beta) * target + beta * draft                      (mix="logits", the seed's formula)
-    guided = (1 - beta) * log_softmax(target) + beta * log_softmax(draft)          (mix="logprobs")
+    guided = log((1 - beta) * softmax(target) + beta * softmax(draft))   (mix="probs", a mixture of distributions)
+
+(Mixing log-softmaxes, the former mix="logprobs", only subtracts a per-row constant from mix="logits": it
+decoded exactly the same and is refused.) mix="logits" is a product of experts (p_t^(1-beta) p_d^beta,
+renormalised: a token needs both models' support); mix="probs" is a mixture (a token either model likes
+keeps that model's share of the mass).
 
 beta=0 is the target's own decoding, beta=1 decoding from the draft's k=1 readout alone. Both models keep
 KV caches: the target a `DynamicCache`, the draft a `DraftCache` of context K/V, so the draft never
@@ -34,7 +39,10 @@ from .sampling import check_sampling, effective_temperature, sample
 from .speculative import GenStats, _check_prompt, _first_stop, _now, cache_kwarg, crop_cache
 from .targets import extract_features
 
-MIXES = ("logits", "logprobs")
+MIXES = ("logits", "probs")
+REMOVED_MIXES = {"logprobs": "mix 'logprobs' was removed: mixing log-softmaxes only subtracts a per-row constant, so it "
+                 "decoded exactly like mix 'logits'; use mix 'probs' for the probability mixture "
+                 "(1-beta) p_target + beta p_draft"}
 SCHEDULES = ("fixed", "adaptive")
 CONTROLS = ("noise",)
 
@@ -95,7 +103,9 @@ def guide(
 
     `beta_schedule="adaptive"`: beta_t = beta * JS(target_t, draft_t) / ln 2, i.e. full guidance where the
     two distributions are disjoint and none where they agree (where guidance would change little anyway).
-    `guard_top_k=k`: guidance may only re-rank the target's top-k tokens (a fluency guard)."""
+    `guard_top_k=k`: guidance may only re-rank the target's top-k tokens (a fluency guard).
+    `mix="logits"` mixes the logits; `mix="probs"` returns log((1-b) p_target + b p_draft) (log-probabilities,
+    so softmax of the result is the mixture itself)."""
     t = target_logits.float()
     betas = torch.full(t.shape[:-1], float(beta), device=t.device)
     if beta == 0:
@@ -104,10 +114,13 @@ def guide(
         if beta_schedule == "adaptive":
             betas = beta * js_divergence(t, draft_logits) / math.log(2.0)
         d = draft_logits.float()
-        if mix == "logprobs":
-            t, d = torch.log_softmax(t, -1), torch.log_softmax(d, -1)
         b = betas[..., None]
-        out = (1 - b) * t + b * d
+        if mix == "probs":  # log of the mixture, in log space (a zero weight gives log 0 = -inf: that side drops out)
+            out = torch.logaddexp(torch.log1p(-b) + torch.log_softmax(t, -1), torch.log(b) + torch.log_softmax(d, -1))
+        elif mix == "logits":
+            out = (1 - b) * t + b * d
+        else:
+            raise DraftGuideError(REMOVED_MIXES.get(mix) or f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
     if guard_top_k:
         kth = torch.topk(target_logits, min(guard_top_k, t.shape[-1]), -1).values[..., -1:]
         out = out.masked_fill(target_logits < kth, float("-inf"))
@@ -119,6 +132,8 @@ def check_guided(beta: float, beta_schedule: str, mix: str, guard_top_k, control
         raise DraftGuideError(f"beta must be in [0, 1], got {beta}")
     if beta_schedule not in SCHEDULES:
         raise DraftGuideError(f"beta_schedule must be one of {', '.join(SCHEDULES)}, got {beta_schedule!r}")
+    if mix in REMOVED_MIXES:
+        raise DraftGuideError(REMOVED_MIXES[mix])
     if mix not in MIXES:
         raise DraftGuideError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
     if guard_top_k is not None and guard_top_k < 1:

@@ -95,7 +95,7 @@ class ChatRequest(BaseModel):
     top_k: int = Field(default=0, ge=-1)
     ttt: bool | dict[str, Any] | None = None
     beta_schedule: Literal["fixed", "adaptive"] | None = None  # guided only, as the three below
-    mix: Literal["logits", "logprobs"] | None = None
+    mix: Literal["logits", "probs"] | None = None
     guard_top_k: int | None = Field(default=None, ge=1)
 
     @field_validator("n")
@@ -149,6 +149,15 @@ class ChatRequest(BaseModel):
         if self.logprobs and self.stream:
             raise ValueError("logprobs are not supported with stream: true (ask without streaming)")
         return self
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _removed_mix(cls, v):
+        from .guided import REMOVED_MIXES
+
+        if v in REMOVED_MIXES:
+            raise ValueError(REMOVED_MIXES[v])
+        return v
 
     @field_validator("method")
     @classmethod

@@ -5,6 +5,18 @@ features. One target prefill over the context gives the features (reused every s
 passes); each step draws random anchors in the context and trains only the LoRA adapters (peft) on block
 prediction of the real next B-1 tokens with the draft training loss of `train.py` (same decay weights).
 
+The LoRA adapter on `fc` sees standardised features. Training divides the target features by a per-dimension
+RMS scale before `fc` and folds the scale into `fc`'s weights on save, so a saved draft reads raw features,
+a few dimensions of which are ~100x larger than the rest: an adapter on raw features would be badly
+conditioned. `ttt_adapt` therefore estimates the scale s from the context's own features (per-dimension
+RMS, rounded to a power of two so that dividing by it is exact) and feeds x / s to the adapter's `lora_A`
+(an explicit step in front of the adapter; the base `fc` keeps reading x, as W x = (W s)(x / s)):
+
+    fc(x) = W x + scaling * B A (x / s)
+
+Merging and saving fold the scale back (`A / s`), so a merged draft and a saved peft adapter compute exactly
+this, with no extra step (`standardize_fc=False`: the adapter reads raw features, as before).
+
 `ttt_adapt` returns an `AdaptedDraft`: a `DFlashDraft` (same forward, attributes and methods, so it runs in
 speculative decoding, the diagnostic and guided decoding) whose base weights are the caller's draft's own
 tensors, shared, frozen and never written. `reset()` (or leaving a `with` block) removes the adapters and
@@ -62,6 +74,8 @@ class TTTReport:
     seed: int = 0
     gradient_checkpointing: bool = False
     autocast_dtype: str | None = None
+    standardize_fc: bool = False  # the adapter on fc read standardised features (x / s)
+    fc_scale_spread: float | None = None  # max / median of the context's per-dimension feature RMS (conditioning)
 
     @property
     def prefill_ratio(self) -> float | None:
@@ -87,6 +101,7 @@ class TTTConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     autocast_dtype: str | None = None
+    standardize_fc: bool = True
 
     def kwargs(self, **override) -> dict:
         return asdict(self) | override
@@ -127,13 +142,51 @@ class AdaptedDraft(DFlashDraft):
         object.__setattr__(self, "_peft", peft_model)  # not a submodule: it holds this module itself
         object.__setattr__(self, "base", base)
         self.report = None
+        self.fc_scale, self._fc_hook = None, None
         self.gradient_checkpointing = base.gradient_checkpointing
         return self.to(next(base.parameters()).device).train(base.training)
 
     # -- ways back and out ------------------------------------------------------------------------------
+    def standardize_fc(self, scale: torch.Tensor) -> None:
+        """Feed x / scale to the LoRA adapter on `fc` (its `lora_A`), scale [n*d]: the explicit standardising
+        step. Powers of two keep the division exact. `merged()` and `save_adapter()` fold it back (A / scale)."""
+        fc = self.lora_modules().get("fc")
+        if fc is None:
+            raise DraftGuideError("standardize_fc needs a LoRA adapter on fc (target_modules without 'fc')")
+        if self._fc_hook is not None:
+            raise DraftGuideError("the fc adapter already reads standardised features")
+        a = fc.lora_A[ADAPTER]
+        scale = scale.detach().float().to(a.weight.device)
+        if scale.shape != (a.in_features,) or not bool((scale > 0).all()):
+            raise DraftGuideError(f"the fc feature scale must be {a.in_features} positive numbers, got shape {tuple(scale.shape)}")
+        self.fc_scale = scale
+        self._fc_hook = a.register_forward_pre_hook(lambda m, args: (args[0] / scale.to(args[0].dtype), *args[1:]))
+
+    @contextlib.contextmanager
+    def _fc_scale_folded(self):
+        """Inside the block the fc adapter's A holds A / scale and reads raw features (what a plain peft
+        adapter computes); restored after (exactly, for a power-of-two scale)."""
+        if self._fc_hook is None:
+            yield
+            return
+        a = self.lora_modules()["fc"].lora_A[ADAPTER]
+        self._fc_hook.remove()
+        with torch.no_grad():
+            a.weight.div_(self.fc_scale.to(a.weight.dtype)[None, :])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                a.weight.mul_(self.fc_scale.to(a.weight.dtype)[None, :])
+            scale = self.fc_scale
+            self._fc_hook = a.register_forward_pre_hook(lambda m, args: (args[0] / scale.to(args[0].dtype), *args[1:]))
+
     def reset(self) -> DFlashDraft:
         """Remove the adapters (this module becomes a plain copy of the base again) and return the base draft,
         whose weights were never written."""
+        if self._fc_hook is not None:
+            self._fc_hook.remove()
+            self.fc_scale, self._fc_hook = None, None
         if getattr(self, "_peft", None) is not None:
             self._peft.base_model.unload()
             object.__setattr__(self, "_peft", None)
@@ -155,8 +208,10 @@ class AdaptedDraft(DFlashDraft):
         """A plain official-format draft (fresh tensors) with the adapters merged into the base weights."""
         state = {k: v.clone() for k, v in self.base.state_dict().items()}
         for name, mod in self.lora_modules().items():
-            w = mod.base_layer.weight
-            state[f"{name}.weight"] = (w + mod.get_delta_weight(ADAPTER).to(w.dtype)).contiguous()
+            w, delta = mod.base_layer.weight, mod.get_delta_weight(ADAPTER)  # delta = scaling * B A
+            if name == "fc" and self.fc_scale is not None:  # the adapter read x / s: B A diag(1/s) on raw x
+                delta = delta / self.fc_scale.to(delta.dtype)[None, :]
+            state[f"{name}.weight"] = (w + delta.to(w.dtype)).contiguous()
         out = DFlashDraft.from_state_dict(copy.deepcopy(self.base.config), state)
         return out.requires_grad_(False).eval()
 
@@ -168,7 +223,8 @@ class AdaptedDraft(DFlashDraft):
         """peft adapter format (`adapter_config.json` + `adapter_model.safetensors`); `load_adapter` reads it."""
         if getattr(self, "_peft", None) is None:
             raise DraftGuideError("the adapters were removed by reset(): nothing to save")
-        self._peft.save_pretrained(str(path))
+        with self._fc_scale_folded():  # a plain peft adapter on raw features, computing the same
+            self._peft.save_pretrained(str(path))
         if self.report is not None:
             from .runs import write_json
 
@@ -222,6 +278,7 @@ def ttt_adapt(
     seed: int = TTTConfig.seed,
     gradient_checkpointing: bool = TTTConfig.gradient_checkpointing,
     autocast_dtype: torch.dtype | str | None = TTTConfig.autocast_dtype,
+    standardize_fc: bool = TTTConfig.standardize_fc,
     features: torch.Tensor | None = None,
     eval_anchors: int = 64,
     on_step: Callable[[int, AdaptedDraft], None] | None = None,
@@ -232,6 +289,8 @@ def ttt_adapt(
     `features` ([1, T, n*d], the target's features of the context) skips the prefill. `eval_anchors` evenly
     spaced anchors give the context loss before and after. `on_step(step, draft)` is called (draft in eval
     mode) before the first step with step 0 and after every step. Works inside `torch.inference_mode()`.
+    `standardize_fc` (with "fc" among the target modules): the fc adapter reads the context features divided
+    by their per-dimension RMS (`context_feature_scale`); see the module docstring.
     The target's parameters get no gradients; the base draft's weights are never written."""
     from peft import LoraConfig
 
@@ -261,6 +320,11 @@ def ttt_adapt(
                           bias="none", inference_mode=False)
         adapted = AdaptedDraft.wrap(draft, lora, seed)
         adapted.gradient_checkpointing = gradient_checkpointing
+        spread = None
+        if standardize_fc and "fc" in adapted.lora_modules():
+            scale = context_feature_scale(features)
+            adapted.standardize_fc(scale)
+            spread = float(scale.max() / scale.median())
         weights = loss_weights(bs).to(dev)
         eval_at = evenly_spaced_anchors(T, eval_anchors)
         t_eval = _now(dev)
@@ -280,6 +344,7 @@ def ttt_adapt(
         lr=lr, rank=rank, alpha=alpha, target_modules=list(target_modules), anchors_per_step=anchors_per_step,
         block_size=bs, seed=seed, gradient_checkpointing=gradient_checkpointing,
         autocast_dtype=None if amp is None else str(amp).removeprefix("torch."),
+        standardize_fc=adapted.fc_scale is not None, fc_scale_spread=spread,
     )
     return adapted.eval()
 
@@ -346,6 +411,14 @@ def context_loss(draft, target, features, ids, anchors: list[int], weights, bloc
         hits, count = hits + acc.cpu() * n.cpu(), count + n.cpu()
     draft.train(was)
     return total / max(wsum, 1e-9), (hits / count.clamp_min(1)).tolist()
+
+
+def context_feature_scale(features: torch.Tensor) -> torch.Tensor:
+    """Per-dimension RMS of the features [1, T, n*d] over all positions but the first (as training's
+    `FeatureScale`: attention-sink outliers would dominate), rounded to the nearest power of two. -> [n*d]"""
+    x = features[:, 1:] if features.shape[1] > 1 else features
+    rms = x.reshape(-1, x.shape[-1]).float().pow(2).mean(0).sqrt().clamp_min(1e-6)
+    return torch.exp2(torch.log2(rms).round())
 
 
 def evenly_spaced_anchors(length: int, n: int) -> list[int]:
@@ -436,4 +509,4 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
-__all__ = ["AdaptedDraft", "TTTConfig", "TTTReport", "context_loss", "evenly_spaced_anchors", "load_adapter", "ttt_adapt"]
+__all__ = ["AdaptedDraft", "TTTConfig", "TTTReport", "context_feature_scale", "context_loss", "evenly_spaced_anchors", "load_adapter", "ttt_adapt"]
