@@ -302,6 +302,7 @@ def _anchor_tensor(batch, lengths, n, rng, first_token: bool = True) -> torch.Te
 
 
 PROBE_STEPS = 10  # steps timed (after this run's first, which pays one-off costs) before a budget is planned
+REPLAN_EVERY = 50  # then re-planned every this many steps from the mean step time of the run so far
 
 
 def planned_total(total: int, step: int, per_step_s: float, left_s: float, world: int, dev) -> int:
@@ -379,7 +380,7 @@ def train_draft(
         opt.load_state_dict(blob["opt"])
         sched.load_state_dict(blob["sched"])
         state.update(blob["state"])
-        if not state.get("planned"):  # a resumed run may change --steps/--epochs; a budget-planned total stays
+        if not state.get("planned") or not cfg.time_budget_s:  # a resumed run may change --steps/--epochs
             state["total"] = total
         torch.set_rng_state(blob["torch_rng"])
         random.setstate(blob["py_rng"])
@@ -467,13 +468,14 @@ def train_draft(
             state["labels_seen"] = state.get("labels_seen", 0) + int(n.sum()) * world
             bar.update(1)
             steps_here += 1
-            if cfg.time_budget_s and not state.get("planned") and steps_here in (1, PROBE_STEPS + 1):
+            if cfg.time_budget_s and (steps_here == 1 or (steps_here - 1) % REPLAN_EVERY == PROBE_STEPS % REPLAN_EVERY):
+                # (re-)plan from this run's mean step time so far: a shared machine's speed changes under us
                 now = time.perf_counter()
                 if steps_here == 1:
                     t_probe = now
-                else:
+                elif steps_here > PROBE_STEPS:
                     left = cfg.time_budget_s - state["elapsed_s"] - (now - t_start)
-                    state["total"] = planned_total(state["total"], state["step"], (now - t_probe) / PROBE_STEPS, left, world, dev)
+                    state["total"] = planned_total(total, state["step"], (now - t_probe) / (steps_here - 1), left, world, dev)
                     state["planned"] = True
                     bar.total = state["total"]
                     write_config()
