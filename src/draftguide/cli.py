@@ -14,15 +14,33 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def _verify_len(text: str):
-    if text == "auto":
+    if text in ("auto", "full"):
         return text
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("expected a positive integer or 'auto'") from None
+        raise argparse.ArgumentTypeError("expected a positive integer, 'auto' or 'full'") from None
     if n < 1:
-        raise argparse.ArgumentTypeError("expected a positive integer or 'auto'")
+        raise argparse.ArgumentTypeError("expected a positive integer, 'auto' or 'full'")
     return n
+
+
+VERIFY_HELP = ("drafted tokens verified per step: N, 'auto' (adaptive, from measured cost curves) or 'full' (the whole "
+               "block); default: auto on a CPU, full on a GPU")
+
+
+def _add_draft_vocab(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="FR-Spec: the draft proposes from the N most frequent tokens (its folder's vocab_ranking); "
+                        "the target verifies as usual, so output is unchanged")
+
+
+def _draft_vocab(args):
+    if args.draft_vocab is None:
+        return None
+    from .speculative import load_draft_vocab
+
+    return load_draft_vocab(_draft_spec(args), args.draft_vocab)
 
 
 def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draft: bool = False, draft_dtype: bool = True) -> None:
@@ -77,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--verify-len", type=_verify_len, default=None, help="drafted tokens verified per step: N, or 'auto' (adaptive, from the measured cost curve); default block_size-1")
+    p.add_argument("--verify-len", type=_verify_len, default=None, help=VERIFY_HELP)
+    _add_draft_vocab(p)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh randomness; the seed used is in summary.json)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-greedy timing runs")
@@ -162,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None, help="prompts per set")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--verify-len", type=_verify_len, default=None, help="N or 'auto'")
+    p.add_argument("--verify-len", type=_verify_len, default=None, help=VERIFY_HELP)
+    _add_draft_vocab(p)
     p.set_defaults(func=cmd_bench_tau)
 
     p = sub.add_parser("tasks", help="the built-in context-learning task suite")
@@ -476,10 +496,12 @@ def cmd_speculate(args) -> int:
     if args.max_new_tokens < 1:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = load_prompts(args.prompts)[: args.limit]
+    vocab = _draft_vocab(args)
     target, tok, draft = load_models(args)
     s = run_speculate(
         target, tok, draft, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, verify_len=args.verify_len, seed=args.seed, baseline=not args.no_baseline,
+        draft_vocab=vocab,
     )
     from .runs import fmt
 
@@ -621,12 +643,14 @@ def cmd_bench_tau(args) -> int:
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     prompt_sets = {s: load_source(s, limit=args.limit) for s in sets}  # fail on a bad set before loading models
+    vocab = _draft_vocab(args)
     target, tok, draft = load_models(args)
     out, res = Path(args.out), {}
     for name, prompts in prompt_sets.items():
         tag = Path(name).stem if name.endswith(".jsonl") else name
-        res[tag] = run_speculate(target, tok, draft, prompts, out / tag, max_new_tokens=args.max_new_tokens, verify_len=args.verify_len)
-    keys = ("n_prompts", "tau", "tau_ci95_over_prompts", "tokens_per_s", "baseline_method", "baseline_tokens_per_s", "speedup",
+        res[tag] = run_speculate(target, tok, draft, prompts, out / tag, max_new_tokens=args.max_new_tokens,
+                                 verify_len=args.verify_len, draft_vocab=vocab)
+    keys = ("n_prompts", "tau", "tau_ci95_over_prompts", "verify_len", "draft_vocab", "acceptance_histogram", "tokens_per_s", "baseline_method", "baseline_tokens_per_s", "speedup",
             "hf_generate_tokens_per_s", "speedup_vs_hf_generate", "lossless")
     summary = {"target": args.target, "draft": args.draft or "shipped", "max_new_tokens": args.max_new_tokens,
                "sets": {k: {f: v.get(f) for f in keys} for k, v in res.items()}, "environment": environment()}

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import torch
 from transformers import DynamicCache
 
@@ -80,6 +82,57 @@ def _first_stop(tokens: list[int], stop: set[int]) -> int | None:
     return next((i for i, t in enumerate(tokens) if t in stop), None)
 
 
+class SubsetHead:
+    """FR-Spec (Zhao et al. 2025, arXiv 2502.14856): the draft scores only a subset of the vocabulary (the V'
+    most frequent tokens) when it proposes; logits outside the subset are -inf, so proposals come from the
+    subset and, at temperature > 0, q is 0 outside it. The target verifies with its full head, so greedy output
+    is unchanged and rejection sampling stays exact; only acceptance can drop (a target token outside the
+    subset is never proposed). On a CPU the full head is most of a draft step's cost at batch 1.
+    `token_ids` [V'] (any order); the head rows are kept in the draft's dtype."""
+
+    def __init__(self, draft: DFlashDraft, target, token_ids: torch.Tensor):
+        head = target.get_output_embeddings()
+        dev = head.weight.device
+        self.ids = torch.as_tensor(token_ids, dtype=torch.long, device=dev).unique()  # sorted
+        self.weight = head.weight[self.ids].to(next(draft.parameters()).dtype)  # [V', d]
+        self.vocab, self.draft = head.weight.shape[0], draft
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden [..., n, d] -> logits [..., n, V] (float32; -inf outside the subset)
+        sub = (hidden.to(self.weight.dtype) @ self.weight.T).float() * self.draft.output_multiplier
+        if self.draft.softcap:
+            sub = torch.tanh(sub / float(self.draft.softcap)) * float(self.draft.softcap)
+        out = torch.full((*sub.shape[:-1], self.vocab), float("-inf"), device=sub.device)
+        return out.index_copy_(-1, self.ids, sub)
+
+
+RANKING_FILE = "vocab_ranking.safetensors"  # token ids by falling frequency, beside a draft's weights
+
+
+def save_vocab_ranking(folder, counts: torch.Tensor) -> None:
+    """Write the token ranking (ids by falling count, ties by id) that `--draft-vocab N` takes the top of.
+    Official dflash ignores the extra file. # counts: [V] token counts of the draft's training text"""
+    from safetensors.torch import save_file
+
+    order = torch.argsort(-counts.double() + torch.arange(len(counts)) * 1e-9 / len(counts), stable=True)
+    save_file({"token_ids": order.to(torch.int32).contiguous()}, str(Path(folder) / RANKING_FILE))
+
+
+def load_draft_vocab(folder, size: int) -> torch.Tensor:
+    """The `size` most frequent token ids of a draft folder's ranking. Raises DraftGuideError without one."""
+    from safetensors.torch import load_file
+
+    from .draft import draft_path
+
+    path = draft_path(folder) / RANKING_FILE
+    if not path.is_file():
+        raise DraftGuideError(f"--draft-vocab needs {RANKING_FILE} in the draft folder '{folder}' (token ranking by frequency)")
+    ranked = load_file(str(path))["token_ids"].long()
+    if not 1 <= size <= len(ranked):
+        raise DraftGuideError(f"--draft-vocab must be in [1, {len(ranked)}], got {size}")
+    return ranked[:size]
+
+
 @torch.inference_mode()
 def speculative_generate(
     target,
@@ -95,6 +148,7 @@ def speculative_generate(
     verify_costs: list[float] | None = None,
     on_token: Callable[[list[int]], None] | None = None,
     read_costs: list[float] | None = None,
+    draft_head: "SubsetHead | None" = None,
 ) -> tuple[torch.Tensor, GenStats]:
     """Returns `(tokens [1, T + n], stats)`. Greedy output equals the target's own greedy output; at
     temperature > 0 rejection sampling keeps the target's distribution. `verify_len` (1..B-1, default
@@ -110,7 +164,7 @@ def speculative_generate(
     those. Where the head is cheap (a GPU) that reads the whole block; on a CPU, where the head over 7
     offsets costs ~3x one, it reads few.
     `on_token(ids)` receives each step's committed tokens as they are committed (streaming); an exception
-    it raises ends the generation."""
+    it raises ends the generation. `draft_head`: a `SubsetHead` for the draft's proposals (FR-Spec)."""
     check_sampling(temperature, top_p, top_k)
     temperature = effective_temperature(temperature)
     _check_prompt(input_ids, max_new_tokens, target)
@@ -150,7 +204,7 @@ def speculative_generate(
             read = dlen if read_costs is None else 1 + seen.rows_worth_reading(verify_costs, read_costs, dlen - 1)
         h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache,
                   rows=slice(1, read))  # [1, read-1, d]
-        dlogits = draft.logits(h, target)[0]  # [read-1, V]
+        dlogits = (draft.logits(h, target) if draft_head is None else draft_head(h))[0]  # [read-1, V]
         if adaptive and read > 2:
             vs = best_verify_len(dlogits, verify_costs, temperature) + 1
             dlogits = dlogits[: vs - 1]
@@ -252,7 +306,7 @@ def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, r
     return costs
 
 
-def draft_read_step(target, draft: DFlashDraft, features: torch.Tensor) -> Callable[[int], torch.Tensor]:
+def draft_read_step(target, draft: DFlashDraft, features: torch.Tensor, draft_head: SubsetHead | None = None) -> Callable[[int], torch.Tensor]:
     """A timing unit: `step(n)` is one cached draft block step as in decoding (the last position of
     `features` is the new context, the others are cached once here) plus the output head over block offsets
     1..n; it leaves the cache as it found it. Returns the logits [1, n, V].
@@ -266,20 +320,21 @@ def draft_read_step(target, draft: DFlashDraft, features: torch.Tensor) -> Calla
     def step(n: int) -> torch.Tensor:
         h = draft(draft.embed(target, block), features[:, C:], pos[:, C:], cache=cache, rows=slice(1, n + 1))
         cache.crop(C)
-        return draft.logits(h, target)
+        return draft.logits(h, target) if draft_head is None else draft_head(h)
 
     return step
 
 
 @torch.inference_mode()
-def measure_read_costs(target, draft: DFlashDraft, context_len: int = 256, repeats: int = 3) -> list[float]:
+def measure_read_costs(target, draft: DFlashDraft, context_len: int = 256, repeats: int = 3,
+                       draft_head: SubsetHead | None = None) -> list[float]:
     """Seconds to read n = 1..B-1 offsets of a drafted block: one cached draft block step after `context_len`
     cached positions plus the output head over n rows (`draft_read_step`). The price of the draft's proposals
     and confidences. Returns [r_1, ..., r_{B-1}]."""
     dev, dtype = next(target.parameters()).device, next(draft.parameters()).dtype
     width = len(draft.target_layer_ids) * target.get_input_embeddings().weight.shape[1]
     feats = torch.randn(1, context_len + 1, width, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
-    step = draft_read_step(target, draft, feats)  # values do not matter for timing
+    step = draft_read_step(target, draft, feats, draft_head)  # values do not matter for timing
     costs = []
     for n in range(1, draft.block_size):
         best = float("inf")
@@ -349,6 +404,12 @@ def hf_generate(
     return out, stats
 
 
+def default_verify_len(device) -> str:
+    """'auto' where a verify forward is expensive next to a decode step (a CPU: 16 tokens cost ~2.2x one, and
+    the full head over 7 offsets ~3x one), 'full' (the whole block) on an accelerator, where it is almost free."""
+    return "full" if torch.device(device).type == "cuda" else "auto"
+
+
 def run_speculate(
     target,
     tokenizer,
@@ -364,10 +425,13 @@ def run_speculate(
     seed: int | None = None,
     baseline: bool = True,
     progress: bool = True,
+    draft_vocab: torch.Tensor | None = None,
 ) -> dict:
     """Speculative decoding over `prompts`, timed against plain greedy decoding of the same target in the
     same run. Writes `results.jsonl` (a row per prompt, flushed as it goes) and `summary.json`. `seed`: of the
-    sampling at temperature > 0 (None: fresh randomness); the seed used is in the summary."""
+    sampling at temperature > 0 (None: fresh randomness); the seed used is in the summary. `verify_len`: N,
+    'auto', 'full' (the whole block) or None for the device's default (`default_verify_len`). `draft_vocab`:
+    token ids the draft proposes from (FR-Spec, `SubsetHead`)."""
     from pathlib import Path
 
     import numpy as np
@@ -393,19 +457,24 @@ def run_speculate(
     speculative_generate(target, draft, warm, 4, stop_token_ids=stop)
     greedy_generate(target, warm, 4)
     costs = head = None
+    dhead = SubsetHead(draft, target, draft_vocab) if draft_vocab is not None else None
+    verify_len = default_verify_len(dev) if verify_len is None else verify_len
     if verify_len == "auto":
         costs = measure_verify_costs(target, max_tokens=draft.block_size)
-        head = measure_read_costs(target, draft)
+        head = measure_read_costs(target, draft, draft_head=dhead)
         verify_len = None
-    elif verify_len is not None and not isinstance(verify_len, int):
-        raise DraftGuideError(f"verify_len must be an integer or 'auto', got {verify_len!r}")
+    elif verify_len == "full":
+        verify_len = None
+    elif not isinstance(verify_len, int):
+        raise DraftGuideError(f"verify_len must be an integer, 'auto' or 'full', got {verify_len!r}")
 
     rows, spec_tok, spec_s, base = [], 0, 0.0, {"greedy": [0, 0.0], "hf_generate": [0, 0.0]}
     with JsonlWriter(out_dir / "results.jsonl", mode="w") as w:
         for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
             ids = ids.to(dev)
             tokens, st = speculative_generate(
-                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs, read_costs=head
+                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs, read_costs=head,
+                draft_head=dhead,
             )
             new = tokens[0, ids.shape[1]:].tolist()
             rec = {
@@ -432,6 +501,7 @@ def run_speculate(
         "n_prompts": len(rows),
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
         "block_size": draft.block_size, "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
+        "draft_vocab": None if dhead is None else len(dhead.ids),
         "verify_costs_s": costs, "read_costs_s": head,
         "tau": sum(steps) / len(steps) if steps else float("nan"),
         "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
