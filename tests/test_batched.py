@@ -1,0 +1,194 @@
+"""Batched decoding (`batched.batch_generate`): every row equals its batch-1 decoding token for token (float64 tiny
+models), with left padding, per-row positions, both caches, and rows leaving the batch as they finish."""
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_draft, tiny_target
+
+from draftguide.baselines import sample_generate
+from draftguide.batched import batch_generate, left_pad
+from draftguide.draft import DFlashDraft, DraftCache
+from draftguide.guided import guided_generate
+from draftguide.speculative import greedy_generate
+
+LENS = [3, 11, 1, 7, 20]
+BUDGETS = [9, 25, 14, 4, 6]  # the longest prompt ends first: its padding columns are dropped mid-run
+
+
+@pytest.fixture(scope="module")
+def f64():
+    t = tiny_target("qwen3").double()
+    return t, tiny_draft(t).double()
+
+
+@pytest.fixture(scope="module")
+def f64_llama():
+    t = tiny_target("llama", seed=3).double()
+    return t, tiny_draft(t, seed=4).double()
+
+
+@pytest.fixture(scope="module")
+def f64_aligned():
+    t = tiny_target("qwen3", seed=5).double()
+    d = DFlashDraft.for_target(t, num_layers=2, block_size=4, mask_token_id=VOCAB - 1, target_layer_ids=[1, 3, 4],
+                               context_includes_anchor=True, seed=6).eval().requires_grad_(False).double()
+    return t, d
+
+
+def prompts(lens=LENS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB - 2, (1, n), generator=g) for n in lens]
+
+
+def gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def new_tokens(tokens, ids):
+    return tokens[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("pair", ["f64", "f64_llama"])
+def test_greedy_rows_equal_batch_one(pair, request):
+    target, _ = request.getfixturevalue(pair)
+    ps = prompts()
+    ref = [new_tokens(greedy_generate(target, p, m)[0], p) for p, m in zip(ps, BUDGETS)]
+    rows = batch_generate(target, ps, BUDGETS)
+    assert [r.tokens for r in rows] == ref
+    assert [len(r.tokens) for r in rows] == BUDGETS and all(r.finish_reason == "length" for r in rows)
+
+
+def test_stop_tokens_end_rows_early(f64):
+    target, _ = f64
+    ps = prompts()
+    free = [new_tokens(greedy_generate(target, p, 25)[0], p) for p in ps]
+    stop = [free[1][5], free[3][2]]  # tokens that occur mid-answer in two rows
+    ref = [new_tokens(greedy_generate(target, p, 25, stop)[0], p) for p in ps]
+    assert any(len(r) < 25 for r in ref)
+    rows = batch_generate(target, ps, 25, stop_token_ids=stop)
+    assert [r.tokens for r in rows] == ref
+    assert [r.finish_reason for r in rows] == ["stop" if r[-1] in stop else "length" for r in ref]
+
+
+def test_sampling_with_a_seed_per_row(f64):
+    target, _ = f64
+    ps = prompts()
+    temps, top_p, top_k, seeds = [1.0, 0.7, 0.0, 1.5, 1.0], [1.0, 0.9, 1.0, 0.8, 1.0], [0, 0, 0, 10, 5], [11, 12, 13, 14, 15]
+    ref = [new_tokens(sample_generate(target, p, temperature=t, top_p=tp, top_k=tk, max_new_tokens=m,
+                                      generator=g)[0], p)
+           for p, t, tp, tk, m, g in zip(ps, temps, top_p, top_k, BUDGETS, gens(seeds))]
+    rows = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens(seeds))
+    assert [r.tokens for r in rows] == ref
+    # and the seed matters: other seeds draw other tokens somewhere
+    other = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens([1, 2, 3, 4, 5]))
+    assert [r.tokens for r in other] != ref
+
+
+GUIDED = [
+    dict(beta=0.5, mix="logits"),
+    dict(beta=0.7, mix="probs"),
+    dict(beta=1.0, mix="logits"),
+    dict(beta=0.6, mix="logits", beta_schedule="adaptive", guard_top_k=5),
+    dict(beta=0.5, mix="logits", control="noise"),
+]
+
+
+@pytest.mark.parametrize("opts", GUIDED, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("pair", ["f64", "f64_aligned"])
+def test_guided_rows_equal_batch_one(pair, opts, request):
+    target, draft = request.getfixturevalue(pair)
+    ps = prompts(seed=2)
+    temps, seeds = [0.0, 1.0, 0.0, 0.8, 0.0], [3, 4, 5, 6, 7]
+    ref, flips = [], []
+    for p, m, t, g in zip(ps, BUDGETS, temps, gens(seeds)):
+        out, st = guided_generate(target, draft, p, max_new_tokens=m, temperature=t, generator=g, **opts)
+        ref.append(new_tokens(out, p))
+        flips.append([(f.index, f.target_token, f.guided_token) for f in st.flips])
+    rows = batch_generate(target, ps, BUDGETS, temperature=temps, generators=gens(seeds), draft=draft, **opts)
+    assert [r.tokens for r in rows] == ref
+    assert [[(f.index, f.target_token, f.guided_token) for f in r.stats.flips] for r in rows] == flips
+    if opts["beta"] >= 0.5 and opts.get("control") is None:
+        assert any(flips), "guidance should flip some token, or the test shows nothing"
+
+
+def test_guided_without_shared_head(f64, monkeypatch):
+    """The path with two head calls (drafts with an output scale or softcap) decodes the same."""
+    import draftguide.guided as guided
+
+    target, draft = f64
+    ps = prompts(seed=4)
+    ref = [new_tokens(guided_generate(target, draft, p, beta=0.5, max_new_tokens=m)[0], p) for p, m in zip(ps, BUDGETS)]
+    monkeypatch.setattr(guided, "_shared_head", lambda s, out: None)
+    assert [r.tokens for r in batch_generate(target, ps, BUDGETS, draft=draft, beta=0.5)] == ref
+
+
+def test_on_token_ends_one_row_only(f64):
+    target, draft = f64
+    ps = prompts()
+    ref = [new_tokens(guided_generate(target, draft, p, beta=0.5, max_new_tokens=12)[0], p) for p in ps]
+    seen = {i: [] for i in range(len(ps))}
+
+    def on_token(row, tok):
+        seen[row].append(tok)
+        return row == 1 and len(seen[row]) == 3  # row 1's client went away after 3 tokens
+
+    rows = batch_generate(target, ps, 12, draft=draft, beta=0.5, on_token=on_token)
+    assert rows[1].tokens == ref[1][:3] and rows[1].finish_reason == "stop"
+    assert [r.tokens for i, r in enumerate(rows) if i != 1] == [r for i, r in enumerate(ref) if i != 1]
+    assert [seen[i] for i in range(len(ps))] == [r.tokens for r in rows]
+
+
+def test_draft_context_mask_hides_pads(f64):
+    """The cached draft step with left-padded context (garbage in the pads) equals the unpadded one per row."""
+    target, draft = f64
+    g = torch.Generator().manual_seed(0)
+    width = draft.fc.in_features
+    ctxs = [torch.randn(1, n, width, generator=g, dtype=torch.float64) for n in (4, 9)]
+    blocks = [torch.randint(0, VOCAB - 2, (1, draft.block_size), generator=g) for _ in ctxs]
+    ref = []
+    for c, blk in zip(ctxs, blocks):
+        n = c.shape[1]
+        pos = torch.cat([torch.arange(n), torch.arange(n, n + draft.block_size)])[None]
+        ref.append(draft(draft.embed(target, blk), c, pos, cache=DraftCache(len(draft.layers)), rows=slice(1, 3)))
+    C = 9
+    padded = torch.randn(2, C, width, generator=g, dtype=torch.float64) * 100  # garbage where padding is
+    mask = torch.zeros(2, C, dtype=torch.bool)
+    pos = torch.zeros(2, C + draft.block_size, dtype=torch.long)
+    for i, c in enumerate(ctxs):
+        n = c.shape[1]
+        padded[i, C - n:], mask[i, C - n:] = c[0], True
+        pos[i, C - n : C] = torch.arange(n)
+        pos[i, C:] = torch.arange(n, n + draft.block_size)
+    cache = DraftCache(len(draft.layers))
+    # context in two pieces (cached, then new), as decoding feeds it
+    draft(draft.embed(target, torch.cat(blocks)), padded[:, :5], torch.cat([pos[:, :5], pos[:, C:]], 1), cache=cache,
+          rows=slice(1, 3), context_mask=mask[:, :5])
+    cache.crop(5)
+    out = draft(draft.embed(target, torch.cat(blocks)), padded[:, 5:], pos[:, 5:], cache=cache, rows=slice(1, 3),
+                context_mask=mask)
+    for i in range(2):
+        torch.testing.assert_close(out[i : i + 1], ref[i], rtol=1e-10, atol=1e-10)
+    unmasked = draft(draft.embed(target, torch.cat(blocks)), padded, pos, cache=DraftCache(len(draft.layers)), rows=slice(1, 3))
+    assert not torch.allclose(unmasked[0:1], ref[0], atol=1e-3)  # without the mask the pads do leak in
+
+
+def test_left_pad_layout():
+    ids, mask = left_pad([torch.tensor([[5, 6]]), torch.tensor([7, 8, 9])], pad_id=0)
+    assert ids.tolist() == [[0, 5, 6], [7, 8, 9]] and mask.tolist() == [[False, True, True], [True, True, True]]
+
+
+def test_finished_rows_leave_the_batch(f64):
+    """Compaction: each target forward carries only the live rows, and columns that are padding in every live
+    row are gone (after the 7- and 20-token rows end, the widest live prompt has 11 tokens)."""
+    target, _ = f64
+    shapes = []
+    hook = target.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(
+        (kw["input_ids"].shape[0], kw["attention_mask"].shape[1])), with_kwargs=True)
+    try:
+        batch_generate(target, prompts(), BUDGETS)
+    finally:
+        hook.remove()
+    sizes = [s[0] for s in shapes]
+    assert sizes[0] == 5 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
+    # after the 20-token row (budget 6) leaves, the widest live prompt is 11 tokens: 11 + tokens so far columns
+    assert shapes[6] == (3, 11 + 6) and len(shapes) == max(BUDGETS)  # prefill + one forward per token fed
