@@ -192,3 +192,56 @@ def test_finished_rows_leave_the_batch(f64):
     assert sizes[0] == 5 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
     # after the 20-token row (budget 6) leaves, the widest live prompt is 11 tokens: 11 + tokens so far columns
     assert shapes[6] == (3, 11 + 6) and len(shapes) == max(BUDGETS)  # prefill + one forward per token fed
+
+
+# -- eval --batch-size ------------------------------------------------------------------------------
+def _eval_tasks(tmp_path):
+    import json
+
+    rows = []
+    for i, q in enumerate(["hi", "what is the capital of France, and why?", "2+2", "name three colours", "ok?"]):
+        rows.append({"messages": [{"role": "system", "content": f"context {i} " * (i + 1)}, {"role": "user", "content": q}],
+                     "checks": [{"type": "regex", "value": "."}], "metadata": {"task_id": f"t{i}"}})
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _responses(out):
+    import json
+
+    return {r["task_id"]: (r["response"], r["new_tokens"]) for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("method", [
+    ["--method", "greedy"],
+    ["--method", "sample", "--temperature", "1.0", "--seed", "3"],
+    ["--method", "guided", "--beta", "0.5"],
+    ["--method", "guided-noise", "--beta", "0.5"],
+], ids=lambda m: m[1])
+def test_eval_batch_size_gives_the_batch_one_answers(method, tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
+    import json
+
+    from draftguide.cli import main
+
+    tasks = _eval_tasks(tmp_path)
+    draft = ["--draft", str(tiny_draft_dir)] if "guided" in method[1] else []
+    base = ["eval", "--target", str(tiny_target_dir), "--tasks", str(tasks), "--max-new-tokens", "12", *draft, *method]
+    assert main([*base, "--out", str(tmp_path / "b1")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b3"), "--batch-size", "3"]) == 0
+    one, three = _responses(tmp_path / "b1"), _responses(tmp_path / "b3")
+    assert one == three and len(one) == 5
+    rows = [json.loads(x) for x in (tmp_path / "b3" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["batch_size"] for r in rows) == [2, 2, 3, 3, 3]  # 5 tasks in batches of 3
+    if method[1] == "guided":
+        assert any(r["flips"] for r in rows) and all("mean_beta" in r for r in rows)
+
+
+def test_eval_batch_size_with_a_batch_one_method_says_so(tmp_path, tiny_target_dir, capsys):
+    from draftguide.cli import main
+
+    tasks = _eval_tasks(tmp_path)
+    assert main(["eval", "--target", str(tiny_target_dir), "--tasks", str(tasks), "--max-new-tokens", "4", "--limit", "2",
+                 "--method", "dola", "--out", str(tmp_path / "d"), "--batch-size", "4"]) == 0
+    assert "method 'dola' decodes one sequence at a time" in capsys.readouterr().err
+    assert len(_responses(tmp_path / "d")) == 2

@@ -35,7 +35,8 @@ SINGLE_ONLY = ("power", "dola", "speculative")
 def single_only_note(method: str, batch_size: int) -> str | None:
     """The one line to print when a batch-1 method is selected with a batch size, else None."""
     if batch_size > 1 and method in SINGLE_ONLY:
-        return f"note: method {method!r} decodes one sequence at a time; --batch-size {batch_size} runs its rows one by one"
+        what = "guided decoding with speculative or ttt" if method == "speculative" else f"method {method!r}"
+        return f"note: {what} decodes one sequence at a time; --batch-size {batch_size} runs its rows one by one"
     return None
 
 

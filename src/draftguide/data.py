@@ -48,10 +48,9 @@ def encode_conversation(tokenizer, row: dict, max_tokens: int | None = None) -> 
         if len(msgs) < 2 or msgs[-1].get("role") != "assistant" or not str(msgs[-1].get("content", "")).strip():
             return None
         prompt = encode_prompt(tokenizer, {**row, "messages": msgs[:-1]})[0].tolist()
-        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        from .prompts import apply_chat_template
+
+        ids = apply_chat_template(tokenizer, msgs, add_generation_prompt=False)
         if ids[: len(prompt)] != prompt:  # a template that rewrites earlier turns: reply tokens after the prompt
             ids = prompt + tokenizer(str(msgs[-1]["content"]), add_special_tokens=False)["input_ids"]
         n_prompt = len(prompt)
