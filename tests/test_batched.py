@@ -245,3 +245,30 @@ def test_eval_batch_size_with_a_batch_one_method_says_so(tmp_path, tiny_target_d
                  "--method", "dola", "--out", str(tmp_path / "d"), "--batch-size", "4"]) == 0
     assert "method 'dola' decodes one sequence at a time" in capsys.readouterr().err
     assert len(_responses(tmp_path / "d")) == 2
+
+
+# -- make-data ---------------------------------------------------------------------------------------
+def test_make_data_uses_the_batched_loop(tmp_path, f64):
+    """Greedy samples are each prompt's batch-1 greedy answer; sampled ones do not depend on the batch size."""
+    from conftest import char_tokenizer
+
+    from draftguide.data import _row_seed, make_data, read_samples
+    from draftguide.prompts import encode_prompt, stop_token_ids
+
+    target, _ = f64
+    tok = char_tokenizer()
+    rows = [{"id": f"p{i}", "messages": [{"role": "user", "content": q}]} for i, q in enumerate(["hi", "a longer one, yes", "mid"])]
+    make_data(target, tok, rows, tmp_path / "g", max_new_tokens=10, batch_size=2, progress=False)
+    got = {r["id"]: r["input_ids"] for r in read_samples(tmp_path / "g")}
+    stop = stop_token_ids(tok, target)
+    for r in rows:
+        ids = encode_prompt(tok, r)
+        assert got[r["id"]] == greedy_generate(target, ids, 10, stop)[0][0].tolist()
+    for bs in (1, 3):
+        make_data(target, tok, rows, tmp_path / f"s{bs}", max_new_tokens=10, temperature=1.0, batch_size=bs, seed=7, progress=False)
+    s1, s3 = ({r["id"]: r["input_ids"] for r in read_samples(tmp_path / f"s{bs}")} for bs in (1, 3))
+    assert s1 == s3 and s1 != got
+    ids = encode_prompt(tok, rows[1])
+    ref = sample_generate(target, ids, temperature=1.0, max_new_tokens=10, stop_token_ids=stop,
+                          generator=torch.Generator().manual_seed(_row_seed(7, "p1")))[0]
+    assert s1["p1"] == ref[0].tolist()
