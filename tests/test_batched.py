@@ -272,3 +272,56 @@ def test_make_data_uses_the_batched_loop(tmp_path, f64):
     ref = sample_generate(target, ids, temperature=1.0, max_new_tokens=10, stop_token_ids=stop,
                           generator=torch.Generator().manual_seed(_row_seed(7, "p1")))[0]
     assert s1["p1"] == ref[0].tolist()
+
+
+# -- DraftGuide.generate with a list of prompts, jobs with their own parameters -------------------------
+@pytest.fixture(scope="module")
+def dg64():
+    from conftest import char_tokenizer
+
+    from draftguide import DraftGuide
+
+    t = tiny_target().double()
+    return DraftGuide(t, char_tokenizer(), tiny_draft(t, mask_token_id=3).double(), name="tiny64")
+
+
+PROMPTS = ["hello", "a much longer question about nothing at all", [{"role": "user", "content": "mid one"}], {"prompt": "raw"}]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0, seed=5), dict(beta=0.5), dict(beta=0.5, temperature=0.9, seed=2),
+                                dict(speculative=True)], ids=str)
+def test_generate_a_list_equals_one_by_one(dg64, kw):
+    many = dg64.generate(PROMPTS, max_new_tokens=10, **kw)
+    alone = [dg64.generate(p, max_new_tokens=10, **kw) for p in PROMPTS]
+    assert [g.tokens for g in many] == [g.tokens for g in alone]
+    assert [g.text for g in many] == [g.text for g in alone] and [g.method for g in many] == [g.method for g in alone]
+    if not kw.get("speculative"):
+        assert all(g.stats["batch_size"] == len(PROMPTS) for g in many)
+
+
+def test_jobs_keep_their_own_parameters_stop_strings_and_streams(dg64):
+    from draftguide.pipeline import Cancelled, Job
+
+    kws = [dict(max_new_tokens=12), dict(max_new_tokens=5, temperature=1.0, seed=9), dict(max_new_tokens=12, top_k=3, temperature=1.0, seed=1),
+           dict(max_new_tokens=12, beta=0.5), dict(max_new_tokens=12, speculative=True)]
+    alone = [dg64.generate("hello there", **k) for k in kws]
+    stop = alone[0].text[3:5]  # a stop string inside the first answer
+    kws[0]["stop"] = [stop]
+    ref0 = dg64.generate("hello there", **kws[0])
+    assert ref0.finish_reason == "stop" and len(ref0.tokens) < 12
+    pieces = {i: [] for i in range(len(kws))}
+
+    def collect(i):
+        def on_text(delta):
+            pieces[i].append(delta)
+            if i == 2 and len(pieces[i]) == 2:
+                raise Cancelled  # this client goes away; the others go on
+        return on_text
+
+    out = dg64.generate_jobs([Job("hello there", dict(k), collect(i)) for i, k in enumerate(kws)])
+    assert out[0].tokens == ref0.tokens and out[0].text == ref0.text and out[0].finish_reason == "stop"
+    assert [g.tokens for g in out[3:]] == [g.tokens for g in alone[3:]] and out[1].tokens == alone[1].tokens
+    assert out[3].stats["batch_size"] == 1 and out[0].stats["batch_size"] == 3  # guided beta 0.5 is its own batch
+    assert out[2].tokens == alone[2].tokens[: len(out[2].tokens)] and len(out[2].tokens) < len(alone[2].tokens)
+    for i in (0, 1, 3, 4):
+        assert "".join(pieces[i]) == out[i].text
