@@ -178,20 +178,26 @@ def test_left_pad_layout():
 
 
 def test_finished_rows_leave_the_batch(f64):
-    """Compaction: each target forward carries only the live rows, and columns that are padding in every live
-    row are gone (after the 7- and 20-token rows end, the widest live prompt has 11 tokens)."""
+    """Prefill runs row by row (no compute on padding); then each target forward carries only the live rows, and
+    columns that are padding in every live row are gone (after the 7- and 20-token rows end, the widest live
+    prompt has 11 tokens)."""
     target, _ = f64
     shapes = []
-    hook = target.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(
-        (kw["input_ids"].shape[0], kw["attention_mask"].shape[1])), with_kwargs=True)
+
+    def record(m, a, kw):
+        am = kw.get("attention_mask")
+        shapes.append((kw["input_ids"].shape[0], kw["input_ids"].shape[1], None if am is None else am.shape[1]))
+
+    hook = target.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         batch_generate(target, prompts(), BUDGETS)
     finally:
         hook.remove()
-    sizes = [s[0] for s in shapes]
+    assert shapes[:5] == [(1, n, None) for n in LENS]  # the prefills, unpadded
+    steps = shapes[5:]
+    sizes = [s[0] for s in steps]
     assert sizes[0] == 5 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
-    # after the 20-token row (budget 6) leaves, the widest live prompt is 11 tokens: 11 + tokens so far columns
-    assert shapes[6] == (3, 11 + 6) and len(shapes) == max(BUDGETS)  # prefill + one forward per token fed
+    assert steps[5] == (3, 1, 11 + 6) and len(steps) == max(BUDGETS) - 1  # one forward per token fed
 
 
 # -- eval --batch-size ------------------------------------------------------------------------------

@@ -135,7 +135,6 @@ def batch_generate(
     dev = next(target.parameters()).device
     ids, mask = left_pad(prompts, device=dev)
     L = ids.shape[1]
-    pos_ids = (mask.long().cumsum(1) - 1).clamp_min(0)
     pads = (L - torch.tensor(lens, device=dev))  # [b] leading pad columns per live row
     live = list(range(n))  # original index of each live row
     nxt = torch.tensor(lens, device=dev)  # the position each live row decodes next
@@ -148,14 +147,14 @@ def batch_generate(
 
     tcache, ck = DynamicCache(config=target.config), cache_kwarg(target)
     t0 = _now(dev)
-    out = target(ids, attention_mask=mask.long(), position_ids=pos_ids, **{ck: tcache}, use_cache=True,
-                 output_hidden_states=setup is not None, logits_to_keep=1)
-    t_logits, t_state = out.logits[:, -1], None  # [b, V]
+    # prefill row by row (each exactly its batch-1 prefill; no compute spent on padding, which for prompts of
+    # unequal length would cost more than batching saves: prefill is compute-bound), then one left-padded cache
+    t_logits, feats, out = _prefill_rows(target, prompts, ids, mask, tcache, ck, setup is not None, draft)
+    t_state = None
     if setup is not None:
         from .draft import DraftCache
         from .guided import _shared_head
 
-        feats = extract_features(out.hidden_states, draft.target_layer_ids) * mask[..., None]  # pads: zeros, not garbage
         aligned = int(draft.context_includes_anchor)
         ctx, pending = feats[:, : L - 1 + aligned], feats[:, L - 1 + aligned:]  # pending: [b, 0 or 1, k*d]
         anchor = ids[:, -1]
@@ -251,6 +250,40 @@ def batch_generate(
             st.flips = [Flip(i, a, c) for i, (a, c) in enumerate(zip(flips_t[r], flips_g[r])) if a != c]
             st.mean_beta = sum(betas[r]) / len(betas[r])
     return [BatchRow(new[r], reason[r], stats[r]) for r in range(n)]
+
+
+def _prefill_rows(target, prompts, ids: torch.Tensor, mask: torch.Tensor, tcache, ck: str, hidden: bool, draft):
+    """Each prompt through the target alone; their caches left-padded (zeros, masked) into `tcache`. Returns
+    next-token logits [n, V], target features [n, L, k*d] (zeros at pads; None without `hidden`) and the last
+    row's output (for `_shared_head`)."""
+    n, L = ids.shape
+    per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    logits, feats = [], []
+    for i, p in enumerate(prompts):
+        T = int(mask[i].sum())
+        c = DynamicCache(config=target.config)
+        out = target(ids[i : i + 1, L - T:], position_ids=torch.arange(T, device=ids.device)[None], **{ck: c},
+                     use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
+        logits.append(out.logits[:, -1])
+        if hidden:
+            feats.append(extract_features(out.hidden_states, draft.target_layer_ids)[0])  # [T, k*d]
+        for j, layer in enumerate(c.layers):
+            if j == len(per_layer):
+                per_layer.append([])
+            per_layer[j].append((layer.keys, layer.values))
+    for j, kv in enumerate(per_layer):
+        k0 = kv[0][0]
+        K = k0.new_zeros(n, k0.shape[1], L, k0.shape[3])
+        V = kv[0][1].new_zeros(n, kv[0][1].shape[1], L, kv[0][1].shape[3])
+        for i, (k, v) in enumerate(kv):
+            K[i, :, L - k.shape[2]:], V[i, :, L - v.shape[2]:] = k[0], v[0]
+        tcache.update(K, V, j)
+    f = None
+    if hidden:
+        f = feats[0].new_zeros(n, L, feats[0].shape[-1])
+        for i, x in enumerate(feats):
+            f[i, L - x.shape[0]:] = x
+    return torch.cat(logits), f, out
 
 
 def _new_stats(setup, T: int) -> GenStats:
