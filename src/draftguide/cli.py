@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="model id reported and accepted (default: the --target value)")
     p.add_argument("--max-pending", type=int, default=64, help="requests allowed to wait for the model; more get 503")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests waiting together are decoded together, up to this many (1: one at a time; default 8)")
     g = p.add_argument_group("defaults for requests that do not set them (clients that send only model and messages)")
     g.add_argument("--method", default=None, choices=["greedy", "speculative", "guided"])
     g.add_argument("--beta", type=float, default=0.0, help="guidance weight (implies method guided)")
@@ -891,11 +893,13 @@ def cmd_serve(args) -> int:
     resolve_method(args.method, args.beta, args.speculative)  # before the models load
     if args.max_tokens < 1:
         raise DraftGuideError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_batch < 1:
+        raise DraftGuideError(f"--max-batch must be >= 1, got {args.max_batch}")
     defaults = {"method": args.method, "beta": args.beta, "speculative": args.speculative, "max_new_tokens": args.max_tokens,
                 "ttt": _ttt_config(args, seed=0).kwargs() if args.ttt else None}
     dg = DraftGuide(*load_models(args), name=args.model_name or args.target)
     print(f"serving {dg.name} on http://{args.host}:{args.port}/v1 (POST /chat/completions, GET /models)", file=sys.stderr)
-    serve(dg, args.host, args.port, max_pending=args.max_pending, defaults=defaults)
+    serve(dg, args.host, args.port, max_pending=args.max_pending, defaults=defaults, max_batch=args.max_batch)
     return 0
 
 

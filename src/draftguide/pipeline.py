@@ -363,7 +363,7 @@ class DraftGuide:
             else:
                 groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
-            if key[0] == "alone":
+            if key[0] == "alone" or len(idx) == 1:  # one job: the batch-1 loop
                 i = idx[0]
                 try:
                     results[i] = self.generate(jobs[i].prompt, on_text=jobs[i].on_text, **jobs[i].kw)
