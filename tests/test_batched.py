@@ -48,12 +48,13 @@ def new_tokens(tokens, ids):
     return tokens[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("max_batch", [None, 2])
 @pytest.mark.parametrize("pair", ["f64", "f64_llama"])
-def test_greedy_rows_equal_batch_one(pair, request):
+def test_greedy_rows_equal_batch_one(pair, max_batch, request):
     target, _ = request.getfixturevalue(pair)
     ps = prompts()
     ref = [new_tokens(greedy_generate(target, p, m)[0], p) for p, m in zip(ps, BUDGETS)]
-    rows = batch_generate(target, ps, BUDGETS)
+    rows = batch_generate(target, ps, BUDGETS, max_batch=max_batch)
     assert [r.tokens for r in rows] == ref
     assert [len(r.tokens) for r in rows] == BUDGETS and all(r.finish_reason == "length" for r in rows)
 
@@ -79,6 +80,8 @@ def test_sampling_with_a_seed_per_row(f64):
            for p, t, tp, tk, m, g in zip(ps, temps, top_p, top_k, BUDGETS, gens(seeds))]
     rows = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens(seeds))
     assert [r.tokens for r in rows] == ref
+    rows = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens(seeds), max_batch=3)
+    assert [r.tokens for r in rows] == ref
     # and the seed matters: other seeds draw other tokens somewhere
     other = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens([1, 2, 3, 4, 5]))
     assert [r.tokens for r in other] != ref
@@ -93,9 +96,10 @@ GUIDED = [
 ]
 
 
+@pytest.mark.parametrize("max_batch", [None, 2])
 @pytest.mark.parametrize("opts", GUIDED, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("pair", ["f64", "f64_aligned"])
-def test_guided_rows_equal_batch_one(pair, opts, request):
+def test_guided_rows_equal_batch_one(pair, opts, max_batch, request):
     target, draft = request.getfixturevalue(pair)
     ps = prompts(seed=2)
     temps, seeds = [0.0, 1.0, 0.0, 0.8, 0.0], [3, 4, 5, 6, 7]
@@ -104,7 +108,7 @@ def test_guided_rows_equal_batch_one(pair, opts, request):
         out, st = guided_generate(target, draft, p, max_new_tokens=m, temperature=t, generator=g, **opts)
         ref.append(new_tokens(out, p))
         flips.append([(f.index, f.target_token, f.guided_token) for f in st.flips])
-    rows = batch_generate(target, ps, BUDGETS, temperature=temps, generators=gens(seeds), draft=draft, **opts)
+    rows = batch_generate(target, ps, BUDGETS, temperature=temps, generators=gens(seeds), draft=draft, max_batch=max_batch, **opts)
     assert [r.tokens for r in rows] == ref
     assert [[(f.index, f.target_token, f.guided_token) for f in r.stats.flips] for r in rows] == flips
     if opts["beta"] >= 0.5 and opts.get("control") is None:
@@ -177,6 +181,22 @@ def test_left_pad_layout():
     assert ids.tolist() == [[0, 5, 6], [7, 8, 9]] and mask.tolist() == [[False, True, True], [True, True, True]]
 
 
+def test_waiting_prompts_take_freed_slots(f64):
+    """Continuous batching: with max_batch 2, a waiting prompt joins (its own prefill, then the shared batch) as
+    soon as a row finishes, so every step decodes 2 rows while prompts wait; `on_done` sees rows as they finish."""
+    target, draft = f64
+    ps, budgets = prompts(), [3, 9, 2, 5, 4]
+    sizes, done = [], []
+    hook = draft.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    try:
+        rows = batch_generate(target, ps, budgets, max_batch=2, draft=draft, beta=0.5, on_done=lambda r, res: done.append(r))
+    finally:
+        hook.remove()
+    # rows 0+1 for 3 steps, 1+2 for 2, 1+3 for 4, 3+4 for 1, then row 4 alone for its last 3 tokens
+    assert sizes == [2] * 10 + [1] * 3 and done == [0, 2, 1, 3, 4]
+    assert [len(r.tokens) for r in rows] == budgets
+
+
 def test_finished_rows_leave_the_batch(f64):
     """Prefill runs row by row (no compute on padding); then each target forward carries only the live rows, and
     columns that are padding in every live row are gone (after the 7- and 20-token rows end, the widest live
@@ -238,7 +258,7 @@ def test_eval_batch_size_gives_the_batch_one_answers(method, tmp_path, tiny_targ
     one, three = _responses(tmp_path / "b1"), _responses(tmp_path / "b3")
     assert one == three and len(one) == 5
     rows = [json.loads(x) for x in (tmp_path / "b3" / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["batch_size"] for r in rows) == [2, 2, 3, 3, 3]  # 5 tasks in batches of 3
+    assert [r["batch_size"] for r in rows] == [3] * 5 and [r["task_id"] for r in rows] == [f"t{i}" for i in range(5)]
     if method[1] == "guided":
         assert any(r["flips"] for r in rows) and all("mean_beta" in r for r in rows)
 

@@ -412,6 +412,14 @@ class DFlashDraft(nn.Module):
                 h = layer(h, ctx, cos, sin, attention_mask, cache, r, context_mask)
         return self.norm(h)
 
+    def context_kv(self, target_hidden: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's context K/V (normed, rotated: what `DraftCache` holds) of target features, without running a
+        block: context keys and values depend on the features and their positions alone, so a row can join a batch
+        with its whole context cached at once. # target_hidden: [B, C, n*d], position_ids: [B, C] -> [(k, v)]"""
+        ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        cos, sin = self.rotary_emb(ctx, position_ids)
+        return [layer.self_attn._kv(ctx, cos, sin) for layer in self.layers]
+
     def logits(self, hidden: torch.Tensor, target) -> torch.Tensor:
         # [B, Q, d] -> [B, Q, V] through the target's own output head
         head = getattr(target, "lm_head", None) or target.get_output_embeddings()

@@ -164,37 +164,39 @@ def dola(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list
     return tokens[0, input_ids.shape[1]:].tolist(), {"premature_layers": st.premature_layers}
 
 
-# Batched variants: `fn(target, tokenizer, [input_ids [1, T_i]], max_new_tokens, stop_token_ids, **opts) ->
-# [(new tokens or (new tokens, extra fields), seconds until that row was done)]`, one per prompt; each row equals
-# the method's batch-1 output (`batched.batch_generate`). Methods without one (power, dola, guided with ttt or
-# speculative=True) run row by row under --batch-size.
+# Batched variants: `fn(target, tokenizer, [input_ids [1, T_i]], max_new_tokens, stop_token_ids, *, max_batch,
+# on_done, **opts)` calls `on_done(i, (new tokens or (new tokens, extra fields), seconds from the row's prefill to
+# its end))` for each prompt as soon as it is done; each row equals the method's batch-1 output
+# (`batched.batch_generate`, at most `max_batch` rows at a time, a waiting prompt taking a finished row's slot).
+# Methods without one (power, dola, guided with ttt or speculative=True) run row by row under --batch-size.
 BATCH_METHODS: dict[str, Callable] = {}
 
 
-def _batch_greedy(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, **opts):
+def _batch_greedy(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None, **opts):
     from .batched import batch_generate
 
     if opts:
         raise DraftGuideError(f"method 'greedy' takes no options, got {sorted(opts)}")
-    return [(r.tokens, r.stats.total_s) for r in batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids)]
+    batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, max_batch=max_batch,
+                   on_done=lambda i, r: on_done(i, (r.tokens, r.stats.total_s)))
 
 
-def _batch_sample(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, temperature: float = 1.0,
-                  top_p: float = 1.0, top_k: int = 0, seed: int = 0):
+def _batch_sample(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None,
+                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0):
     import torch
 
     from .batched import batch_generate
 
     gens = [torch.Generator(device=x.device).manual_seed(seed) for x in ids_list]  # as batch 1: the seed per task
-    rows = batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
-                          top_p=top_p, top_k=top_k, generators=gens)
-    return [(r.tokens, r.stats.total_s) for r in rows]
+    batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
+                   top_p=top_p, top_k=top_k, generators=gens, max_batch=max_batch,
+                   on_done=lambda i, r: on_done(i, (r.tokens, r.stats.total_s)))
 
 
-def _batch_guided(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, beta: float, draft: str,
-                  beta_schedule: str = "fixed", mix: str = "logits", guard_top_k: int | None = None,
-                  speculative: bool = False, control: str | None = None, seed: int = 0, ttt: dict | None = None,
-                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
+def _batch_guided(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None,
+                  beta: float, draft: str, beta_schedule: str = "fixed", mix: str = "logits",
+                  guard_top_k: int | None = None, speculative: bool = False, control: str | None = None, seed: int = 0,
+                  ttt: dict | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
     import torch
 
     from .batched import batch_generate
@@ -203,27 +205,28 @@ def _batch_guided(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *
         opts = dict(beta=beta, draft=draft, beta_schedule=beta_schedule, mix=mix, guard_top_k=guard_top_k,
                     speculative=speculative, control=control, seed=seed, ttt=ttt, temperature=temperature, top_p=top_p,
                     top_k=top_k)
-        return _row_by_row(guided, target, tokenizer, ids_list, max_new_tokens, stop_token_ids, **opts)
+        return _row_by_row(guided, target, tokenizer, ids_list, max_new_tokens, stop_token_ids, on_done=on_done, **opts)
     d = method_draft(target, tokenizer, draft)
     gens = [torch.Generator(device=x.device).manual_seed(seed) for x in ids_list]
-    rows = batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
-                          top_p=top_p, top_k=top_k, generators=gens, draft=d, beta=beta, mix=mix,
-                          beta_schedule=beta_schedule, guard_top_k=guard_top_k, control=control)
-    return [((r.tokens, {"flips": flip_rows(r.stats.flips, x, tokenizer), "mean_beta": r.stats.mean_beta}), r.stats.total_s)
-            for r, x in zip(rows, ids_list)]
+
+    def done(i, r):
+        extra = {"flips": flip_rows(r.stats.flips, ids_list[i], tokenizer), "mean_beta": r.stats.mean_beta}
+        on_done(i, ((r.tokens, extra), r.stats.total_s))
+
+    batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
+                   top_p=top_p, top_k=top_k, generators=gens, draft=d, beta=beta, mix=mix, beta_schedule=beta_schedule,
+                   guard_top_k=guard_top_k, control=control, max_batch=max_batch, on_done=done)
 
 
 def _batch_guided_noise(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, **opts):
     return _batch_guided(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, control="noise", **opts)
 
 
-def _row_by_row(fn, target, tokenizer, ids_list, max_new_tokens, stop_token_ids, **opts):
-    out = []
-    for x in ids_list:
+def _row_by_row(fn, target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None, **opts):
+    for i, x in enumerate(ids_list):
         t0 = time.perf_counter()
         new = fn(target, tokenizer, x, max_new_tokens, stop_token_ids, **opts)
-        out.append((new, time.perf_counter() - t0))
-    return out
+        on_done(i, (new, time.perf_counter() - t0))
 
 
 BATCH_METHODS.update({"greedy": _batch_greedy, "sample": _batch_sample, "guided": _batch_guided,
@@ -234,8 +237,8 @@ def batch_method(method: str) -> Callable:
     """The batched form of `method`: its own, or its batch-1 function run row by row."""
     if method in BATCH_METHODS:
         return BATCH_METHODS[method]
-    return lambda target, tokenizer, ids_list, n, stop, **opts: _row_by_row(METHODS[method], target, tokenizer, ids_list,
-                                                                              n, stop, **opts)
+    return lambda target, tokenizer, ids_list, n, stop, **kw: _row_by_row(METHODS[method], target, tokenizer, ids_list,
+                                                                            n, stop, **kw)
 
 
 def check_method_options(method: str, opts: dict) -> None:
@@ -422,21 +425,25 @@ def score_task(tokenizer, task: dict, method: str, prompt_tokens: int, new, gen_
 
 
 def evaluate_batch(target, tokenizer, tasks: list[dict], method: str, max_new_tokens: int, stop: list[int], judge: str,
-                   llm_judge=None, method_options: dict | None = None, chat_template_kwargs: dict | None = None) -> list[dict]:
-    """Generate `tasks` as one batch (`BATCH_METHODS[method]`) and score each; raises on a generation failure.
-    A row's `gen_s` is the time until its own answer was done (the batch's prefill included), `batch_size`
-    the size of the batch it was decoded in."""
+                   llm_judge=None, method_options: dict | None = None, chat_template_kwargs: dict | None = None, *,
+                   batch_size: int, write: Callable[[dict], None]) -> None:
+    """Generate `tasks` with `batch_method(method)`, at most `batch_size` at a time (a waiting task takes a
+    finished one's slot), and `write` each task's scored row as soon as it is done; raises on a generation
+    failure (rows already written stay). A row's `gen_s` is the time from its own prefill to its end."""
     from .prompts import check_length, encode_prompt, place
 
     dev = next(target.parameters()).device
     ids = [encode_prompt(tokenizer, t, chat_template_kwargs=chat_template_kwargs).to(dev) for t in tasks]
     for t, x in zip(tasks, ids):
         check_length(target, x.shape[1], max_new_tokens, place(t))
-    outs = batch_method(method)(target, tokenizer, ids, max_new_tokens, stop, **(method_options or {}))
-    recs = []
-    for t, x, (new, gen_s) in zip(tasks, ids, outs):
-        recs.append(score_task(tokenizer, t, method, x.shape[1], new, gen_s, judge, llm_judge) | {"batch_size": len(tasks)})
-    return recs
+
+    def done(i: int, res) -> None:
+        new, gen_s = res
+        rec = score_task(tokenizer, tasks[i], method, ids[i].shape[1], new, gen_s, judge, llm_judge)
+        write(rec | {"batch_size": batch_size})
+
+    batch_method(method)(target, tokenizer, ids, max_new_tokens, stop, max_batch=batch_size, on_done=done,
+                         **(method_options or {}))
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -538,19 +545,25 @@ def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "gr
                     w.write(rec | ({"rank": rank} if world > 1 else {}))
                     bar.update(1)
             else:
-                from .batched import batches
                 from .prompts import encode_prompt
 
+                # similar prompt lengths decode side by side (less padding); rows are written as they finish
                 length = {t["metadata"]["task_id"]: encode_prompt(tokenizer, t, chat_template_kwargs=ctk).shape[1] for t in todo}
-                for chunk in batches(todo, batch_size, key=lambda t: length[t["metadata"]["task_id"]]):
-                    try:
-                        recs = evaluate_batch(target, tokenizer, chunk, method, max_new_tokens, stop, judge, llm_judge,
-                                              method_options, ctk)
-                    except Exception as e:  # the whole batch is recorded as failed and retried by the next run
-                        recs = [_error_row(t, method, e) for t in chunk]
-                    for rec in recs:
-                        w.write(rec | ({"rank": rank} if world > 1 else {}))
-                    bar.update(len(chunk))
+                todo = sorted(todo, key=lambda t: length[t["metadata"]["task_id"]])
+                written: set[str] = set()
+
+                def write(rec: dict) -> None:
+                    w.write(rec | ({"rank": rank} if world > 1 else {}))
+                    written.add(rec["task_id"])
+                    bar.update(1)
+
+                try:
+                    evaluate_batch(target, tokenizer, todo, method, max_new_tokens, stop, judge, llm_judge,
+                                   method_options, ctk, batch_size=batch_size, write=write)
+                except Exception as e:  # the tasks not yet done are recorded as failed and retried by the next run
+                    for t in todo:
+                        if t["metadata"]["task_id"] not in written:
+                            write(_error_row(t, method, e))
             bar.close()
         if world > 1:
             _barrier()
