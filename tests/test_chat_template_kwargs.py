@@ -67,7 +67,7 @@ def test_eval_generate_and_make_data_apply_it(tmp_path, thinking_target_dir, cap
     base = ["eval", "--target", str(thinking_target_dir), "--tasks", str(tasks), "--max-new-tokens", "3"]
     assert main([*base, "--out", str(tmp_path / "on")]) == 0
     assert main([*base, "--out", str(tmp_path / "off"), "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
-    assert _prompt_tokens(tmp_path / "off") == [p + 3 for p in _prompt_tokens(tmp_path / "on")]  # "</t>" is 3 more characters
+    assert _prompt_tokens(tmp_path / "off") == [p + 4 for p in _prompt_tokens(tmp_path / "on")]  # "</t>": 4 more characters
     assert json.loads((tmp_path / "off" / "run.json").read_text())["chat_template_kwargs"] == {"enable_thinking": False}
 
     prompts = tmp_path / "p.jsonl"
@@ -76,8 +76,10 @@ def test_eval_generate_and_make_data_apply_it(tmp_path, thinking_target_dir, cap
         assert main(["make-data", "--target", str(thinking_target_dir), "--prompts", str(prompts), "--out", str(tmp_path / name),
                      "--max-new-tokens", "2", *extra]) == 0
     lens = [json.loads((tmp_path / n / "samples.jsonl").read_text())["prompt_len"] for n in ("d-on", "d-off")]
-    assert lens[1] == lens[0] + 3
+    assert lens[1] == lens[0] + 4
 
-    assert main(["eval", "--target", str(thinking_target_dir), "--tasks", str(tasks), "--out", str(tmp_path / "bad"),
-                 "--chat-template-kwargs", "{oops"]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # refused while parsing the command line, before any model loads
+        main(["eval", "--target", str(thinking_target_dir), "--tasks", str(tasks), "--out", str(tmp_path / "bad"),
+              "--chat-template-kwargs", "{oops"])
+    assert e.value.code == 2 and "not valid JSON" in capsys.readouterr().err

@@ -73,3 +73,18 @@ def test_waiting_requests_form_one_batch_and_match_their_lone_replies():
     assert alone[2][1] == "stop"  # the stop string ended that one early
     assert [x[3]["batch_size"] for x in together[1:4]] == [4, 4, 4]
     assert together[1][3]["seed"] == 4
+
+
+def test_chat_template_kwargs_per_request():
+    from test_chat_template_kwargs import thinking_tokenizer
+
+    t = tiny_target()
+    dg = DraftGuide(t, thinking_tokenizer(), tiny_draft(t, mask_token_id=3), name="tiny")
+    with running(create_app(dg)) as url:
+        client = OpenAI(base_url=url, api_key="x")
+        ask = lambda **kw: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],  # noqa: E731
+                                                          max_tokens=2, **kw).usage.prompt_tokens
+        on, off = ask(), ask(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert off == on + 4  # "</t>" closes the thinking block: 4 more characters
+        with pytest.raises(Exception, match="may not set add_generation_prompt"):
+            ask(extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
