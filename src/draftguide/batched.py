@@ -16,7 +16,6 @@ Power Sampling, DoLa and speculative decoding stay batch 1 (`SINGLE_ONLY`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -421,12 +420,4 @@ def _new_stats(setup, T: int) -> GenStats:
     return GuidedStats(num_input_tokens=T, beta=setup.beta)
 
 
-def batches(items: Sequence, batch_size: int, key: Callable | None = None) -> list[list]:
-    """`items` in chunks of `batch_size`, sorted by `key` first (similar prompt lengths: less padding)."""
-    if batch_size < 1:
-        raise DraftGuideError(f"batch size must be >= 1, got {batch_size}")
-    order = sorted(items, key=key) if key is not None else list(items)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-__all__ = ["BatchRow", "SINGLE_ONLY", "batch_generate", "batches", "left_pad", "single_only_note"]
+__all__ = ["BatchRow", "SINGLE_ONLY", "batch_generate", "left_pad", "single_only_note"]

@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="the first N tasks")
     _add_method_args(b, beta=False)
     _add_guided_ttt_args(b)
+    _add_batch_arg(b)
     b.set_defaults(func=cmd_sweep_beta)
 
     p = sub.add_parser("generate", help="stream a (draft-guided) answer to a prompt to the terminal")
@@ -922,12 +923,13 @@ def cmd_sweep_beta(args) -> int:
     draft = _draft_spec(args)
     tasks = load_tasks(args.tasks)[0][: args.limit]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch = _batch_size(args, [m for m in baselines if m in ("power", "dola")] + (["speculative"] if guided_opts.get("speculative") or guided_opts.get("ttt") else []))
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
     _with_template(args, tok)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     s = run_beta_sweep(target, tok, tasks, args.out, betas=betas, draft=draft, max_new_tokens=args.max_new_tokens,
                        baselines=baselines, noise=not args.no_noise, guided_options=guided_opts, baseline_options=base_opts,
-                       settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+                       settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source}, batch_size=batch)
     print(f"\n{'beta':>5} {'guided':>22} {'noise':>22}")
     noise = {p["beta"]: p for p in s["curves"]["noise"]}
     fmt = lambda p: f"{p['solve_rate']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-"  # noqa: E731
