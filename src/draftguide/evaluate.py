@@ -437,13 +437,31 @@ def evaluate_batch(target, tokenizer, tasks: list[dict], method: str, max_new_to
     for t, x in zip(tasks, ids):
         check_length(target, x.shape[1], max_new_tokens, place(t))
 
-    def done(i: int, res) -> None:
-        new, gen_s = res
+    def score(i: int, new, gen_s: float) -> None:
         rec = score_task(tokenizer, tasks[i], method, ids[i].shape[1], new, gen_s, judge, llm_judge)
         write(rec | {"batch_size": batch_size})
 
-    batch_method(method)(target, tokenizer, ids, max_new_tokens, stop, max_batch=batch_size, on_done=done,
-                         **(method_options or {}))
+    if llm_judge is None:  # rules: scored at once
+        batch_method(method)(target, tokenizer, ids, max_new_tokens, stop, max_batch=batch_size,
+                             on_done=lambda i, res: score(i, *res), **(method_options or {}))
+        return
+    # an LLM judge answers over the network: its calls run in a thread, so the batch keeps decoding meanwhile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def judged(i: int, new, gen_s: float) -> None:
+        rec = score_task(tokenizer, tasks[i], method, ids[i].shape[1], new, gen_s, judge, llm_judge)
+        with lock:
+            write(rec | {"batch_size": batch_size})
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftguide-judge") as pool:
+        futures = []
+        batch_method(method)(target, tokenizer, ids, max_new_tokens, stop, max_batch=batch_size,
+                             on_done=lambda i, res: futures.append(pool.submit(judged, i, *res)), **(method_options or {}))
+        for f in futures:
+            f.result()
 
 
 # -- the run --------------------------------------------------------------------------------------
