@@ -351,3 +351,11 @@ def test_jobs_keep_their_own_parameters_stop_strings_and_streams(dg64):
     assert out[2].tokens == alone[2].tokens[: len(out[2].tokens)] and len(out[2].tokens) < len(alone[2].tokens)
     for i in (0, 1, 3, 4):
         assert "".join(pieces[i]) == out[i].text
+
+
+def test_bad_batch_size_is_refused_before_loading(tmp_path, capsys):
+    from draftguide.cli import main
+
+    assert main(["eval", "--target", str(tmp_path / "no-such-model"), "--tasks", "builtin", "--out", str(tmp_path / "o"),
+                 "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err

@@ -718,12 +718,12 @@ def cmd_eval(args) -> int:
         from .judge import LLMJudge, load_prompt
 
         judge = LLMJudge(args.judge_model, args.judge_base_url, timeout=args.judge_timeout, prompt=load_prompt(args.judge_prompt_file))
+    single = args.method if args.method in ("power", "dola") else "speculative" if opts.get("speculative") or opts.get("ttt") else None
+    batch = _batch_size(args, [single] if single else [])  # before the model loads
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
     _with_template(args, tok)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
-    single = args.method if args.method in ("power", "dola") else "speculative" if opts.get("speculative") or opts.get("ttt") else None
-    batch = _batch_size(args, [single] if single else [])
     s = run_eval(target, tok, tasks, args.out, method=args.method, max_new_tokens=args.max_new_tokens, judge=args.judge,
                  llm_judge=judge, method_options=opts, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source},
                  batch_size=batch, chat_template_kwargs=args.chat_template_kwargs)
