@@ -56,7 +56,7 @@ def first_difference(target, tok, task, a: list[int], b: list[int]) -> dict:
     """Where two responses part, and the target's top-2 logit margin there after the common prefix."""
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     ids = encode_prompt(tok, task)
-    seq = torch.cat([ids, torch.tensor([a[:i]], dtype=torch.long)], 1)
+    seq = torch.cat([ids, torch.tensor([a[:i]], dtype=torch.long)], 1).to(next(target.parameters()).device)
     logits = target(seq, logits_to_keep=1).logits[0, -1].float()
     top = logits.topk(2)
     return {"index": i, "batch1_token": a[i] if i < len(a) else None, "batched_token": b[i] if i < len(b) else None,
