@@ -198,7 +198,7 @@ def test_waiting_prompts_take_freed_slots(f64):
 
 
 def test_finished_rows_leave_the_batch(f64):
-    """Prefill groups prompts of similar length; then each target forward carries only the live rows, and
+    """Prefill runs row by row (no compute on padding); then each target forward carries only the live rows, and
     columns that are padding in every live row are gone (after the 7- and 20-token rows end, the widest live
     prompt has 11 tokens)."""
     target, _ = f64
@@ -213,9 +213,8 @@ def test_finished_rows_leave_the_batch(f64):
         batch_generate(target, prompts(), BUDGETS)
     finally:
         hook.remove()
-    # prefills: prompts of similar length together (1, 3, 7 tokens; then 11 and 20), left-padded
-    assert shapes[:2] == [(3, 7, 7), (2, 20, 20)]
-    steps = shapes[2:]
+    assert shapes[:5] == [(1, n, None) for n in LENS]  # the prefills, unpadded
+    steps = shapes[5:]
     sizes = [s[0] for s in steps]
     assert sizes[0] == 5 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
     assert steps[5] == (3, 1, 11 + 6) and len(steps) == max(BUDGETS) - 1  # one forward per token fed
@@ -360,11 +359,3 @@ def test_bad_batch_size_is_refused_before_loading(tmp_path, capsys):
     assert main(["eval", "--target", str(tmp_path / "no-such-model"), "--tasks", "builtin", "--out", str(tmp_path / "o"),
                  "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
-
-
-def test_prefill_groups_bound_the_padding():
-    from draftguide.batched import _prefill_groups
-
-    assert _prefill_groups([0, 1, 2, 3, 4], [3, 11, 1, 7, 20]) == [[2, 0, 3], [1, 4]]
-    assert _prefill_groups([0, 1], [1000, 40]) == [[1], [0]]  # a long prompt is never padded for a short one
-    assert _prefill_groups([5], [9]) == [[5]]

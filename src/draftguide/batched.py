@@ -2,17 +2,15 @@
 ids and KV caches, for greedy decoding, temperature / top-p / top-k sampling and draft-guided decoding (any
 readout, any beta, the noise control). Rows leave the batch as soon as they finish (compaction): the caches,
 masks and pending features keep only the live rows, and leading columns that are padding in every live row
-are dropped; with `max_batch`, a waiting prompt takes the freed slot at once (continuous batching), so one
-long answer does not hold the others' compute.
+are dropped, so one long answer does not carry the others' compute.
 
 Every row decodes exactly what the batch-1 loop (`greedy_generate`, `baselines.sample_generate`,
 `guided.guided_generate` token by token) decodes for it alone, up to float rounding: each row keeps its own
 sampling parameters, its own generator (a seed per row) and its own stop tokens and token budget.
 
-Layout: rows are right-aligned in `W` columns; column `c` of row `i` is position `c - pad_i`. The target
+Layout: prompts are right-aligned in `L` columns; column `c` of row `i` is position `c - pad_i`. The target
 cache and the draft's `DraftCache` share that column layout (the draft cache trails the target's by the one
 or two columns whose features are still pending); pads are masked in both (`DFlashDraft.forward(context_mask=)`).
-A joining row's draft context is projected into the draft cache in one call (`DFlashDraft.context_kv`).
 Power Sampling, DoLa and speculative decoding stay batch 1 (`SINGLE_ONLY`).
 """
 
@@ -108,9 +106,8 @@ def batch_generate(
     seeds each row by its generator's initial seed, as batch 1 does); without one, plain decoding (the target's
     logits). `on_token(row, token_id)` sees every new token as it is chosen; returning True ends that row there
     (a stop string, a client gone); `on_done(row, result)` sees each row as soon as it is finished. Returns a
-    `BatchRow` per prompt, in order. Prompts that join at the same time are prefilled together when their lengths
-    are close (`_prefill_groups`: little compute on padding; a prompt alone is prefilled exactly as at batch 1);
-    their caches then join the left-padded batch cache."""
+    `BatchRow` per prompt, in order. Each row's prefill runs alone (exactly its batch-1 prefill, and no compute
+    on padding); its cache then joins the left-padded batch cache."""
     n = len(prompts)
     if n == 0:
         return []
@@ -254,41 +251,34 @@ class _State:
 
     # -- rows in -----------------------------------------------------------------------------------------
     def join(self, rows: list[int], prompts) -> list[tuple[int, float]]:
-        """Prefill `rows` (those of similar length together, left-padded; a lone row exactly as batch 1) and add
-        them to the batch. Returns (row, prefill seconds) per row (a group's rows share its time)."""
+        """Prefill each of `rows` alone and add it to the batch. Returns (row, prefill seconds) per row."""
         target, draft, dev = self.target, self.draft, self.dev
         hidden = draft is not None
         pre = []
-        for group in _prefill_groups(rows, [int(prompts[r].numel()) for r in rows]):
+        for r in rows:
             t0 = _now(dev)
-            ids, mask = left_pad([prompts[r] for r in group], device=dev)
-            Lg = ids.shape[1]
+            ids = prompts[r].reshape(1, -1).to(dev)
+            T = ids.shape[1]
             c = DynamicCache(config=target.config)
-            kw = {} if len(group) == 1 else {"attention_mask": mask.long()}
-            out = target(ids, position_ids=(mask.long().cumsum(1) - 1).clamp_min(0), **{self.ck: c}, use_cache=True,
-                         output_hidden_states=hidden, logits_to_keep=1, **kw)
+            out = target(ids, position_ids=torch.arange(T, device=dev)[None], **{self.ck: c}, use_cache=True,
+                         output_hidden_states=hidden, logits_to_keep=1)
             if hidden and not self.decided:
                 from .guided import _shared_head
 
                 self.head, self.decided = _shared_head(self.setup, out), True
                 self.decoder = target.get_decoder() if self.head is not None else target
                 self.dk = cache_kwarg(self.decoder)
-            feats = extract_features(out.hidden_states, draft.target_layer_ids) if hidden else None  # [g, Lg, k*d]
-            seconds = _now(dev) - t0
-            for i, r in enumerate(group):
-                T = int(mask[i].sum())
-                item = {"r": r, "T": T, "ids": ids[i : i + 1, Lg - T:], "logits": out.logits[i : i + 1, -1],
-                        "kv": [(lay.keys[i : i + 1, :, Lg - T:], lay.values[i : i + 1, :, Lg - T:]) for lay in c.layers],
-                        "prefill_s": seconds}
-                if hidden:
-                    item["feats"] = feats[i : i + 1, Lg - T:]  # [1, T, k*d]
-                    item["state"] = out.hidden_states[-1][i : i + 1, -1]  # the final (normed) state the head reads
-                pre.append(item)
+            item = {"r": r, "T": T, "ids": ids, "cache": c, "logits": out.logits[:, -1]}
+            if hidden:
+                item["feats"] = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T, k*d]
+                item["state"] = out.hidden_states[-1][:, -1]  # the final (normed) state the head reads
+            item["prefill_s"] = _now(dev) - t0
+            pre.append(item)
         b0 = len(self.live)
         W = max([self.W, 2] + [x["T"] for x in pre])  # at least 2 columns: a context column before every anchor
         self._pad_left(W - self.W)
         # the target cache: each new row right-aligned in W columns, zeros (masked) on the left
-        for j, layer_kv in enumerate(zip(*[x["kv"] for x in pre])):
+        for j, layer_kv in enumerate(zip(*[[(lay.keys, lay.values) for lay in x["cache"].layers] for x in pre])):
             ks = torch.cat([_pad_cols(k, W) for k, _ in layer_kv])
             vs = torch.cat([_pad_cols(v, W) for _, v in layer_kv])
             if b0 == 0:
@@ -412,21 +402,6 @@ class _State:
             self.t_logits = out.logits[:, -1]
         else:
             self.t_state = out.last_hidden_state[:, -1]
-
-
-def _prefill_groups(rows: list[int], lens: list[int], slack: float = 1.25) -> list[list[int]]:
-    """Rows prefilled together: sorted by length, a group grows while its longest prompt is at most `slack` times
-    its shortest (plus 8 tokens), so padding costs little. # -> groups of rows"""
-    order = sorted(zip(lens, rows))
-    groups: list[list[int]] = []
-    lo = None
-    for T, r in order:
-        if groups and T <= slack * lo + 8:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-            lo = T
-    return groups
 
 
 def _pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
