@@ -2,15 +2,18 @@
 ids and KV caches, for greedy decoding, temperature / top-p / top-k sampling and draft-guided decoding (any
 readout, any beta, the noise control). Rows leave the batch as soon as they finish (compaction): the caches,
 masks and pending features keep only the live rows, and leading columns that are padding in every live row
-are dropped, so one long answer does not carry the others' compute.
+are dropped; with `max_batch`, a waiting prompt takes the freed slot at once (continuous batching), so one
+long answer does not hold the others' compute. Each prompt is prefilled alone, exactly as at batch 1 (prefill
+is compute-bound: a padded prefill of 16 similar-length prompts together measured no faster on this CPU).
 
 Every row decodes exactly what the batch-1 loop (`greedy_generate`, `baselines.sample_generate`,
 `guided.guided_generate` token by token) decodes for it alone, up to float rounding: each row keeps its own
 sampling parameters, its own generator (a seed per row) and its own stop tokens and token budget.
 
-Layout: prompts are right-aligned in `L` columns; column `c` of row `i` is position `c - pad_i`. The target
+Layout: rows are right-aligned in `W` columns; column `c` of row `i` is position `c - pad_i`. The target
 cache and the draft's `DraftCache` share that column layout (the draft cache trails the target's by the one
 or two columns whose features are still pending); pads are masked in both (`DFlashDraft.forward(context_mask=)`).
+A joining row's draft context is projected into the draft cache in one call (`DFlashDraft.context_kv`).
 Power Sampling, DoLa and speculative decoding stay batch 1 (`SINGLE_ONLY`).
 """
 
