@@ -226,6 +226,19 @@ def test_eval_with_llm_judge(tmp_path, tiny_target_dir, judge_server, monkeypatc
     assert s["settings"]["judge_model"] == "jm" and s["n"] == 2
 
 
+def test_eval_with_llm_judge_batched(tmp_path, tiny_target_dir, judge_server, monkeypatch):
+    """--batch-size with the LLM judge: judge calls run beside the decoding; rows equal the batch-1 run's."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    f = _write(tmp_path / "t.jsonl", [_task(f"t{i}", f"question {i}" * (i + 1), rubrics=["r1"]) for i in range(4)]
+               + [_task("t4", "q4", NEVER)])
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert _eval(tiny_target_dir, f, one, "--judge-model", "jm", "--judge-base-url", judge_server) == 0
+    assert _eval(tiny_target_dir, f, many, "--judge-model", "jm", "--judge-base-url", judge_server, "--batch-size", "3") == 0
+    keys = ("task_id", "judge", "score", "response", "new_tokens")
+    assert [{k: r[k] for k in keys} for r in _rows(many)] == [{k: r[k] for k in keys} for r in _rows(one)]
+    assert [r["judge"] for r in _rows(many)] == ["llm"] * 4 + ["rules"] and all(r["batch_size"] == 3 for r in _rows(many))
+
+
 def test_llm_judge_needs_a_key(tmp_path, tiny_target_dir, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     f = _write(tmp_path / "t.jsonl", [_task("t0", "q0")])

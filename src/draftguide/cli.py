@@ -54,6 +54,46 @@ def _add_target_args(p: argparse.ArgumentParser, device: str | None = None, draf
         p.add_argument("--draft-dtype", default=None, choices=sorted(DTYPES),
                        help="the draft's dtype (default: the target's); bfloat16 speeds up a draft next to an fp32 CPU target")
     p.add_argument("--device", default=device, help="default: cuda:LOCAL_RANK if available, else cpu" if device is None else None)
+    p.add_argument("--chat-template-kwargs", default=None, type=_template_kwargs_arg, metavar="JSON",
+                   help="extra chat-template variables wherever a chat template is applied, e.g. "
+                        "'{\"enable_thinking\": false}' for Qwen3 (the vLLM/SGLang flag)")
+
+
+def _add_batch_arg(p) -> None:
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="tasks decoded together (greedy, sample, guided, guided-noise; each answer equals its batch-1 "
+                        "answer); power, dola and guided with --speculative/--ttt run one by one (default 1)")
+
+
+def _batch_size(args, methods) -> int:
+    """--batch-size checked; a line on stderr for each selected method that stays batch 1."""
+    from .batched import single_only_note
+
+    n = args.batch_size
+    if n < 1:
+        raise DraftGuideError(f"--batch-size must be >= 1, got {n}")
+    for m in methods:
+        note = single_only_note(m, n)
+        if note:
+            print(note, file=sys.stderr)
+    return n
+
+
+def _template_kwargs_arg(text: str) -> dict:
+    from .prompts import check_chat_template_kwargs
+
+    try:
+        return check_chat_template_kwargs(text)
+    except DraftGuideError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _with_template(args, tok):
+    """The tokenizer with --chat-template-kwargs applied to every later chat template."""
+    from .prompts import set_chat_template_kwargs
+
+    set_chat_template_kwargs(tok, getattr(args, "chat_template_kwargs", None))
+    return tok
 
 
 def _add_ttt_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
@@ -212,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
     p.add_argument("--judge-prompt-file", default=None, help="judge prompt with {rubrics} and {response} placeholders")
     p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
+    _add_batch_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("diagnose", help="readout diagnostic: gold-token rank and log p under the target and deep readouts (teacher forcing), with null controls and a verdict")
@@ -269,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="model id reported and accepted (default: the --target value)")
     p.add_argument("--max-pending", type=int, default=64, help="requests allowed to wait for the model; more get 503")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests waiting together are decoded together, up to this many (1: one at a time; default 8)")
     g = p.add_argument_group("defaults for requests that do not set them (clients that send only model and messages)")
     g.add_argument("--method", default=None, choices=["greedy", "speculative", "guided"])
     g.add_argument("--beta", type=float, default=0.0, help="guidance weight (implies method guided)")
@@ -317,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="the first N tasks")
     _add_method_args(b, beta=False)
     _add_guided_ttt_args(b)
+    _add_batch_arg(b)
     b.set_defaults(func=cmd_sweep_beta)
 
     p = sub.add_parser("generate", help="stream a (draft-guided) answer to a prompt to the terminal")
@@ -482,7 +526,8 @@ def load_models(args):
     from .pipeline import load_pair
 
     draft_dtype = getattr(args, "draft_dtype", None)
-    return load_pair(args.target, args.draft, DTYPES[args.dtype], args.device, draft_dtype and DTYPES[draft_dtype])
+    target, tok, draft = load_pair(args.target, args.draft, DTYPES[args.dtype], args.device, draft_dtype and DTYPES[draft_dtype])
+    return target, _with_template(args, tok), draft
 
 
 def cmd_speculate(args) -> int:
@@ -535,10 +580,11 @@ def cmd_make_data(args) -> int:
         from .data import make_text_data
         from .targets import resolve_target
 
-        meta = make_text_data(AutoTokenizer.from_pretrained(resolve_target(args.target)), prompts, args.out, max_tokens=args.max_tokens)
+        meta = make_text_data(_with_template(args, AutoTokenizer.from_pretrained(resolve_target(args.target))), prompts, args.out, max_tokens=args.max_tokens)
         print(f"{meta['n_samples']} samples, {meta['n_response_tokens']} response tokens in {args.out}")
         return 0
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    _with_template(args, tok)
     meta = make_data(
         target, tok, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed,
@@ -577,6 +623,7 @@ def cmd_train_draft(args) -> int:
     ).validate()
     try:
         target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+        _with_template(args, tok)
         res = train_draft(target, tok, args.data, args.out, cfg, resume=args.resume,
                           max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     finally:
@@ -604,6 +651,7 @@ def cmd_fidelity(args) -> int:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     specs = [s.strip() for s in (args.draft or "").split(",") if s.strip()] or [None]
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    _with_template(args, tok)
     readouts = {}
     for spec in specs:
         d = resolve_draft(spec, target, tok, target_name=args.target)
@@ -694,11 +742,15 @@ def cmd_eval(args) -> int:
         from .judge import LLMJudge, load_prompt
 
         judge = LLMJudge(args.judge_model, args.judge_base_url, timeout=args.judge_timeout, prompt=load_prompt(args.judge_prompt_file))
+    single = args.method if args.method in ("power", "dola") else "speculative" if opts.get("speculative") or opts.get("ttt") else None
+    batch = _batch_size(args, [single] if single else [])  # before the model loads
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    _with_template(args, tok)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     s = run_eval(target, tok, tasks, args.out, method=args.method, max_new_tokens=args.max_new_tokens, judge=args.judge,
-                 llm_judge=judge, method_options=opts, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+                 llm_judge=judge, method_options=opts, bad_rows=bad, settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source},
+                 batch_size=batch, chat_template_kwargs=args.chat_template_kwargs)
     if int(os.environ.get("RANK", "0")) == 0:
         print("\n" + format_table(s))
         print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
@@ -866,11 +918,13 @@ def cmd_serve(args) -> int:
     resolve_method(args.method, args.beta, args.speculative)  # before the models load
     if args.max_tokens < 1:
         raise DraftGuideError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_batch < 1:
+        raise DraftGuideError(f"--max-batch must be >= 1, got {args.max_batch}")
     defaults = {"method": args.method, "beta": args.beta, "speculative": args.speculative, "max_new_tokens": args.max_tokens,
                 "ttt": _ttt_config(args, seed=0).kwargs() if args.ttt else None}
     dg = DraftGuide(*load_models(args), name=args.model_name or args.target)
     print(f"serving {dg.name} on http://{args.host}:{args.port}/v1 (POST /chat/completions, GET /models)", file=sys.stderr)
-    serve(dg, args.host, args.port, max_pending=args.max_pending, defaults=defaults)
+    serve(dg, args.host, args.port, max_pending=args.max_pending, defaults=defaults, max_batch=args.max_batch)
     return 0
 
 
@@ -893,11 +947,13 @@ def cmd_sweep_beta(args) -> int:
     draft = _draft_spec(args)
     tasks = load_tasks(args.tasks)[0][: args.limit]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch = _batch_size(args, [m for m in baselines if m in ("power", "dola")] + (["speculative"] if guided_opts.get("speculative") or guided_opts.get("ttt") else []))
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    _with_template(args, tok)
     source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
     s = run_beta_sweep(target, tok, tasks, args.out, betas=betas, draft=draft, max_new_tokens=args.max_new_tokens,
                        baselines=baselines, noise=not args.no_noise, guided_options=guided_opts, baseline_options=base_opts,
-                       settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+                       settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source}, batch_size=batch)
     print(f"\n{'beta':>5} {'guided':>22} {'noise':>22}")
     noise = {p["beta"]: p for p in s["curves"]["noise"]}
     fmt = lambda p: f"{p['solve_rate']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "-"  # noqa: E731

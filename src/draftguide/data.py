@@ -48,10 +48,9 @@ def encode_conversation(tokenizer, row: dict, max_tokens: int | None = None) -> 
         if len(msgs) < 2 or msgs[-1].get("role") != "assistant" or not str(msgs[-1].get("content", "")).strip():
             return None
         prompt = encode_prompt(tokenizer, {**row, "messages": msgs[:-1]})[0].tolist()
-        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        from .prompts import apply_chat_template
+
+        ids = apply_chat_template(tokenizer, msgs, add_generation_prompt=False)
         if ids[: len(prompt)] != prompt:  # a template that rewrites earlier turns: reply tokens after the prompt
             ids = prompt + tokenizer(str(msgs[-1]["content"]), add_special_tokens=False)["input_ids"]
         n_prompt = len(prompt)
@@ -75,6 +74,12 @@ def make_text_data(tokenizer, rows: list[dict], out_dir: str | Path, *, max_toke
                 n_new += 1
     return _write_meta(out_dir, {"responses": "given text (teacher-forced)", "max_tokens": max_tokens, "new_this_run": n_new,
                                  "seconds_this_run": time.perf_counter() - t0})
+
+
+def _row_seed(seed: int, row_id) -> int:
+    import zlib
+
+    return (int(seed) * 1_000_003 + zlib.crc32(str(row_id).encode())) % 2**63
 
 
 def _write_meta(out_dir: Path, extra: dict) -> dict:
@@ -102,8 +107,6 @@ def make_data(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    from transformers import GenerationConfig
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {r["id"] for r in read_samples(out_dir)} if (out_dir / SAMPLES).is_file() else set()
@@ -117,33 +120,26 @@ def make_data(
             todo.append((row, ids))
     todo.sort(key=lambda x: x[1].numel())  # similar lengths per batch: less left-padding
     stop = stop_token_ids(tokenizer, target)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    from .batched import batch_generate
     from .sampling import check_sampling, effective_temperature
 
     check_sampling(temperature)
-    temperature = effective_temperature(temperature)  # a tiny temperature is greedy (HF would divide by it)
-    gc = GenerationConfig(
-        do_sample=temperature > 0, temperature=temperature or None, top_p=None, top_k=None,
-        max_new_tokens=max_new_tokens, eos_token_id=stop or None, pad_token_id=pad,
-    )
-    torch.manual_seed(seed)
+    temperature = effective_temperature(temperature)  # a tiny temperature is greedy
+    if batch_size < 1:
+        raise DraftGuideError(f"batch_size must be >= 1, got {batch_size}")
     dev = next(target.parameters()).device
     n_tok, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc="make-data", disable=not progress)
     with JsonlWriter(out_dir / SAMPLES) as w:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
-            L = max(x[1].numel() for x in batch)
-            inp = torch.full((len(batch), L), pad, dtype=torch.long)
-            att = torch.zeros_like(inp)
-            for i, (_, ids) in enumerate(batch):  # left padding: all prompts end at column L
-                inp[i, L - ids.numel():] = ids
-                att[i, L - ids.numel():] = 1
-            out = target.generate(input_ids=inp.to(dev), attention_mask=att.to(dev), generation_config=gc).cpu()
-            for i, (row, ids) in enumerate(batch):
-                resp = out[i, L:].tolist()
-                cut = next((j + 1 for j, t in enumerate(resp) if t in stop), len(resp))  # keep the stop token
-                resp = resp[:cut]
+            # the batched loop drops finished rows (HF generate kept decoding them); a sampled response is seeded
+            # per prompt (seed, id), so it does not depend on the batch it landed in or on a resume
+            gens = [torch.Generator(device=dev).manual_seed(_row_seed(seed, row["id"])) for row, _ in batch]
+            outs = batch_generate(target, [ids for _, ids in batch], max_new_tokens, stop_token_ids=stop,
+                                  temperature=temperature, generators=gens)
+            for (row, ids), r in zip(batch, outs):
+                resp = r.tokens  # a final stop token kept
                 n_tok += len(resp)
                 w.write({"id": row["id"], "source": row.get("source"), "input_ids": ids.tolist() + resp, "prompt_len": ids.numel()})
             bar.update(len(batch))

@@ -84,6 +84,17 @@ class DraftCache:
         self.k = [None if t is None else t[..., :length, :] for t in self.k]
         self.v = [None if t is None else t[..., :length, :] for t in self.v]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only these batch rows (batched decoding drops finished rows)."""
+        self.k = [None if t is None else t[index] for t in self.k]
+        self.v = [None if t is None else t[index] for t in self.v]
+
+    def drop_left(self, n: int) -> None:
+        """Drop the first `n` context columns (left padding no remaining row needs)."""
+        if n > 0:
+            self.k = [None if t is None else t[..., n:, :] for t in self.k]
+            self.v = [None if t is None else t[..., n:, :] for t in self.v]
+
 
 class DraftAttention(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
@@ -107,9 +118,11 @@ class DraftAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return _rope(k, cos, sin), v
 
-    def forward(self, h, ctx, cos, sin, mask=None, cache: DraftCache | None = None, rows: slice | None = None):
+    def forward(self, h, ctx, cos, sin, mask=None, cache: DraftCache | None = None, rows: slice | None = None,
+                context_mask: torch.Tensor | None = None):
         # h: [B, Q, d] normed block states; ctx: [B, C, d] fused context; cos/sin: [B, C+Q, D]
         # rows: queries only at these offsets of every block (keys/values still from all of h) -> [B, Q', d]
+        # context_mask: bool [B, C_all] over every context column (cached + new), False = a pad (one block per row)
         B, Q, _ = h.shape
         C = ctx.shape[1]
         hq, cq, sq = h, cos[:, C:], sin[:, C:]
@@ -127,6 +140,8 @@ class DraftAttention(nn.Module):
             out = _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask, rows)
         else:
             k, v = torch.cat([k_ctx, k_blk], dim=-2), torch.cat([v_ctx, v_blk], dim=-2)
+            if context_mask is not None:  # key padding: every query of the row sees its real context and the block
+                mask = torch.cat([context_mask, context_mask.new_ones(B, Q)], 1)[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, Q', d]
 
@@ -172,8 +187,8 @@ class DraftLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, h, ctx, cos, sin, mask=None, cache=None, rows: slice | None = None):
-        a = self.self_attn(self.input_layernorm(h), ctx, cos, sin, mask, cache, rows)
+    def forward(self, h, ctx, cos, sin, mask=None, cache=None, rows: slice | None = None, context_mask=None):
+        a = self.self_attn(self.input_layernorm(h), ctx, cos, sin, mask, cache, rows, context_mask)
         if rows is not None:  # the residual stream keeps only the rows that were queried
             bs = mask.block_size if isinstance(mask, BlockMask) else h.shape[1]
             h = h.unflatten(1, (h.shape[1] // bs, bs))[:, :, rows].flatten(1, 2)
@@ -369,12 +384,17 @@ class DFlashDraft(nn.Module):
         cache: DraftCache | None = None,
         attention_mask: "torch.Tensor | BlockMask | None" = None,  # bool [B|1, 1, Q, C+Q] (True = visible)
         rows: slice | None = None,
+        context_mask: torch.Tensor | None = None,  # bool [B, C_all] (True = a real context column)
     ) -> torch.Tensor:  # [B, Q, d] after the final norm ([B, m*n, d] with `rows`)
         """`rows` (a slice of block offsets, e.g. `slice(1, 2)` for the k=1 readout): return only those offsets
         of every block. Same values; the last layer then computes queries, output projection and MLP for those
-        rows alone (its keys and values still come from the whole block), which is most of its cost."""
+        rows alone (its keys and values still come from the whole block), which is most of its cost.
+        `context_mask` (one block per row, no `attention_mask`; batched decoding with left padding): which of
+        the context columns, cached ones first, each row sees; the block itself stays fully visible."""
         if rows is not None and attention_mask is not None and not isinstance(attention_mask, BlockMask):
             raise ValueError("rows needs attention_mask=None (one block) or a BlockMask")
+        if context_mask is not None and attention_mask is not None:
+            raise ValueError("context_mask goes with attention_mask=None (one block per row)")
         ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
         h = noise_embedding
         cos, sin = self.rotary_emb(h, position_ids)
@@ -386,10 +406,19 @@ class DFlashDraft(nn.Module):
         for i, layer in enumerate(self.layers):
             r = rows if i == last else None
             if recompute:
-                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, cos, sin, attention_mask, cache, r, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, cos, sin, attention_mask, cache, r, context_mask,
+                                                      use_reentrant=False)
             else:
-                h = layer(h, ctx, cos, sin, attention_mask, cache, r)
+                h = layer(h, ctx, cos, sin, attention_mask, cache, r, context_mask)
         return self.norm(h)
+
+    def context_kv(self, target_hidden: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's context K/V (normed, rotated: what `DraftCache` holds) of target features, without running a
+        block: context keys and values depend on the features and their positions alone, so a row can join a batch
+        with its whole context cached at once. # target_hidden: [B, C, n*d], position_ids: [B, C] -> [(k, v)]"""
+        ctx = self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        cos, sin = self.rotary_emb(ctx, position_ids)
+        return [layer.self_attn._kv(ctx, cos, sin) for layer in self.layers]
 
     def logits(self, hidden: torch.Tensor, target) -> torch.Tensor:
         # [B, Q, d] -> [B, Q, V] through the target's own output head

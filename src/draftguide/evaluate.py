@@ -164,6 +164,83 @@ def dola(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list
     return tokens[0, input_ids.shape[1]:].tolist(), {"premature_layers": st.premature_layers}
 
 
+# Batched variants: `fn(target, tokenizer, [input_ids [1, T_i]], max_new_tokens, stop_token_ids, *, max_batch,
+# on_done, **opts)` calls `on_done(i, (new tokens or (new tokens, extra fields), seconds from the row's prefill to
+# its end))` for each prompt as soon as it is done; each row equals the method's batch-1 output
+# (`batched.batch_generate`, at most `max_batch` rows at a time, a waiting prompt taking a finished row's slot).
+# Methods without one (power, dola, guided with ttt or speculative=True) run row by row under --batch-size.
+BATCH_METHODS: dict[str, Callable] = {}
+
+
+def _batch_greedy(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None, **opts):
+    from .batched import batch_generate
+
+    if opts:
+        raise DraftGuideError(f"method 'greedy' takes no options, got {sorted(opts)}")
+    batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, max_batch=max_batch,
+                   on_done=lambda i, r: on_done(i, (r.tokens, r.stats.total_s)))
+
+
+def _batch_sample(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None,
+                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0):
+    import torch
+
+    from .batched import batch_generate
+
+    gens = [torch.Generator(device=x.device).manual_seed(seed) for x in ids_list]  # as batch 1: the seed per task
+    batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
+                   top_p=top_p, top_k=top_k, generators=gens, max_batch=max_batch,
+                   on_done=lambda i, r: on_done(i, (r.tokens, r.stats.total_s)))
+
+
+def _batch_guided(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None,
+                  beta: float, draft: str, beta_schedule: str = "fixed", mix: str = "logits",
+                  guard_top_k: int | None = None, speculative: bool = False, control: str | None = None, seed: int = 0,
+                  ttt: dict | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
+    import torch
+
+    from .batched import batch_generate
+
+    if ttt or speculative:  # a draft adapted per task, or the block-verified loop: batch 1, row by row
+        opts = dict(beta=beta, draft=draft, beta_schedule=beta_schedule, mix=mix, guard_top_k=guard_top_k,
+                    speculative=speculative, control=control, seed=seed, ttt=ttt, temperature=temperature, top_p=top_p,
+                    top_k=top_k)
+        return _row_by_row(guided, target, tokenizer, ids_list, max_new_tokens, stop_token_ids, on_done=on_done, **opts)
+    d = method_draft(target, tokenizer, draft)
+    gens = [torch.Generator(device=x.device).manual_seed(seed) for x in ids_list]
+
+    def done(i, r):
+        extra = {"flips": flip_rows(r.stats.flips, ids_list[i], tokenizer), "mean_beta": r.stats.mean_beta}
+        on_done(i, ((r.tokens, extra), r.stats.total_s))
+
+    batch_generate(target, ids_list, max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
+                   top_p=top_p, top_k=top_k, generators=gens, draft=d, beta=beta, mix=mix, beta_schedule=beta_schedule,
+                   guard_top_k=guard_top_k, control=control, max_batch=max_batch, on_done=done)
+
+
+def _batch_guided_noise(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, **opts):
+    return _batch_guided(target, tokenizer, ids_list, max_new_tokens, stop_token_ids, control="noise", **opts)
+
+
+def _row_by_row(fn, target, tokenizer, ids_list, max_new_tokens, stop_token_ids, *, max_batch=None, on_done=None, **opts):
+    for i, x in enumerate(ids_list):
+        t0 = time.perf_counter()
+        new = fn(target, tokenizer, x, max_new_tokens, stop_token_ids, **opts)
+        on_done(i, (new, time.perf_counter() - t0))
+
+
+BATCH_METHODS.update({"greedy": _batch_greedy, "sample": _batch_sample, "guided": _batch_guided,
+                      "guided-noise": _batch_guided_noise})
+
+
+def batch_method(method: str) -> Callable:
+    """The batched form of `method`: its own, or its batch-1 function run row by row."""
+    if method in BATCH_METHODS:
+        return BATCH_METHODS[method]
+    return lambda target, tokenizer, ids_list, n, stop, **kw: _row_by_row(METHODS[method], target, tokenizer, ids_list,
+                                                                            n, stop, **kw)
+
+
 def check_method_options(method: str, opts: dict) -> None:
     """Unknown or missing options of a method, as one clear error before any model is loaded."""
     import inspect
@@ -276,13 +353,15 @@ def check_method(method: str, max_new_tokens: int) -> None:
         raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def check_prompt_lengths(target, tokenizer, tasks: list[dict], max_new_tokens: int) -> None:
+def check_prompt_lengths(target, tokenizer, tasks: list[dict], max_new_tokens: int,
+                         chat_template_kwargs: dict | None = None) -> None:
     """Every task's prompt plus `max_new_tokens` fits the target's positions, or one error naming the first
     task that does not (its line and task id)."""
     from .prompts import check_length, encode_prompt, place
 
     for t in tasks:
-        check_length(target, encode_prompt(tokenizer, t).shape[1], max_new_tokens, place(t))
+        check_length(target, encode_prompt(tokenizer, t, chat_template_kwargs=chat_template_kwargs).shape[1],
+                     max_new_tokens, place(t))
 
 
 def check_judge(tasks: list[dict], judge: str) -> bool:
@@ -305,17 +384,22 @@ def _categories(task: dict) -> dict:
 
 
 def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: int, stop: list[int], judge: str,
-                  llm_judge=None, method_options: dict | None = None) -> dict:
+                  llm_judge=None, method_options: dict | None = None, chat_template_kwargs: dict | None = None) -> dict:
     """Generate and score one task; raises on failure (the run loop records it)."""
-    from .judge import JudgeUnavailable
-    from .pipeline import decode_text
     from .prompts import check_length, encode_prompt, place
 
-    ids = encode_prompt(tokenizer, task).to(next(target.parameters()).device)
+    ids = encode_prompt(tokenizer, task, chat_template_kwargs=chat_template_kwargs).to(next(target.parameters()).device)
     check_length(target, ids.shape[1], max_new_tokens, place(task))
     t0 = time.perf_counter()
     new = METHODS[method](target, tokenizer, ids, max_new_tokens, stop, **(method_options or {}))
-    gen_s = time.perf_counter() - t0
+    return score_task(tokenizer, task, method, ids.shape[1], new, time.perf_counter() - t0, judge, llm_judge)
+
+
+def score_task(tokenizer, task: dict, method: str, prompt_tokens: int, new, gen_s: float, judge: str, llm_judge=None) -> dict:
+    """The result row of one task from its generated tokens (`new`: token ids, or `(ids, extra fields)`)."""
+    from .judge import JudgeUnavailable
+    from .pipeline import decode_text
+
     new, extra = new if isinstance(new, tuple) else (new, {})  # a method may add fields to the row
     raw = decode_text(tokenizer, new)
     response = strip_thinking(raw)
@@ -331,13 +415,53 @@ def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: in
         try:
             v = llm_judge(task.get("rubrics", []), response)
         except JudgeUnavailable as e:  # no verdict: a failed task (retried by a rerun), never a 0
-            return rec | {"judge": "llm", "status": "error", "score": None, "error": str(e), "prompt_tokens": ids.shape[1],
+            return rec | {"judge": "llm", "status": "error", "score": None, "error": str(e), "prompt_tokens": prompt_tokens,
                           "new_tokens": len(new), "gen_s": gen_s} | extra
         rec |= {"judge": "llm", "score": v["score"], "rubrics": task.get("rubrics", []), "rubric_results": v["rubric_results"],
                 "judge_rationale": v["rationale"], "judge_tries": v["tries"], "judge_error": v["error"]}
-    rec |= {"prompt_tokens": ids.shape[1], "new_tokens": len(new), "gen_s": gen_s, "judge_s": time.perf_counter() - t1,
+    rec |= {"prompt_tokens": prompt_tokens, "new_tokens": len(new), "gen_s": gen_s, "judge_s": time.perf_counter() - t1,
             "error": None} | extra
     return rec
+
+
+def evaluate_batch(target, tokenizer, tasks: list[dict], method: str, max_new_tokens: int, stop: list[int], judge: str,
+                   llm_judge=None, method_options: dict | None = None, chat_template_kwargs: dict | None = None, *,
+                   batch_size: int, write: Callable[[dict], None]) -> None:
+    """Generate `tasks` with `batch_method(method)`, at most `batch_size` at a time (a waiting task takes a
+    finished one's slot), and `write` each task's scored row as soon as it is done; raises on a generation
+    failure (rows already written stay). A row's `gen_s` is the time from its own prefill to its end."""
+    from .prompts import check_length, encode_prompt, place
+
+    dev = next(target.parameters()).device
+    ids = [encode_prompt(tokenizer, t, chat_template_kwargs=chat_template_kwargs).to(dev) for t in tasks]
+    for t, x in zip(tasks, ids):
+        check_length(target, x.shape[1], max_new_tokens, place(t))
+
+    def score(i: int, new, gen_s: float) -> None:
+        rec = score_task(tokenizer, tasks[i], method, ids[i].shape[1], new, gen_s, judge, llm_judge)
+        write(rec | {"batch_size": batch_size})
+
+    if llm_judge is None:  # rules: scored at once
+        batch_method(method)(target, tokenizer, ids, max_new_tokens, stop, max_batch=batch_size,
+                             on_done=lambda i, res: score(i, *res), **(method_options or {}))
+        return
+    # an LLM judge answers over the network: its calls run in a thread, so the batch keeps decoding meanwhile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def judged(i: int, new, gen_s: float) -> None:
+        rec = score_task(tokenizer, tasks[i], method, ids[i].shape[1], new, gen_s, judge, llm_judge)
+        with lock:
+            write(rec | {"batch_size": batch_size})
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftguide-judge") as pool:
+        futures = []
+        batch_method(method)(target, tokenizer, ids, max_new_tokens, stop, max_batch=batch_size,
+                             on_done=lambda i, res: futures.append(pool.submit(judged, i, *res)), **(method_options or {}))
+        for f in futures:
+            f.result()
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -393,9 +517,14 @@ def _check_settings(out_dir: Path, settings: dict, rank: int) -> None:
 
 def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "greedy", max_new_tokens: int = 256,
              judge: str = "auto", llm_judge=None, method_options: dict | None = None, bad_rows: list[dict] = (),
-             settings: dict | None = None, progress: bool = True) -> dict:
+             settings: dict | None = None, progress: bool = True, batch_size: int = 1,
+             chat_template_kwargs: dict | None = None) -> dict:
     """Evaluate `tasks` (resuming in `out_dir`), merge and summarise. Under torchrun each rank takes
-    tasks[rank::world]; every rank returns the same summary."""
+    tasks[rank::world]; every rank returns the same summary. `batch_size` > 1 decodes that many tasks together
+    (`batched.batch_generate`, prompts of similar length together; each answer equals its batch-1 answer up to
+    float rounding), so it is not part of the run's settings: a run may resume with another batch size. Power
+    Sampling and DoLa (and guided decoding with ttt or speculative) run row by row. `chat_template_kwargs`:
+    extra variables for the chat template (e.g. {"enable_thinking": false} for Qwen3)."""
     from tqdm.auto import tqdm
 
     from .prompts import stop_token_ids
@@ -405,11 +534,15 @@ def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "gr
     check_method_options(method, method_options or {})
     if check_judge(tasks, judge) and llm_judge is None:
         raise DraftGuideError("some tasks need the LLM judge (no 'checks'), but none is configured")
-    check_prompt_lengths(target, tokenizer, tasks, max_new_tokens)  # every task fits, before any work
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DraftGuideError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_prompt_lengths(target, tokenizer, tasks, max_new_tokens, chat_template_kwargs)  # every task fits, before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"method": method, "method_options": method_options or {}, "max_new_tokens": max_new_tokens,
                 "judge": judge, **(llm_judge.settings() if llm_judge is not None else {}), **(settings or {})}
+    if chat_template_kwargs:
+        settings["chat_template_kwargs"] = chat_template_kwargs
     rank, world, created = _dist_init()
     try:
         _check_settings(out_dir, settings, rank)
@@ -417,14 +550,39 @@ def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "gr
         todo = [t for t in tasks[rank::world] if t["metadata"]["task_id"] not in done]
         stop = stop_token_ids(tokenizer, target)
         name = RESULTS if world == 1 else f"results.rank{rank}.jsonl"
+        ctk = chat_template_kwargs
         with JsonlWriter(out_dir / name) as w:
-            for task in tqdm(todo, desc=f"eval[{rank}]" if world > 1 else "eval", disable=not progress or rank != 0):
+            bar = tqdm(total=len(todo), desc=f"eval[{rank}]" if world > 1 else "eval", disable=not progress or rank != 0)
+            if batch_size == 1:
+                for task in todo:
+                    try:
+                        rec = evaluate_task(target, tokenizer, task, method, max_new_tokens, stop, judge, llm_judge,
+                                            method_options, ctk)
+                    except Exception as e:  # recorded and retried by the next run; the run goes on
+                        rec = _error_row(task, method, e)
+                    w.write(rec | ({"rank": rank} if world > 1 else {}))
+                    bar.update(1)
+            else:
+                from .prompts import encode_prompt
+
+                # similar prompt lengths decode side by side (less padding); rows are written as they finish
+                length = {t["metadata"]["task_id"]: encode_prompt(tokenizer, t, chat_template_kwargs=ctk).shape[1] for t in todo}
+                todo = sorted(todo, key=lambda t: length[t["metadata"]["task_id"]])
+                written: set[str] = set()
+
+                def write(rec: dict) -> None:
+                    w.write(rec | ({"rank": rank} if world > 1 else {}))
+                    written.add(rec["task_id"])
+                    bar.update(1)
+
                 try:
-                    rec = evaluate_task(target, tokenizer, task, method, max_new_tokens, stop, judge, llm_judge, method_options)
-                except Exception as e:  # recorded and retried by the next run; the run goes on
-                    rec = _categories(task) | {"method": method, "status": "error", "score": None,
-                                               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
-                w.write(rec | ({"rank": rank} if world > 1 else {}))
+                    evaluate_batch(target, tokenizer, todo, method, max_new_tokens, stop, judge, llm_judge,
+                                   method_options, ctk, batch_size=batch_size, write=write)
+                except Exception as e:  # the tasks not yet done are recorded as failed and retried by the next run
+                    for t in todo:
+                        if t["metadata"]["task_id"] not in written:
+                            write(_error_row(t, method, e))
+            bar.close()
         if world > 1:
             _barrier()
         try:
@@ -441,6 +599,11 @@ def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "gr
     import json
 
     return json.loads((out_dir / SUMMARY).read_text())
+
+
+def _error_row(task: dict, method: str, e: Exception) -> dict:
+    return _categories(task) | {"method": method, "status": "error", "score": None, "error": f"{type(e).__name__}: {e}",
+                                "traceback": traceback.format_exc(limit=3)}
 
 
 def _barrier() -> None:

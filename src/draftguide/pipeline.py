@@ -159,22 +159,24 @@ class DraftGuide:
         return next(self.target.parameters()).device
 
     # -- prompts ------------------------------------------------------------------------------------
-    def encode(self, prompt, where: str | None = None) -> torch.Tensor:
+    def encode(self, prompt, where: str | None = None, chat_template_kwargs: dict | None = None) -> torch.Tensor:
         """str -> one user turn through the chat template (raw text without one); list -> messages;
         dict -> a prompt-file row ({'prompt': raw text} or {'messages': [...]}); tensor -> ids. [1, T]
-        Errors name `where` (default: the row's line/id, or 'prompt')."""
+        `chat_template_kwargs`: template variables for this prompt (over the tokenizer's own, see
+        `prompts.set_chat_template_kwargs`). Errors name `where` (default: the row's line/id, or 'prompt')."""
         from .prompts import encode_prompt
 
+        ctk = chat_template_kwargs
         if isinstance(prompt, torch.Tensor):
             ids = prompt.reshape(1, -1)
         elif isinstance(prompt, dict):
-            ids = encode_prompt(self.tokenizer, prompt, where)
+            ids = encode_prompt(self.tokenizer, prompt, where, chat_template_kwargs=ctk)
         elif isinstance(prompt, list):
-            ids = encode_prompt(self.tokenizer, {"messages": prompt}, where or "prompt")
+            ids = encode_prompt(self.tokenizer, {"messages": prompt}, where or "prompt", chat_template_kwargs=ctk)
         elif isinstance(prompt, str):
             chat = self.tokenizer.chat_template is not None
             ids = encode_prompt(self.tokenizer, {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt},
-                                where or "prompt")
+                                where or "prompt", chat_template_kwargs=ctk)
         else:
             raise DraftGuideError(f"prompt must be a string, a list of messages, a row dict or token ids, got {type(prompt).__name__}")
         return ids.to(self.device)
@@ -220,10 +222,22 @@ class DraftGuide:
         otherwise a `Generation` (`on_text` still sees the pieces as they come). `seed`: None draws fresh
         randomness (recorded in `Generation.seed`), an integer reproduces. Temperatures below
         `sampling.GREEDY_BELOW` decode greedily. `logprobs`: also the target's log-probabilities of the output
-        tokens, with `top_logprobs` (0..20) alternatives each (`target_logprobs`)."""
+        tokens, with `top_logprobs` (0..20) alternatives each (`target_logprobs`).
+        A list of prompts (strings, message lists, row dicts or id tensors; a list of {role, content} dicts is one
+        conversation) decodes them together (`batched.batch_generate`; each answer equals its batch-1 answer) and
+        returns a list of `Generation`s, in order; `seed` then seeds every prompt alike. Speculative decoding and
+        `ttt` run them one by one. `chat_template_kwargs`: template variables (e.g. {"enable_thinking": False})."""
         kw = dict(max_new_tokens=max_new_tokens, method=method, beta=beta, speculative=speculative,
                   temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ttt=ttt,
                   logprobs=logprobs, top_logprobs=top_logprobs, **options)
+        if is_prompt_list(prompt):
+            if stream or on_text is not None:
+                raise DraftGuideError("a list of prompts returns a list of Generations: stream / on_text take one prompt")
+            out = self.generate_jobs([Job(p, dict(kw)) for p in prompt])
+            for r in out:
+                if isinstance(r, BaseException):
+                    raise r
+            return out
         if stream:
             return self._stream(prompt, kw)
         return self._generate(prompt, on_text=on_text, **kw)
@@ -258,15 +272,16 @@ class DraftGuide:
             closed.set()
 
     def _generate(self, prompt, *, max_new_tokens, method, beta, speculative, temperature, top_p, top_k, stop, seed,
-                  ttt, logprobs=False, top_logprobs=0, on_text=None, where=None, **options) -> Generation:
+                  ttt, logprobs=False, top_logprobs=0, on_text=None, where=None, chat_template_kwargs=None,
+                  **options) -> Generation:
         from .prompts import check_length, stop_token_ids
         from .sampling import effective_temperature, resolve_seed
 
         method = check_generate(method=method, beta=beta, speculative=speculative, temperature=temperature, top_p=top_p,
                                 top_k=top_k, max_new_tokens=max_new_tokens, stop=stop, seed=seed, logprobs=logprobs,
-                                top_logprobs=top_logprobs, **options)
+                                top_logprobs=top_logprobs, chat_template_kwargs=chat_template_kwargs, **options)
         temperature, seed = effective_temperature(temperature), resolve_seed(seed)
-        ids = self.encode(prompt, where)  # [1, T]
+        ids = self.encode(prompt, where, chat_template_kwargs)  # [1, T]
         check_length(self.target, ids.shape[1], max_new_tokens, where or "prompt")
         stop_ids = stop_token_ids(self.tokenizer, self.target)
         text = TextStream(self.tokenizer, stop_ids, [stop] if isinstance(stop, str) else list(stop or ()))
@@ -329,6 +344,118 @@ class DraftGuide:
                                top_p=top_p, top_k=top_k, stop_token_ids=stop_ids, speculative=speculative,
                                generator=gen, on_token=lambda t: on_token([t]), **options)
 
+    # -- many prompts at once -----------------------------------------------------------------------
+    def generate_jobs(self, jobs: list[Job]) -> list[Generation | BaseException]:
+        """Decode several generate() calls together: jobs that the batched loop supports (greedy, sampling and
+        guided decoding without speculative or ttt) and share the guidance settings go in one batch, each with
+        its own sampling parameters, seed, token budget, stop strings and `on_text`; the others run alone.
+        Returns a Generation per job, or the exception that job raised (one job's failure is not the others')."""
+        results: list = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                key = self._batch_key(job.kw)
+            except DraftGuideError as e:
+                results[i] = e
+                continue
+            if key is None:
+                groups.setdefault(("alone", i), []).append(i)
+            else:
+                groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            if key[0] == "alone" or len(idx) == 1:  # one job: the batch-1 loop
+                i = idx[0]
+                try:
+                    results[i] = self.generate(jobs[i].prompt, on_text=jobs[i].on_text, **jobs[i].kw)
+                except BaseException as e:  # noqa: BLE001  (handed to the caller)
+                    results[i] = e
+                continue
+            for i, r in zip(idx, self._generate_batch([jobs[i] for i in idx])):
+                results[i] = r
+        return results
+
+    @staticmethod
+    def _batch_key(kw: dict) -> tuple | None:
+        """The guidance settings rows must share to be decoded together, or None when the job runs alone."""
+        method = check_generate(**kw)
+        if method == "speculative" or kw.get("speculative") or kw.get("ttt"):
+            return None
+        beta = float(kw.get("beta") or 0.0)
+        if method == "greedy" or beta == 0:  # the target alone: plain greedy / sampling
+            return ("plain",)
+        return ("guided", beta, kw.get("mix", "logits"), kw.get("beta_schedule", "fixed"), kw.get("guard_top_k"),
+                kw.get("control"))
+
+    def _generate_batch(self, jobs: list[Job]) -> list[Generation | BaseException]:
+        from .batched import batch_generate
+        from .prompts import check_length, stop_token_ids
+        from .sampling import effective_temperature, resolve_seed
+
+        out: list = [None] * len(jobs)
+        rows = []  # (job index, ids, temperature, seed, TextStream)
+        stop_ids = stop_token_ids(self.tokenizer, self.target)
+        for i, job in enumerate(jobs):
+            kw = job.kw
+            try:
+                ids = self.encode(job.prompt, kw.get("where"), kw.get("chat_template_kwargs"))
+                check_length(self.target, ids.shape[1], kw["max_new_tokens"], kw.get("where") or "prompt")
+            except DraftGuideError as e:
+                out[i] = e
+                continue
+            stop = kw.get("stop")
+            text = TextStream(self.tokenizer, stop_ids, [stop] if isinstance(stop, str) else list(stop or ()))
+            rows.append((i, ids, effective_temperature(kw.get("temperature", 0.0)), resolve_seed(kw.get("seed")), text))
+        if not rows:
+            return out
+        gone: set[int] = set()
+
+        def on_token(r: int, tok: int) -> bool:
+            i, _, _, _, text = rows[r]
+            delta = text.push([tok])
+            if delta and jobs[i].on_text is not None and r not in gone:
+                try:
+                    jobs[i].on_text(delta)
+                except Cancelled:  # that client went away: its row ends, the others go on
+                    gone.add(r)
+                    return True
+            return bool(text.stop_hit and text.stop)
+
+        k0 = jobs[rows[0][0]].kw
+        guided = self._batch_key(k0)[0] == "guided"
+        opts = {k: k0[k] for k in ("mix", "beta_schedule", "guard_top_k", "control") if k0.get(k) is not None}
+        with self._lock:
+            t0 = time.perf_counter()
+            res = batch_generate(
+                self.target, [r[1] for r in rows], [jobs[r[0]].kw["max_new_tokens"] for r in rows], stop_token_ids=stop_ids,
+                temperature=[r[2] for r in rows], top_p=[jobs[r[0]].kw.get("top_p", 1.0) for r in rows],
+                top_k=[jobs[r[0]].kw.get("top_k", 0) for r in rows],
+                generators=[torch.Generator(device=r[1].device).manual_seed(r[3]) for r in rows],
+                draft=self.draft if guided else None, beta=float(k0.get("beta") or 0.0) if guided else 0.0,
+                on_token=on_token, **(opts if guided else {}))
+            wall = time.perf_counter() - t0
+        for ri, ((i, ids, _, seed, text), r) in enumerate(zip(rows, res)):
+            kw = jobs[i].kw
+            tail = text.flush()
+            if tail and jobs[i].on_text is not None and ri not in gone:
+                try:
+                    jobs[i].on_text(tail)
+                except Cancelled:
+                    pass
+            seconds = r.stats.total_s
+            n = len(text.ids)
+            stats = {"seconds": seconds, "tokens_per_s": n / seconds if seconds > 0 else None, "batch_size": len(rows),
+                     "batch_seconds": wall, **_stats_dict(r.stats)}
+            lp = None
+            if kw.get("logprobs"):
+                new = [t for t in text.ids if t not in stop_ids]
+                with self._lock:
+                    lp = target_logprobs(self.target, self.tokenizer, ids, new, kw.get("top_logprobs", 0))
+            method = resolve_method(kw.get("method"), kw.get("beta", 0.0), kw.get("speculative", False))
+            out[i] = Generation(text=text.text, tokens=text.ids, prompt_tokens=ids.shape[1],
+                                finish_reason="stop" if text.stop_hit else "length", method=method, stats=stats,
+                                seed=seed, logprobs=lp)
+        return out
+
     # -- the readout diagnostic ---------------------------------------------------------------------
     def diagnose(self, tasks="builtin", out: str = "runs/diagnose", *, modes=("next", "block"), limit: int | None = None,
                  solved_from: str | None = None, controls: bool = True, ttt: dict | bool | None = None, n_boot: int = 1000,
@@ -359,14 +486,33 @@ class DraftGuide:
             )
 
 
+@dataclass
+class Job:
+    """One generate() call for `DraftGuide.generate_jobs`: the prompt, generate()'s keyword options and an
+    optional `on_text` (streaming; raising `Cancelled` ends this job only)."""
+
+    prompt: object
+    kw: dict
+    on_text: Callable[[str], None] | None = None
+
+
+def is_prompt_list(prompt) -> bool:
+    """A list of prompts (not one conversation: a list of {role, ...} dicts)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    return not all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 
 
 def check_generate(*, method=None, beta=0.0, speculative=False, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1,
-                   stop=None, seed=None, ttt=None, logprobs=False, top_logprobs=0, **options) -> str:
+                   stop=None, seed=None, ttt=None, logprobs=False, top_logprobs=0, chat_template_kwargs=None, **options) -> str:
     """Every generate() option checked before any work; returns the method that will run."""
+    from .prompts import check_chat_template_kwargs
     from .sampling import check_sampling, resolve_seed
 
+    check_chat_template_kwargs(chat_template_kwargs)
     method = resolve_method(method, beta, speculative)
     check_sampling(temperature, top_p, top_k)
     if seed is not None:
@@ -466,5 +612,5 @@ def resolve_method(method: str | None, beta: float, speculative: bool) -> str:
     return method
 
 
-__all__ = ["DraftGuide", "Generation", "METHODS", "METHOD_OPTIONS", "check_generate", "TextStream", "decode_text", "load_pair",
+__all__ = ["DraftGuide", "Generation", "Job", "is_prompt_list", "METHODS", "METHOD_OPTIONS", "check_generate", "TextStream", "decode_text", "load_pair",
            "resolve_method", "target_logprobs"]

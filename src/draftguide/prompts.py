@@ -80,9 +80,10 @@ def place(row: dict) -> str:
     return ", ".join(parts) or row.get("_where", "prompt")
 
 
-def encode_prompt(tokenizer, row: dict, where: str | None = None) -> torch.Tensor:
+def encode_prompt(tokenizer, row: dict, where: str | None = None, chat_template_kwargs: dict | None = None) -> torch.Tensor:
     """`messages` -> chat template with the generation prompt; `prompt` -> raw text. Returns [1, T].
-    Errors name `where` (default: `place(row)`) and the message at fault."""
+    `chat_template_kwargs`: extra variables the template reads (the vLLM/SGLang convention, e.g.
+    {"enable_thinking": false} for Qwen3). Errors name `where` (default: `place(row)`) and the message at fault."""
     where = where or place(row)
     if "messages" in row:
         msgs = row["messages"]
@@ -96,9 +97,7 @@ def encode_prompt(tokenizer, row: dict, where: str | None = None) -> torch.Tenso
             raise DraftGuideError(f"{where}: empty prompt: {which} empty or whitespace")
         if tokenizer.chat_template is None:
             raise DraftGuideError(f"{where}: the tokenizer has no chat template; use a raw 'prompt' instead")
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        ids = apply_chat_template(tokenizer, msgs, chat_template_kwargs, add_generation_prompt=True)
     elif "prompt" in row:
         if not str(row["prompt"]).strip():
             raise DraftGuideError(f"{where}: empty prompt: 'prompt' is empty or whitespace")
@@ -109,6 +108,54 @@ def encode_prompt(tokenizer, row: dict, where: str | None = None) -> torch.Tenso
     if ids.shape[1] == 0:
         raise DraftGuideError(f"{where}: empty prompt (no tokens)")
     return ids
+
+
+RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tokenize", "return_dict", "add_generation_prompt", "tools",
+                            "documents", "continue_final_message", "return_tensors")
+
+
+def check_chat_template_kwargs(value) -> dict:
+    """A JSON object string or a dict of template variables -> the dict (an error names what is wrong)."""
+    import json as _json
+
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = _json.loads(value)
+        except _json.JSONDecodeError as e:
+            raise DraftGuideError(f"chat_template_kwargs: not valid JSON ({e.msg}): {value[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise DraftGuideError(f"chat_template_kwargs must be a JSON object, got {type(value).__name__}")
+    bad = sorted(set(value) & set(RESERVED_TEMPLATE_KWARGS))
+    if bad:
+        raise DraftGuideError(f"chat_template_kwargs may not set {', '.join(bad)} (set by draftguide itself)")
+    return dict(value)
+
+
+TEMPLATE_KWARGS_ATTR = "draftguide_chat_template_kwargs"
+
+
+def set_chat_template_kwargs(tokenizer, value) -> dict:
+    """Make `value` (a JSON object string or a dict) the template variables every later `apply_chat_template`
+    of this tokenizer uses (`--chat-template-kwargs`: one setting reaches every command's prompts); per-call
+    variables override them. Returns the dict."""
+    kw = check_chat_template_kwargs(value)
+    setattr(tokenizer, TEMPLATE_KWARGS_ATTR, kw)
+    return kw
+
+
+def apply_chat_template(tokenizer, messages: list, chat_template_kwargs: dict | None = None, *,
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template, with extra template variables: the
+    tokenizer's own (`set_chat_template_kwargs`), then `chat_template_kwargs` over them (every place a chat
+    template is applied comes here)."""
+    kw = dict(getattr(tokenizer, TEMPLATE_KWARGS_ATTR, None) or {}) | check_chat_template_kwargs(chat_template_kwargs)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=False, **kw)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def max_positions(model) -> int | None:

@@ -20,9 +20,14 @@ so a client that sends only `model` and `messages` (CL-bench's `infer.py`) gets 
 Each reply's `draftguide` field: method, seconds, tau, n_flips, ttt, the `seed` used, and with logprobs
 `logprobs_from` ("target": the target's raw distribution, also when guidance chose the tokens).
 
-One model, one worker thread: requests run one at a time in arrival order (the model and an adapted
-draft are shared state), at most `max_pending` wait (more get 503); the event loop stays free for
-accepting, streaming and rejecting. Malformed requests get 400, a failure inside one request 500, both
+`chat_template_kwargs` (an object, as vLLM accepts): extra chat-template variables for this request, e.g.
+{"enable_thinking": false} for Qwen3, over the server's `--chat-template-kwargs`.
+
+One model, one worker thread, micro-batching: requests that are waiting when the model becomes free are
+decoded together, up to `max_batch` (`DraftGuide.generate_jobs`: greedy, sampling and guided decoding with
+the same guidance settings share a batch, each with its own sampling parameters, seed, length, stop strings
+and stream; speculative decoding and ttt run alone; a request alone in its batch takes the batch-1 loop).
+At most `max_pending` wait (more get 503); the event loop stays free for accepting, streaming and rejecting. Malformed requests get 400, a failure inside one request 500, both
 as OpenAI-style JSON errors; neither stops the server.
 """
 
@@ -30,15 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import DraftGuideError
-from .pipeline import METHODS, Cancelled, DraftGuide, Generation, check_generate
+from .pipeline import METHODS, Cancelled, DraftGuide, Generation, Job, check_generate
 
 log = logging.getLogger("draftguide.server")
 
@@ -97,6 +103,7 @@ class ChatRequest(BaseModel):
     beta_schedule: Literal["fixed", "adaptive"] | None = None  # guided only, as the three below
     mix: Literal["logits", "probs"] | None = None
     guard_top_k: int | None = Field(default=None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("n")
     @classmethod
@@ -173,6 +180,8 @@ class ChatRequest(BaseModel):
                   top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, stop=self.stop, seed=self.seed,
                   ttt=self.ttt, logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0)
         kw |= {k: getattr(self, k) for k in ("beta_schedule", "mix", "guard_top_k") if getattr(self, k) is not None}
+        if self.chat_template_kwargs is not None:
+            kw["chat_template_kwargs"] = self.chat_template_kwargs
         for key, value in defaults.items():
             if not set(REQUEST_FIELDS.get(key, (key,))) & self.model_fields_set:
                 kw[key] = value
@@ -212,11 +221,16 @@ def _problem(e: dict) -> str:
 
 
 class Worker:
-    """One thread that runs generations in arrival order, and a bound on how many may wait."""
+    """One model thread that decodes the requests waiting for it together (up to `max_batch`, in arrival
+    order), and a bound on how many may wait."""
 
-    def __init__(self, dg: DraftGuide, max_pending: int):
-        self.dg, self.max_pending, self.pending = dg, max_pending, 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftguide-model")
+    def __init__(self, dg: DraftGuide, max_pending: int, max_batch: int = 8):
+        if max_batch < 1:
+            raise DraftGuideError(f"max_batch must be >= 1, got {max_batch}")
+        self.dg, self.max_pending, self.max_batch, self.pending = dg, max_pending, max_batch, 0
+        self.jobs: queue.Queue = queue.Queue()
+        self.batches: list[int] = []  # the size of every batch decoded (for tests and logs)
+        threading.Thread(target=self._loop, daemon=True, name="draftguide-model").start()
 
     def admit(self) -> bool:
         if self.pending >= self.max_pending:
@@ -224,16 +238,49 @@ class Worker:
         self.pending += 1  # only touched on the event loop thread
         return True
 
-    async def run(self, fn, *args):
+    async def generate(self, prompt, kw: dict, on_text=None) -> Generation | None:
+        """The request's Generation (None when its stream was cancelled); its exception if it failed."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.jobs.put((Job(prompt, kw, on_text), loop, fut))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            return await fut
         finally:
             self.pending -= 1
 
+    def _loop(self) -> None:
+        while True:
+            batch = [self.jobs.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            self.batches.append(len(batch))
+            try:
+                results = self.dg.generate_jobs([j for j, _, _ in batch])
+            except BaseException as e:  # noqa: BLE001  (every request of the batch gets it)
+                results = [e] * len(batch)
+            for (_, loop, fut), r in zip(batch, results):
+                loop.call_soon_threadsafe(_settle, fut, r)
 
-def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: int = 64, defaults: dict | None = None):
+
+def _settle(fut: asyncio.Future, r) -> None:
+    if fut.done():
+        return
+    if isinstance(r, Cancelled):
+        fut.set_result(None)
+    elif isinstance(r, BaseException):
+        fut.set_exception(r)
+    else:
+        fut.set_result(r)
+
+
+def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: int = 64, defaults: dict | None = None,
+               max_batch: int = 8):
     """`defaults`: generate() options for requests that do not set them (e.g. method/beta/ttt, so that a
-    client sending only model and messages gets guided decoding); max_new_tokens defaults to 512."""
+    client sending only model and messages gets guided decoding); max_new_tokens defaults to 512. `max_batch`:
+    the most waiting requests decoded together (1: one at a time)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
@@ -242,7 +289,7 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
     name = model_name or dg.name
     defaults = {"max_new_tokens": 512} | (defaults or {})
     check_generate(**defaults)  # a bad default fails at start, not on every request
-    worker = Worker(dg, max_pending)
+    worker = Worker(dg, max_pending, max_batch)
     app = FastAPI(title="draftguide", version=__import__("draftguide").__version__)
     app.state.worker = worker
 
@@ -272,7 +319,8 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
                     raise DraftGuideError(f"messages[{i}].content: {e}") from None
             kw = req.generate_kwargs(defaults)
             check_generate(**kw)
-            ids = dg.encode(messages, where="request")  # empty prompts, and the length limit, before queueing
+            ids = dg.encode(messages, where="request", chat_template_kwargs=kw.get("chat_template_kwargs"))
+            kw.pop("chat_template_kwargs", None)  # applied: the ids go to the worker
             limit = max_positions(dg.target)
             if limit is not None and not {"max_tokens", "max_completion_tokens"} & req.model_fields_set:
                 # the default length (not the client's) shrinks to what fits, as in vLLM; an explicit one is refused
@@ -287,7 +335,7 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(StreamJob(worker, ids, kw), cid, created, name, usage), media_type="text/event-stream")
         try:
-            g: Generation = await worker.run(lambda: dg.generate(ids, **kw))
+            g: Generation = await worker.generate(ids, kw)
         except DraftGuideError as e:
             return _error(400, str(e))
         except Exception as e:  # handled here, not by a Starlette handler, which re-raises and drops the connection
@@ -305,7 +353,7 @@ def _usage(g: Generation) -> dict:
 def _extras(g: Generation) -> dict:
     """The `draftguide` field: how the reply was made, the seed that reproduces it, where logprobs come from."""
     extra = {"method": g.method, "seconds": g.stats.get("seconds"), "tau": g.stats.get("tau"),
-             "n_flips": g.stats.get("n_flips"), "ttt": g.ttt, "seed": g.seed}
+             "n_flips": g.stats.get("n_flips"), "ttt": g.ttt, "seed": g.seed, "batch_size": g.stats.get("batch_size", 1)}
     if g.logprobs is not None:
         extra["logprobs_from"] = "target"  # the target's raw distribution, also when guidance chose the tokens
     return extra
@@ -342,20 +390,14 @@ class StreamJob:
     def __init__(self, worker: Worker, messages, kw: dict):
         loop = asyncio.get_running_loop()
         self.pieces: asyncio.Queue = asyncio.Queue()
-        self.gone = False  # the client went away: the worker stops at its next token
+        self.gone = False  # the client went away: the worker stops its row at the next token
 
         def on_text(delta: str) -> None:  # worker thread
             if self.gone:
                 raise Cancelled
             loop.call_soon_threadsafe(self.pieces.put_nowait, delta)
 
-        def work() -> Generation | None:
-            try:
-                return worker.dg.generate(messages, on_text=on_text, **kw)
-            except Cancelled:
-                return None
-
-        self.task = asyncio.ensure_future(worker.run(work))
+        self.task = asyncio.ensure_future(worker.generate(messages, kw, on_text))
 
 
 async def _sse(job: StreamJob, cid: str, created: int, model: str, usage: bool = False):
@@ -393,10 +435,10 @@ async def _sse(job: StreamJob, cid: str, created: int, model: str, usage: bool =
 
 
 def serve(dg: DraftGuide, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
-          max_pending: int = 64, defaults: dict | None = None, log_level: str = "info") -> None:
+          max_pending: int = 64, defaults: dict | None = None, log_level: str = "info", max_batch: int = 8) -> None:
     import uvicorn
 
-    app = create_app(dg, model_name, max_pending=max_pending, defaults=defaults)
+    app = create_app(dg, model_name, max_pending=max_pending, defaults=defaults, max_batch=max_batch)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

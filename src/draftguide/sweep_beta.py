@@ -48,8 +48,9 @@ def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = Tr
 def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list[float], draft: str,
                    max_new_tokens: int = 48, baselines=DEFAULT_BASELINES, noise: bool = True, guided_options: dict | None = None,
                    baseline_options: dict[str, dict] | None = None, settings: dict | None = None,
-                   progress: bool = True) -> dict:
-    """Run every point (resuming), then write summary.json, flips.jsonl, beta_sweep.png and report.md."""
+                   progress: bool = True, batch_size: int = 1) -> dict:
+    """Run every point (resuming), then write summary.json, flips.jsonl, beta_sweep.png and report.md.
+    `batch_size`: tasks decoded together in each point's eval (`run_eval`; power and dola run row by row)."""
     from .runs import JsonlWriter, environment, write_json
 
     out_dir = Path(out_dir)
@@ -65,7 +66,7 @@ def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list
         if progress:
             print(f"[{i}/{len(runs)}] {name}", flush=True)
         run_eval(target, tokenizer, tasks, out_dir / name, method=method, max_new_tokens=max_new_tokens, judge="rules",
-                 method_options=opts, settings=settings, progress=progress)
+                 method_options=opts, settings=settings, progress=progress, batch_size=batch_size)
         results[name] = _rows(out_dir / name / RESULTS)
     if "greedy" in baselines and 0 in betas:
         results["greedy"] = results["guided_b0"]
