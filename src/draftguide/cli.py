@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("flips", help="error taxonomy flip table of two eval runs: which failure classes the other run fixes and which it causes")
+    p.add_argument("--base", required=True, help="eval run folder of the baseline (e.g. greedy)")
+    p.add_argument("--other", required=True, help="eval run folder to compare (e.g. guided)")
+    p.add_argument("--tasks", default="builtin", help="task rows, to classify runs written before the taxonomy (default builtin)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_flips)
+
     p = sub.add_parser("diagnose", help="readout diagnostic: gold-token rank and log p under the target and deep readouts (teacher forcing), with null controls and a verdict")
     _add_target_args(p, device="cpu", draft=True)
     p.add_argument("--drafts", default=None,
@@ -698,6 +705,33 @@ def _eval_seed(opts: dict, method: str, out: str) -> dict:
     except (ValueError, KeyError, TypeError):
         seed = None
     return opts | {"seed": resolve_seed(seed if isinstance(seed, int) else None)}
+
+
+def cmd_flips(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import RESULTS, load_tasks
+    from .prompts import read_jsonl
+    from .runs import write_json
+    from .taxonomy import flip_markdown, flip_table
+
+    rows = {}
+    for key in ("base", "other"):
+        path = Path(getattr(args, key)) / RESULTS
+        if not path.is_file():
+            raise DraftGuideError(f"'{path}' does not exist: --{key} must be an eval run folder")
+        rows[key] = read_jsonl(path)
+    tasks = load_tasks(args.tasks, skip_bad=True)[0]
+    t = flip_table(rows["base"], rows["other"], tasks)
+    names = (Path(args.base).name, Path(args.other).name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "flips.json", t | {"kind": "flips", "base": str(args.base), "other": str(args.other), "command": args.command})
+    md = flip_markdown(t, *names)
+    (out / "flips.md").write_text(f"# Failure classes: {names[1]} vs {names[0]}\n\nCommand: `{args.command}`\n\n{md}\n")
+    print(md)
+    print(f"wrote {out}/flips.json and flips.md")
+    return 0
 
 
 def _readout_names(specs: list[str]) -> list[str]:
