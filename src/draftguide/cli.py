@@ -194,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("probe", help="linear probes at the answer position: do the target's last state, the draft's final state "
+                                      "and each selected target layer tell the reference answer from the distractor?")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--tasks", default="builtin", help="JSONL of suite rows with reference_answer and distractor_answer, or 'builtin'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by context (default 5)")
+    p.add_argument("--shuffles", type=int, default=5, help="label shufflings of the control (default 5; 0: none)")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression (default 1)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_probe)
+
     p = sub.add_parser("flips", help="error taxonomy flip table of two eval runs: which failure classes the other run fixes and which it causes")
     p.add_argument("--base", required=True, help="eval run folder of the baseline (e.g. greedy)")
     p.add_argument("--other", required=True, help="eval run folder to compare (e.g. guided)")
@@ -705,6 +718,30 @@ def _eval_seed(opts: dict, method: str, out: str) -> dict:
     except (ValueError, KeyError, TypeError):
         seed = None
     return opts | {"seed": resolve_seed(seed if isinstance(seed, int) else None)}
+
+
+def cmd_probe(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import load_tasks
+    from .probe import order, run_probe
+
+    if args.folds < 2 or args.shuffles < 0 or args.C <= 0:
+        raise DraftGuideError("--folds must be >= 2, --shuffles >= 0 and --C > 0")
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    target, tok, draft = load_models(args)
+    source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
+    s = run_probe(target, tok, draft, tasks, args.out, folds=args.folds, n_boot=args.n_boot, shuffles=args.shuffles,
+                  seed=args.seed, C=args.C, command=args.command,
+                  settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype],
+                            "tasks": source, "limit": args.limit})
+    print(f"\n{s['n_tasks']} tasks ({s['n_skipped']} skipped)\n{'representation':<16} {'probe':>22} {'shuffled':>8} {'zero-shot':>9}")
+    for name in order(s["representations"]):
+        r = s["representations"][name]
+        print(f"{name:<16} {r['accuracy']:>6.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+              f"{r['shuffled']['accuracy'] if 'shuffled' in r else float('nan'):>8.3f} {r['zero_shot']['accuracy']:>9.3f}")
+    print(f"wrote {args.out}/summary.json, report.md, probe.png, examples.jsonl and features.npz")
+    return 0
 
 
 def cmd_flips(args) -> int:
