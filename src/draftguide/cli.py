@@ -194,6 +194,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("ablate-layers", help="layer ablation: one aligned readout per set of target layers (same data, seed and "
+                                              "budget), each measured by fidelity and the diagnostic; table + figure")
+    _add_target_args(p, device=None)
+    p.add_argument("--data", required=True, help="make-data folder: the training samples of every set")
+    p.add_argument("--layer-sets", default=None, help="';'-separated comma lists of target layer ids (default for a 30-layer "
+                                                        "target: '1,8,14,20,27;1,4,7,10,13;17,20,23,26,27;27;14')")
+    p.add_argument("--out", required=True)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget-minutes", type=float, default=None, help="wall time per set: the schedule is fitted into it")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps per set (the same for every set)")
+    p.add_argument("--draft-layers", type=int, default=3)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--train-offsets", type=int, default=None, help="train block offsets 1..N only (default all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--anchors-per-seq", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=768)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--loss", default="ce", choices=["ce", "kd", "mix"])
+    p.add_argument("--vocab-subset", type=int, default=16384, help="0 = full vocabulary")
+    p.add_argument("--autocast", action="store_true")
+    p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--tasks", default="builtin", help="diagnostic tasks ('none': skip the diagnostic)")
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    p.add_argument("--solved-from", default=None, help="eval results.jsonl: solve status and framing responses")
+    p.add_argument("--no-solve", action="store_true", help="leave solve status unknown (no greedy eval; bare answer frame)")
+    p.add_argument("--solve-max-new-tokens", type=int, default=256)
+    p.add_argument("--controls", default="shuffle,gauss")
+    p.add_argument("--fidelity-data", default=None, help="folder with samples.jsonl for fidelity (default: the target's "
+                                                          "greedy responses to the tasks' prompts)")
+    p.add_argument("--fidelity-limit", type=int, default=64, help="fidelity sequences (0: skip fidelity)")
+    p.add_argument("--fidelity-max-new-tokens", type=int, default=64)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_ablate_layers)
+
     p = sub.add_parser("probe", help="linear probes at the answer position: do the target's last state, the draft's final state "
                                       "and each selected target layer tell the reference answer from the distractor?")
     _add_target_args(p, device="cpu", draft=True)
@@ -718,6 +754,72 @@ def _eval_seed(opts: dict, method: str, out: str) -> dict:
     except (ValueError, KeyError, TypeError):
         seed = None
     return opts | {"seed": resolve_seed(seed if isinstance(seed, int) else None)}
+
+
+def cmd_ablate_layers(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .ablate import DEFAULT_SETS, parse_layer_sets, run_ablation
+    from .data import read_samples
+    from .diagnostic import CONTROLS
+    from .evaluate import load_tasks
+    from .fidelity import samples_from_rows, target_responses
+    from .report import compute_solved, results_field, solved_from
+    from .targets import load_target
+    from .train import TrainConfig
+
+    controls = [c.strip() for c in args.controls.split(",") if c.strip()]
+    if any(c not in CONTROLS for c in controls):
+        raise DraftGuideError(f"--controls {args.controls!r}: expected a comma list of {', '.join(CONTROLS)}")
+    if args.steps is not None and args.steps < 1 or args.budget_minutes is not None and args.budget_minutes <= 0:
+        raise DraftGuideError("--steps and --budget-minutes must be positive")
+    cfg = TrainConfig(block_size=args.block_size, draft_layers=args.draft_layers, anchors_per_seq=args.anchors_per_seq,
+                      batch_size=args.batch_size, max_len=args.max_len, steps=args.steps, lr=args.lr, loss=args.loss,
+                      vocab_subset=args.vocab_subset or None, autocast=args.autocast, log_every=args.log_every,
+                      mask_token_id=args.mask_token_id, seed=args.seed, train_offsets=args.train_offsets, context_includes_anchor=True,
+                      time_budget_s=args.budget_minutes * 60 if args.budget_minutes else None).validate()
+    if not Path(args.data).is_dir():
+        raise DraftGuideError(f"--data '{args.data}' is not a folder (make-data output)")
+    tasks = [] if args.tasks == "none" else load_tasks(args.tasks)[0][: args.limit]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    n_layers = target.config.get_text_config().num_hidden_layers
+    sets = parse_layer_sets(args.layer_sets or DEFAULT_SETS, n_layers)
+    solved = solved_from(args.solved_from) if args.solved_from else None
+    responses = results_field(args.solved_from, "response") if args.solved_from else None
+    out = Path(args.out)
+    if tasks and solved is None and not args.no_solve:
+        solved, folder = compute_solved(target, tok, tasks, out, args.solve_max_new_tokens,
+                                        {"target": args.target, "dtype": DTYPES[args.dtype], "tasks": args.tasks})
+        if (folder / "results.jsonl").is_file():
+            responses = results_field(folder / "results.jsonl", "response")
+    samples = None
+    if args.fidelity_limit:
+        if args.fidelity_data:
+            samples = samples_from_rows(read_samples(args.fidelity_data))[: args.fidelity_limit]
+        else:
+            prompts = tasks[: args.fidelity_limit] or load_tasks("builtin")[0][: args.fidelity_limit]
+            samples = target_responses(target, tok, prompts, args.fidelity_max_new_tokens)
+    s = run_ablation(target, tok, args.data, tasks, out, sets, cfg, fidelity_samples=samples, solved=solved,
+                     responses=responses, frame="framed" if responses else "bare", controls=controls, n_boot=args.n_boot,
+                     seed=args.seed, command=args.command)
+    print()
+    print(ablation_lines(s))
+    print(f"wrote {out}/summary.json, ablation.md and ablation.png")
+    return 0
+
+
+def ablation_lines(s: dict) -> str:
+    rows = [f"{'set':<22} {'steps':>9} {'loss':>7} {'fid k=1':>8} {'null':>6} {'verdict':>13} {'dlogp all':>10} {'failed':>8}"]
+    for r in s["rows"]:
+        f, d = r.get("fidelity") or {}, r.get("diagnostic") or {}
+        num = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        rows.append(f"{r['set']:<22} {str(r['steps']) + '/' + str(r['total_steps']):>9} {num(r['final_loss']):>7} "
+                    f"{num(f.get('top1_agreement_k1')):>8} {num(f.get('null_top1_agreement_k1')):>6} {d.get('verdict', '-'):>13} "
+                    f"{num((d.get('all') or {}).get('mean')):>10} {num((d.get('failed') or {}).get('mean')):>8}")
+    return "\n".join(rows)
 
 
 def cmd_probe(args) -> int:
