@@ -642,7 +642,10 @@ def cmd_fidelity(args) -> int:
     for spec in specs:
         d = resolve_draft(spec, target, tok, target_name=args.target)
         d.to(dtype=getattr(torch, DTYPES[args.draft_dtype or args.dtype]))
-        readouts[_readout_name(spec, args.target)] = d
+        name, i = _readout_name(spec, args.target), 2
+        while name in readouts:  # two folders of the same name (e.g. run1/draft, run2/draft): both kept
+            name, i = f"{_readout_name(spec, args.target)}-{i}", i + 1
+        readouts[name] = d
     if args.data:
         samples = samples_from_rows(read_samples(args.data))[: args.limit]
     elif args.text:
