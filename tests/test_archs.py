@@ -133,3 +133,31 @@ def _prompts(tmp_path):
         path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
                                 for i, p in enumerate(["hello world", "abc def", "the cat sat", "tiny model"])))
     return path
+
+
+def test_memory_estimate_counts_only_the_active_experts():
+    from draftguide.profiling import expert_fraction, memory_estimate, weight_bytes_per_token
+
+    t = arch_target("qwen3_moe")
+    assert expert_fraction(t) == 0.5 and expert_fraction(arch_target("llama")) == 1.0
+    params = dict(t.named_parameters())
+    experts = sum(p.numel() for n, p in params.items() if ".experts." in n) * 4
+    total = sum(p.numel() for p in params.values()) * 4
+    emb = t.get_input_embeddings().weight
+    assert experts > 0
+    assert weight_bytes_per_token(t) == total - experts // 2 - (emb.numel() - emb.shape[1]) * 4
+    d = tiny_draft(t, mask_token_id=3)
+    m = memory_estimate(t.config, dtype=torch.float32, context_tokens=100, draft_config=d.config)
+    assert m["weight_bytes"] == total and m["weight_bytes_read_per_token"] == weight_bytes_per_token(t)
+    assert m["kv_bytes_per_token"] == 2 * 6 * 2 * 16 * 4 and m["kv_bytes_at_context"] == 100 * m["kv_bytes_per_token"]
+    assert m["draft_weight_bytes"] == sum(p.numel() for p in d.parameters()) * 4 and m["feature_bytes_per_token"] == 3 * 64 * 4
+
+
+def test_profile_memory_only(arch_dirs, tmp_path, capsys):
+    arch, root = arch_dirs
+    _run(["profile", "--target", str(root / "target"), "--draft", str(root / "draft"), "--memory-only", "--context-lens", "64,1000",
+          "--out", str(tmp_path / "mem")])
+    m = json.loads((tmp_path / "mem" / "memory.json").read_text())
+    assert m["context_tokens"] == 1000 and m["dtype"] == "float32" and m["draft_weight_bytes"] > 0
+    assert (m["expert_fraction"] == 0.5) == (arch == "qwen3_moe")
+    assert m["weight_bytes_read_per_token"] < m["weight_bytes"] and "KV cache" in capsys.readouterr().out

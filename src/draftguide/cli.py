@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttt-steps", type=int, default=4)
     p.add_argument("--ttt-context", type=int, default=1024, help="TTT context length (the nearest of --context-lens)")
     p.add_argument("--copy-mb", type=int, default=256, help="tensor size of the read/copy bandwidth measurement")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory estimate from the configs (no weights loaded): weights, bytes read per decoded token "
+                        "(active experts only for MoE), KV cache and draft features at the largest --context-lens")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("report", help="one paper-style markdown over diagnose/eval/speculate/bench-tau/profile/... run folders")
@@ -977,6 +980,8 @@ def cmd_profile(args) -> int:
     lens = args.context_lens
     if not lens or min(lens) < 2:
         raise DraftGuideError(f"--context-lens {lens}: expected a comma list of integers >= 2")
+    if args.memory_only:
+        return _memory_only(args, max(lens))
     if min(args.repeats, args.new_tokens, args.anchors, args.ttt_steps, args.copy_mb) < 1:
         raise DraftGuideError("--repeats, --new-tokens, --anchors, --ttt-steps and --copy-mb must be >= 1")
     target, tok, draft = load_models(args)
@@ -993,6 +998,42 @@ def cmd_profile(args) -> int:
     print(f"decode bandwidth {s['decode']['achieved_bandwidth_GBps']:.2f} GB/s; measured read {m['read_GBps']:.2f} GB/s, "
           f"copy {m['copy_GBps']:.2f} GB/s ({100 * s['bandwidth_fraction']:.0f}% of the higher)")
     print(f"wrote {args.out}/summary.json, report.md and profile.png")
+    return 0
+
+
+def _memory_only(args, context: int) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig
+
+    from .draft import _config_from_dict, draft_path
+    from .profiling import memory_estimate
+    from .runs import write_json
+    from .targets import resolve_target
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_target(args.target))
+    except OSError as e:
+        raise DraftGuideError(f"no config for target '{args.target}': {str(e).splitlines()[0]}") from e
+    dcfg = None
+    if args.draft and not args.draft.startswith("init"):
+        path = Path(draft_path(args.draft)) / "config.json"
+        if not path.is_file():
+            raise DraftGuideError(f"'{path}' does not exist")
+        dcfg = _config_from_dict(json.loads(path.read_text()), path)
+    m = memory_estimate(config, dtype=getattr(torch, DTYPES[args.dtype]), context_tokens=context, draft_config=dcfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "memory.json", m | {"target": args.target, "draft": args.draft, "command": args.command})
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"{m['params'] / 1e9:.2f}B parameters, weights {gib(m['weight_bytes'])} ({m['dtype']}); a decoded token reads "
+          f"{gib(m['weight_bytes_read_per_token'])} (expert fraction {m['expert_fraction']:g}); KV cache "
+          f"{m['kv_bytes_per_token'] / 1024:.1f} KiB/token, {gib(m['kv_bytes_at_context'])} at {context} tokens"
+          + (f"; draft {gib(m['draft_weight_bytes'])}, features {m['feature_bytes_per_token'] / 1024:.1f} KiB/token" if dcfg else "")
+          + f"; total at {context} tokens {gib(m['total_bytes_at_context'])}")
+    print(f"wrote {out}/memory.json")
     return 0
 
 
