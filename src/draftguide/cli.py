@@ -255,6 +255,62 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_arg(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("ablate-layers", help="layer ablation: one aligned readout per set of target layers (same data, seed and "
+                                              "budget), each measured by fidelity and the diagnostic; table + figure")
+    _add_target_args(p, device=None)
+    p.add_argument("--data", required=True, help="make-data folder: the training samples of every set")
+    p.add_argument("--layer-sets", default=None, help="';'-separated comma lists of target layer ids (default for a 30-layer "
+                                                        "target: '1,8,14,20,27;1,4,7,10,13;17,20,23,26,27;27;14')")
+    p.add_argument("--out", required=True)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget-minutes", type=float, default=None, help="wall time per set: the schedule is fitted into it")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps per set (the same for every set)")
+    p.add_argument("--draft-layers", type=int, default=3)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--train-offsets", type=int, default=None, help="train block offsets 1..N only (default all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--anchors-per-seq", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=768)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--loss", default="ce", choices=["ce", "kd", "mix"])
+    p.add_argument("--vocab-subset", type=int, default=16384, help="0 = full vocabulary")
+    p.add_argument("--autocast", action="store_true")
+    p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--tasks", default="builtin", help="diagnostic tasks ('none': skip the diagnostic)")
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    p.add_argument("--solved-from", default=None, help="eval results.jsonl: solve status and framing responses")
+    p.add_argument("--no-solve", action="store_true", help="leave solve status unknown (no greedy eval; bare answer frame)")
+    p.add_argument("--solve-max-new-tokens", type=int, default=256)
+    p.add_argument("--controls", default="shuffle,gauss")
+    p.add_argument("--fidelity-data", default=None, help="folder with samples.jsonl for fidelity (default: the target's "
+                                                          "greedy responses to the tasks' prompts)")
+    p.add_argument("--fidelity-limit", type=int, default=64, help="fidelity sequences (0: skip fidelity)")
+    p.add_argument("--fidelity-max-new-tokens", type=int, default=64)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_ablate_layers)
+
+    p = sub.add_parser("probe", help="linear probes at the answer position: do the target's last state, the draft's final state "
+                                      "and each selected target layer tell the reference answer from the distractor?")
+    _add_target_args(p, device="cpu", draft=True)
+    p.add_argument("--tasks", default="builtin", help="JSONL of suite rows with reference_answer and distractor_answer, or 'builtin'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by context (default 5)")
+    p.add_argument("--shuffles", type=int, default=5, help="label shufflings of the control (default 5; 0: none)")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression (default 1)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("flips", help="error taxonomy flip table of two eval runs: which failure classes the other run fixes and which it causes")
+    p.add_argument("--base", required=True, help="eval run folder of the baseline (e.g. greedy)")
+    p.add_argument("--other", required=True, help="eval run folder to compare (e.g. guided)")
+    p.add_argument("--tasks", default="builtin", help="task rows, to classify runs written before the taxonomy (default builtin)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_flips)
+
     p = sub.add_parser("diagnose", help="readout diagnostic: gold-token rank and log p under the target and deep readouts (teacher forcing), with null controls and a verdict")
     _add_target_args(p, device="cpu", draft=True)
     p.add_argument("--drafts", default=None,
@@ -297,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttt-steps", type=int, default=4)
     p.add_argument("--ttt-context", type=int, default=1024, help="TTT context length (the nearest of --context-lens)")
     p.add_argument("--copy-mb", type=int, default=256, help="tensor size of the read/copy bandwidth measurement")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory estimate from the configs (no weights loaded): weights, bytes read per decoded token "
+                        "(active experts only for MoE), KV cache and draft features at the largest --context-lens")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("report", help="one paper-style markdown over diagnose/eval/speculate/bench-tau/profile/... run folders")
@@ -656,7 +715,10 @@ def cmd_fidelity(args) -> int:
     for spec in specs:
         d = resolve_draft(spec, target, tok, target_name=args.target)
         d.to(dtype=getattr(torch, DTYPES[args.draft_dtype or args.dtype]))
-        readouts[_readout_name(spec, args.target)] = d
+        name, i = _readout_name(spec, args.target), 2
+        while name in readouts:  # two folders of the same name (e.g. run1/draft, run2/draft): both kept
+            name, i = f"{_readout_name(spec, args.target)}-{i}", i + 1
+        readouts[name] = d
     if args.data:
         samples = samples_from_rows(read_samples(args.data))[: args.limit]
     elif args.text:
@@ -776,6 +838,123 @@ def _eval_seed(opts: dict, method: str, out: str) -> dict:
     return opts | {"seed": resolve_seed(seed if isinstance(seed, int) else None)}
 
 
+def cmd_ablate_layers(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .ablate import DEFAULT_SETS, parse_layer_sets, run_ablation
+    from .data import read_samples
+    from .diagnostic import CONTROLS
+    from .evaluate import load_tasks
+    from .fidelity import samples_from_rows, target_responses
+    from .report import compute_solved, results_field, solved_from
+    from .targets import load_target
+    from .train import TrainConfig
+
+    controls = [c.strip() for c in args.controls.split(",") if c.strip()]
+    if any(c not in CONTROLS for c in controls):
+        raise DraftGuideError(f"--controls {args.controls!r}: expected a comma list of {', '.join(CONTROLS)}")
+    if args.steps is not None and args.steps < 1 or args.budget_minutes is not None and args.budget_minutes <= 0:
+        raise DraftGuideError("--steps and --budget-minutes must be positive")
+    cfg = TrainConfig(block_size=args.block_size, draft_layers=args.draft_layers, anchors_per_seq=args.anchors_per_seq,
+                      batch_size=args.batch_size, max_len=args.max_len, steps=args.steps, lr=args.lr, loss=args.loss,
+                      vocab_subset=args.vocab_subset or None, autocast=args.autocast, log_every=args.log_every,
+                      mask_token_id=args.mask_token_id, seed=args.seed, train_offsets=args.train_offsets, context_includes_anchor=True,
+                      time_budget_s=args.budget_minutes * 60 if args.budget_minutes else None).validate()
+    if not Path(args.data).is_dir():
+        raise DraftGuideError(f"--data '{args.data}' is not a folder (make-data output)")
+    tasks = [] if args.tasks == "none" else load_tasks(args.tasks)[0][: args.limit]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    n_layers = target.config.get_text_config().num_hidden_layers
+    sets = parse_layer_sets(args.layer_sets or DEFAULT_SETS, n_layers)
+    solved = solved_from(args.solved_from) if args.solved_from else None
+    responses = results_field(args.solved_from, "response") if args.solved_from else None
+    out = Path(args.out)
+    if tasks and solved is None and not args.no_solve:
+        solved, folder = compute_solved(target, tok, tasks, out, args.solve_max_new_tokens,
+                                        {"target": args.target, "dtype": DTYPES[args.dtype], "tasks": args.tasks})
+        if (folder / "results.jsonl").is_file():
+            responses = results_field(folder / "results.jsonl", "response")
+    samples = None
+    if args.fidelity_limit:
+        if args.fidelity_data:
+            samples = samples_from_rows(read_samples(args.fidelity_data))[: args.fidelity_limit]
+        else:
+            prompts = tasks[: args.fidelity_limit] or load_tasks("builtin")[0][: args.fidelity_limit]
+            samples = target_responses(target, tok, prompts, args.fidelity_max_new_tokens)
+    s = run_ablation(target, tok, args.data, tasks, out, sets, cfg, fidelity_samples=samples, solved=solved,
+                     responses=responses, frame="framed" if responses else "bare", controls=controls, n_boot=args.n_boot,
+                     seed=args.seed, command=args.command)
+    print()
+    print(ablation_lines(s))
+    print(f"wrote {out}/summary.json, ablation.md and ablation.png")
+    return 0
+
+
+def ablation_lines(s: dict) -> str:
+    rows = [f"{'set':<22} {'steps':>9} {'loss':>7} {'fid k=1':>8} {'null':>6} {'verdict':>13} {'dlogp all':>10} {'failed':>8}"]
+    for r in s["rows"]:
+        f, d = r.get("fidelity") or {}, r.get("diagnostic") or {}
+        num = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        rows.append(f"{r['set']:<22} {str(r['steps']) + '/' + str(r['total_steps']):>9} {num(r['final_loss']):>7} "
+                    f"{num(f.get('top1_agreement_k1')):>8} {num(f.get('null_top1_agreement_k1')):>6} {d.get('verdict', '-'):>13} "
+                    f"{num((d.get('all') or {}).get('mean')):>10} {num((d.get('failed') or {}).get('mean')):>8}")
+    return "\n".join(rows)
+
+
+def cmd_probe(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import load_tasks
+    from .probe import order, run_probe
+
+    if args.folds < 2 or args.shuffles < 0 or args.C <= 0:
+        raise DraftGuideError("--folds must be >= 2, --shuffles >= 0 and --C > 0")
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    target, tok, draft = load_models(args)
+    source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
+    s = run_probe(target, tok, draft, tasks, args.out, folds=args.folds, n_boot=args.n_boot, shuffles=args.shuffles,
+                  seed=args.seed, C=args.C, command=args.command,
+                  settings={"target": args.target, "draft": args.draft or "shipped", "dtype": DTYPES[args.dtype],
+                            "tasks": source, "limit": args.limit})
+    print(f"\n{s['n_tasks']} tasks ({s['n_skipped']} skipped)\n{'representation':<16} {'probe':>22} {'shuffled':>8} {'zero-shot':>9}")
+    for name in order(s["representations"]):
+        r = s["representations"][name]
+        print(f"{name:<16} {r['accuracy']:>6.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+              f"{r['shuffled']['accuracy'] if 'shuffled' in r else float('nan'):>8.3f} {r['zero_shot']['accuracy']:>9.3f}")
+    print(f"wrote {args.out}/summary.json, report.md, probe.png, examples.jsonl and features.npz")
+    return 0
+
+
+def cmd_flips(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import RESULTS, load_tasks
+    from .prompts import read_jsonl
+    from .runs import write_json
+    from .taxonomy import flip_markdown, flip_table
+
+    rows = {}
+    for key in ("base", "other"):
+        path = Path(getattr(args, key)) / RESULTS
+        if not path.is_file():
+            raise DraftGuideError(f"'{path}' does not exist: --{key} must be an eval run folder")
+        rows[key] = read_jsonl(path)
+    tasks = load_tasks(args.tasks, skip_bad=True)[0]
+    t = flip_table(rows["base"], rows["other"], tasks)
+    names = (Path(args.base).name, Path(args.other).name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "flips.json", t | {"kind": "flips", "base": str(args.base), "other": str(args.other), "command": args.command})
+    md = flip_markdown(t, *names)
+    (out / "flips.md").write_text(f"# Failure classes: {names[1]} vs {names[0]}\n\nCommand: `{args.command}`\n\n{md}\n")
+    print(md)
+    print(f"wrote {out}/flips.json and flips.md")
+    return 0
+
+
 def _readout_names(specs: list[str]) -> list[str]:
     """Names of the readouts of `diagnose --drafts`: a folder's name, or the init spec; repeats get a suffix."""
     from .draft import draft_path
@@ -877,6 +1056,8 @@ def cmd_profile(args) -> int:
     lens = args.context_lens
     if not lens or min(lens) < 2:
         raise DraftGuideError(f"--context-lens {lens}: expected a comma list of integers >= 2")
+    if args.memory_only:
+        return _memory_only(args, max(lens))
     if min(args.repeats, args.new_tokens, args.anchors, args.ttt_steps, args.copy_mb) < 1:
         raise DraftGuideError("--repeats, --new-tokens, --anchors, --ttt-steps and --copy-mb must be >= 1")
     target, tok, draft = load_models(args)
@@ -893,6 +1074,42 @@ def cmd_profile(args) -> int:
     print(f"decode bandwidth {s['decode']['achieved_bandwidth_GBps']:.2f} GB/s; measured read {m['read_GBps']:.2f} GB/s, "
           f"copy {m['copy_GBps']:.2f} GB/s ({100 * s['bandwidth_fraction']:.0f}% of the higher)")
     print(f"wrote {args.out}/summary.json, report.md and profile.png")
+    return 0
+
+
+def _memory_only(args, context: int) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig
+
+    from .draft import _config_from_dict, draft_path
+    from .profiling import memory_estimate
+    from .runs import write_json
+    from .targets import resolve_target
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_target(args.target))
+    except OSError as e:
+        raise DraftGuideError(f"no config for target '{args.target}': {str(e).splitlines()[0]}") from e
+    dcfg = None
+    if args.draft and not args.draft.startswith("init"):
+        path = Path(draft_path(args.draft)) / "config.json"
+        if not path.is_file():
+            raise DraftGuideError(f"'{path}' does not exist")
+        dcfg = _config_from_dict(json.loads(path.read_text()), path)
+    m = memory_estimate(config, dtype=getattr(torch, DTYPES[args.dtype]), context_tokens=context, draft_config=dcfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "memory.json", m | {"target": args.target, "draft": args.draft, "command": args.command})
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"{m['params'] / 1e9:.2f}B parameters, weights {gib(m['weight_bytes'])} ({m['dtype']}); a decoded token reads "
+          f"{gib(m['weight_bytes_read_per_token'])} (expert fraction {m['expert_fraction']:g}); KV cache "
+          f"{m['kv_bytes_per_token'] / 1024:.1f} KiB/token, {gib(m['kv_bytes_at_context'])} at {context} tokens"
+          + (f"; draft {gib(m['draft_weight_bytes'])}, features {m['feature_bytes_per_token'] / 1024:.1f} KiB/token" if dcfg else "")
+          + f"; total at {context} tokens {gib(m['total_bytes_at_context'])}")
+    print(f"wrote {out}/memory.json")
     return 0
 
 

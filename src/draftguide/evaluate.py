@@ -383,6 +383,13 @@ def _categories(task: dict) -> dict:
             "context_category": m.get("context_category") or UNKNOWN, "sub_category": m.get("sub_category") or UNKNOWN}
 
 
+def _error_class(rec: dict, task: dict) -> str:
+    """The failure class of a finished failed row (`taxonomy.classify_response`)."""
+    from .taxonomy import classify_response
+
+    return classify_response(rec.get("response", ""), task, rec)
+
+
 def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: int, stop: list[int], judge: str,
                   llm_judge=None, method_options: dict | None = None, chat_template_kwargs: dict | None = None) -> dict:
     """Generate and score one task; raises on failure (the run loop records it)."""
@@ -421,6 +428,7 @@ def score_task(tokenizer, task: dict, method: str, prompt_tokens: int, new, gen_
                 "judge_rationale": v["rationale"], "judge_tries": v["tries"], "judge_error": v["error"]}
     rec |= {"prompt_tokens": prompt_tokens, "new_tokens": len(new), "gen_s": gen_s, "judge_s": time.perf_counter() - t1,
             "error": None} | extra
+    rec["error_class"] = _error_class(rec, task) if not rec["score"] else None
     return rec
 
 
@@ -653,7 +661,10 @@ def summarize(rows: list[dict], n_tasks: int | None = None) -> dict:
     by_cat = {c: _group([s for v in subs.values() for s in v]) | {"subcategories": {k: _group(v) for k, v in sorted(subs.items())}}
               for c, subs in sorted(cats.items())}
     errors = [r for r in rows if r.get("status") == "error"]
+    from .taxonomy import class_counts
+
     return _group([int(r["score"]) for r in ok]) | {
+        "error_classes": class_counts(ok),
         "n_tasks": n_tasks if n_tasks is not None else len(rows), "n_errors": len(errors),
         "n_pending": (n_tasks - len(rows)) if n_tasks is not None else 0,
         "n_judge_failures": sum(1 for r in ok if r.get("judge_error")),
@@ -679,4 +690,7 @@ def format_table(summary: dict) -> str:
         out.append("(" + ", ".join(extra) + ")")
     if not summary["n"]:
         out.append("(solved -: no task finished, so there is no rate)")
+    ec = summary.get("error_classes")
+    if ec and ec["n_failed"]:
+        out.append(f"failed ({ec['n_failed']}): " + ", ".join(f"{k} {n}" for k, n in ec["counts"].items()))
     return "\n".join(out)

@@ -199,6 +199,17 @@ def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
     lines += ["", f"*Table {count.table()}*: solve rate of method `{st.get('method', '?')}` ({st.get('max_new_tokens', '?')} new "
               f"tokens, judge {st.get('judge', '?')}) on n = {s['n']} finished tasks{' (' + extra + ')' if extra else ''}; "
               f"95% bootstrap CI over tasks. Command: `{run.command}`.", ""]
+    ec = s.get("error_classes")
+    if ec and ec.get("n_failed"):
+        from .taxonomy import CLASSES
+
+        lines += ["| failure class | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
+                  "| failed tasks | " + " | ".join(f"{ec['counts'][k]} ({fmt(ec['shares'][k], '.2f')})" for k in CLASSES) + " |", "",
+                  f"*Table {count.table()}*: the {ec['n_failed']} failed responses by failure class (`draftguide.taxonomy`: "
+                  "prior = names the distractor where the prompt does not hold it; context_item = names another item of the "
+                  "prompt; no_answer = empty or a refusal; partial = the reference plus a forbidden item; other), count (share)"
+                  + (f"; {ec['n_unclassified']} rows written before the taxonomy unclassified" if ec.get("n_unclassified") else "")
+                  + f". Command: `{run.command}`.", ""]
     cats = list(s["categories"].items())
     if cats:
         plt = _plt()

@@ -42,18 +42,57 @@ def _random_ids(target, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed)).to(dev)  # [1, n]
 
 
+def expert_fraction(model) -> float:
+    """Share of a mixture-of-experts layer's experts one token runs (`num_experts_per_tok / num_experts`; 1 for
+    a dense model)."""
+    c = model.config.get_text_config()
+    n, k = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None), getattr(c, "num_experts_per_tok", None)
+    return min(1.0, k / n) if n and k else 1.0
+
+
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter once, except an untied input embedding, of
-    which a step reads a single row (a tied one is read whole as the output head)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
+    which a step reads a single row (a tied one is read whole as the output head), and the experts of a
+    mixture-of-experts model, of which a token reads its `num_experts_per_tok` (`expert_fraction`)."""
+    seen, total = set(), 0.0
+    frac = expert_fraction(model)
+    for name, p in model.named_parameters():
+        if p.data_ptr() not in seen or p.device.type == "meta":
             seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+            total += p.numel() * p.element_size() * (frac if ".experts." in f".{name}." else 1.0)
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    if emb.data_ptr() != head.data_ptr():
+    if emb is not head and (emb.device.type == "meta" or emb.data_ptr() != head.data_ptr()):
         total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
-    return total
+    return int(total)
+
+
+def memory_estimate(config, dtype: torch.dtype = torch.bfloat16, context_tokens: int = 8192, draft_config=None) -> dict:
+    """Memory of a target (and a draft) from their configs alone (meta tensors: nothing is allocated): weight
+    bytes, the bytes one decode step reads, the KV cache per context token and at `context_tokens`, and the
+    target features a draft reads per context token. # config: a transformers config of a causal LM"""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * size
+    c = model.config.get_text_config()
+    kv = kv_bytes_per_token(model)
+    out = {"params": sum(p.numel() for p in model.parameters()), "weight_bytes": weights,
+           "weight_bytes_read_per_token": weight_bytes_per_token(model), "expert_fraction": expert_fraction(model),
+           "kv_bytes_per_token": kv, "context_tokens": context_tokens, "kv_bytes_at_context": kv * context_tokens,
+           "dtype": str(dtype).replace("torch.", "")}
+    if draft_config is not None:
+        from .draft import DFlashDraft
+
+        with torch.device("meta"):
+            d = DFlashDraft(draft_config)
+        n_feat = len(d.target_layer_ids)
+        out |= {"draft_params": sum(p.numel() for p in d.parameters()), "draft_weight_bytes": sum(p.numel() for p in d.parameters()) * size,
+                "feature_bytes_per_token": n_feat * c.hidden_size * size}
+    out["total_bytes_at_context"] = out["weight_bytes"] + out["kv_bytes_at_context"] + out.get("draft_weight_bytes", 0) + \
+        out.get("feature_bytes_per_token", 0) * context_tokens
+    return out
 
 
 def kv_bytes_per_token(model) -> int:
@@ -319,4 +358,4 @@ def profile_markdown(s: dict, figures: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["memory_bandwidth", "decode_costs", "draft_costs", "prefill_curve", "run_profile", "weight_bytes_per_token"]
+__all__ = ["expert_fraction", "memory_estimate", "memory_bandwidth", "decode_costs", "draft_costs", "prefill_curve", "run_profile", "weight_bytes_per_token"]
