@@ -320,7 +320,7 @@ def test_diagnose_ttt_does_not_leak_across_tasks():
     target, tok = tiny_target(), char_tokenizer()
     draft = tiny_draft(target, mask_token_id=3)
     base = _state(draft)
-    cfg = TTTConfig(steps=4, lr=1e-2, anchors_per_step=8)
+    cfg = TTTConfig(steps=4, lr=3e-3, anchors_per_step=8)
     tasks = _diag_tasks()
     fwd = diagnose(target, draft, prepare_tasks(tasks, tok), controls=(), ttt=cfg)
     rev = diagnose(target, draft, prepare_tasks(tasks[::-1], tok), controls=(), ttt=cfg)
