@@ -58,3 +58,4 @@ def test_vocab_ranking_round_trip(tmp_path):
 def test_default_verification_follows_the_device():
     assert default_verify_len("cpu") == "auto"
     assert default_verify_len(torch.device("cuda", 0)) == "full"
+    assert default_verify_len("cpu", temperature=0.7) == "full"  # seeded sampling must reproduce

@@ -404,10 +404,12 @@ def hf_generate(
     return out, stats
 
 
-def default_verify_len(device) -> str:
+def default_verify_len(device, temperature: float = 0.0) -> str:
     """'auto' where a verify forward is expensive next to a decode step (a CPU: 16 tokens cost ~2.2x one, and
-    the full head over 7 offsets ~3x one), 'full' (the whole block) on an accelerator, where it is almost free."""
-    return "full" if torch.device(device).type == "cuda" else "auto"
+    the full head over 7 offsets ~3x one), 'full' (the whole block) on an accelerator, where it is almost free.
+    Sampling keeps 'full': adaptive lengths follow measured timings, and the random draws with them, so a
+    seeded run would not reproduce."""
+    return "full" if torch.device(device).type == "cuda" or effective_temperature(temperature) > 0 else "auto"
 
 
 def run_speculate(
@@ -458,7 +460,7 @@ def run_speculate(
     greedy_generate(target, warm, 4)
     costs = head = None
     dhead = SubsetHead(draft, target, draft_vocab) if draft_vocab is not None else None
-    verify_len = default_verify_len(dev) if verify_len is None else verify_len
+    verify_len = default_verify_len(dev, temperature) if verify_len is None else verify_len
     if verify_len == "auto":
         costs = measure_verify_costs(target, max_tokens=draft.block_size)
         head = measure_read_costs(target, draft, draft_head=dhead)
