@@ -373,7 +373,7 @@ def _train(adapted, target, features, ids, params, weights, bs, amp, *, steps, l
             adapted.train()
             anchors = torch.tensor([sample_anchors(1, T, anchors_per_step, rng)], device=dev)  # [1, m]
             with _amp(dev, amp):
-                loss, _, _ = block_loss(adapted, target, features, ids, anchors, lengths, weights, block_size=bs)
+                loss, *_ = block_loss(adapted, target, features, ids, anchors, lengths, weights, block_size=bs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -404,7 +404,7 @@ def context_loss(draft, target, features, ids, anchors: list[int], weights, bloc
     for c in range(0, len(anchors), EVAL_CHUNK):
         a = torch.tensor([anchors[c : c + EVAL_CHUNK]], device=dev)
         with _amp(dev, amp):
-            loss, acc, n = block_loss(draft, target, features, ids, a, torch.tensor([ids.shape[1]], device=dev), weights,
+            loss, acc, n, _ = block_loss(draft, target, features, ids, a, torch.tensor([ids.shape[1]], device=dev), weights,
                                       block_size=bs)
         w = float((weights.cpu() * n.cpu()).sum())  # draft_loss normalises by the weighted label count
         total, wsum = total + float(loss) * w, wsum + w
