@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows, or 'builtin' (the shipped suite)")
     p.add_argument("--out", required=True)
     _add_target_args(p, device=None, draft=True, draft_dtype=False)
-    p.add_argument("--method", default="greedy", help="greedy, sample, guided, guided-noise, power or dola")
+    p.add_argument("--method", default="greedy", help="greedy, sample, guided, guided-noise, guided-shuffle, power or dola")
     _add_method_args(p)
     g = p.add_argument_group("sampling (methods sample, guided, guided-noise; default greedy, sample: 1.0)")
     g.add_argument("--temperature", type=float, default=None)
@@ -422,6 +422,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_arg(b)
     b.set_defaults(func=cmd_sweep_beta)
 
+    p = sub.add_parser("matrix", help="the research plan's decision matrix on one task set: greedy, sampling, guided per readout "
+                                      "and beta, TTT + guided, noise and shuffled-readout nulls, Power Sampling, DoLa, adaptive beta")
+    p.add_argument("--tasks", default="builtin", help="JSONL of CL-bench rows with checks, or 'builtin'")
+    p.add_argument("--out", required=True)
+    _add_target_args(p, device=None)
+    p.add_argument("--readouts", default="auto",
+                   help="comma list of readouts to guide with (folders, shipped names, init[:N]); auto: the target's aligned "
+                        "readout (when shipped) and its speculative draft. The first is the default readout (nulls, adaptive, TTT)")
+    p.add_argument("--betas", default="0.25,0.5,1", help="comma list in (0, 1]; beta 0 (greedy) always runs")
+    p.add_argument("--limit", type=int, default=None,
+                   help="the first N tasks (the built-in suite cycles through its 16 subcategories: N = 16k is balanced)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--nulls", default="noise,shuffle", help="comma list of noise, shuffle ('' for none)")
+    p.add_argument("--baselines", default="sample,power,dola", help="comma list of sample, power, dola ('' for none)")
+    p.add_argument("--no-ttt", action="store_true", help="skip the TTT + guided rows (2.3)")
+    p.add_argument("--ttt-readouts", default=None, help="comma list of readouts (labels or specs) TTT runs with (default: the first)")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-beta rows")
+    p.add_argument("--sample-temperature", type=float, default=0.7, help="temperature of the sampling baseline (default 0.7)")
+    p.add_argument("--power-preset", default=None, help="Power Sampling preset (default: cpu on a CPU, paper on a GPU)")
+    p.add_argument("--mix", type=_mix, default=None, metavar="{logits,probs}", help="the mix of every guided row (default logits)")
+    p.add_argument("--guard-top-k", type=int, default=None, help="every guided row only re-ranks the target's top-k tokens")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    _add_ttt_args(p)
+    p.set_defaults(func=cmd_matrix)
+
     p = sub.add_parser("generate", help="stream a (draft-guided) answer to a prompt to the terminal")
     _add_target_args(p, device="cpu", draft=True)
     p.add_argument("--prompt", required=True)
@@ -440,22 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- method options (eval, sweep, generate) ------------------------------------------------------------
 # flag -> (option name, methods it applies to)
+GUIDED_METHODS = ("guided", "guided-noise", "guided-shuffle")
 METHOD_FLAGS = {
-    "beta": ("beta", ("guided", "guided-noise")),
-    "beta_schedule": ("beta_schedule", ("guided", "guided-noise")),
-    "mix": ("mix", ("guided", "guided-noise")),
-    "guard_top_k": ("guard_top_k", ("guided", "guided-noise")),
-    "speculative": ("speculative", ("guided", "guided-noise")),
+    "beta": ("beta", GUIDED_METHODS),
+    "beta_schedule": ("beta_schedule", GUIDED_METHODS),
+    "mix": ("mix", GUIDED_METHODS),
+    "guard_top_k": ("guard_top_k", GUIDED_METHODS),
+    "speculative": ("speculative", GUIDED_METHODS),
     "power_preset": ("preset", ("power",)),
     "alpha": ("alpha", ("power",)),
     "mcmc_steps": ("mcmc_steps", ("power",)),
     "block_num": ("block_num", ("power",)),
     "dola_layers": ("candidate_layers", ("dola",)),
     "relative_top": ("relative_top", ("dola",)),
-    "seed": ("seed", ("guided", "guided-noise", "power", "sample")),
-    "temperature": ("temperature", ("guided", "guided-noise", "sample")),
-    "top_p": ("top_p", ("guided", "guided-noise", "sample")),
-    "top_k": ("top_k", ("guided", "guided-noise", "sample")),
+    "seed": ("seed", (*GUIDED_METHODS, "power", "sample")),
+    "temperature": ("temperature", (*GUIDED_METHODS, "sample")),
+    "top_p": ("top_p", (*GUIDED_METHODS, "sample")),
+    "top_k": ("top_k", (*GUIDED_METHODS, "sample")),
 }
 
 
@@ -532,23 +559,38 @@ def _guided_ttt(args) -> dict | None:
     return cfg | {"target_modules": list(cfg["target_modules"])}
 
 
-def _draft_spec(args) -> str:
-    """The draft as a JSON-able option: an absolute folder, `init[:N]`, or the target's shipped draft."""
-    from pathlib import Path
+def _draft_spec(args, purpose: str = "guidance", spec: str | None = None) -> str:
+    """The draft as a JSON-able option: an absolute folder, `init[:N]`, or the target's shipped draft for
+    `purpose` (guidance: the aligned readout when shipped, else the speculative draft; speculative: the
+    speculative draft). A speculative purpose refuses an aligned readout with one line."""
+    from .draft import check_speculative_spec, draft_path, shipped_draft
 
-    from .draft import SHIPPED_DRAFTS, draft_path
-
-    if args.draft is None:
-        shipped = SHIPPED_DRAFTS.get(args.target)
-        if shipped is None or not shipped.is_dir():
+    spec = args.draft if spec is None else spec
+    if spec is None:
+        shipped = shipped_draft(args.target, purpose)
+        if shipped is None:
             raise DraftGuideError(f"no shipped draft for target '{args.target}': pass --draft PATH")
         return str(shipped)
-    if args.draft.startswith("init"):
-        return args.draft
-    path = draft_path(args.draft)
+    if spec.startswith("init"):
+        return spec
+    path = draft_path(spec)
     if not path.exists():
-        raise DraftGuideError(f"draft folder '{args.draft}' does not exist")
+        raise DraftGuideError(f"draft folder '{spec}' does not exist")
+    if purpose == "speculative":
+        check_speculative_spec(spec)
     return str(path.resolve())
+
+
+def _default_draft(args, purpose: str) -> None:
+    """Commands that load the pair through `load_models`: pick the shipped draft for `purpose` when no --draft
+    is given (guidance: the aligned readout), and refuse an aligned readout for speculation before loading."""
+    from .draft import check_speculative_spec, shipped_draft
+
+    if args.draft is None:
+        shipped = shipped_draft(args.target, purpose)
+        args.draft = None if shipped is None else str(shipped)
+    elif purpose == "speculative":
+        check_speculative_spec(args.draft)
 
 
 def _flags_for(args, method: str) -> dict:
@@ -572,8 +614,8 @@ def _method_options(args, method: str) -> dict:
     opts = _flags_for(args, method)
     if getattr(args, "ttt", False) and method != "guided":
         raise DraftGuideError(f"--ttt does not apply to method {method!r} (only guided)")
-    if method in ("guided", "guided-noise"):
-        opts["draft"] = _draft_spec(args)
+    if method in GUIDED_METHODS:
+        opts["draft"] = _draft_spec(args, "speculative" if args.speculative else "guidance")
     if method == "guided" and args.ttt:
         opts["ttt"] = _guided_ttt(args)
     check_method_options(method, opts)
@@ -600,6 +642,7 @@ def cmd_speculate(args) -> int:
     if args.max_new_tokens < 1:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = load_prompts(args.prompts)[: args.limit]
+    _default_draft(args, "speculative")
     vocab = _draft_vocab(args)
     target, tok, draft = load_models(args)
     s = run_speculate(
@@ -753,6 +796,7 @@ def cmd_bench_tau(args) -> int:
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     prompt_sets = {s: load_source(s, limit=args.limit) for s in sets}  # fail on a bad set before loading models
+    _default_draft(args, "speculative")
     vocab = _draft_vocab(args)
     target, tok, draft = load_models(args)
     out, res = Path(args.out), {}
@@ -1133,6 +1177,10 @@ def cmd_serve(args) -> int:
     from .pipeline import resolve_method
 
     resolve_method(args.method, args.beta, args.speculative)  # before the models load
+    # one draft serves every request: the speculative draft by default (speculative requests need it); an
+    # aligned readout given with --draft guides token by token and refuses speculative requests
+    _default_draft(args, "speculative" if args.speculative or args.method == "speculative" else "guidance"
+                   if args.beta or args.method == "guided" else "speculative")
     if args.max_tokens < 1:
         raise DraftGuideError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.max_batch < 1:
@@ -1161,7 +1209,7 @@ def cmd_sweep_beta(args) -> int:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     guided_opts = _flags_for(args, "guided") | ({"ttt": _guided_ttt(args)} if args.ttt else {})
     base_opts = {m: _flags_for(args, m) for m in baselines if m != "greedy"}
-    draft = _draft_spec(args)
+    draft = _draft_spec(args, "speculative" if args.speculative else "guidance")
     tasks = load_tasks(args.tasks)[0][: args.limit]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch = _batch_size(args, [m for m in baselines if m in ("power", "dola")] + (["speculative"] if guided_opts.get("speculative") or guided_opts.get("ttt") else []))
@@ -1182,6 +1230,95 @@ def cmd_sweep_beta(args) -> int:
     return 0
 
 
+def _matrix_readouts(args) -> dict[str, str]:
+    """label -> draft spec: `aligned` / `speculative` by each readout's config (repeats numbered)."""
+    from .draft import SHIPPED_DRAFTS, SHIPPED_READOUTS, is_aligned_readout
+
+    if args.readouts.strip() == "auto":
+        readout, spec = SHIPPED_READOUTS.get(args.target), SHIPPED_DRAFTS.get(args.target)
+        specs = []
+        if readout is not None and (readout / "config.json").is_file():
+            specs.append(str(readout))
+        elif readout is not None:
+            print(f"draftguide: note: the aligned readout '{readout.name}' is not shipped in this install; the matrix guides "
+                  "with the speculative draft only", file=sys.stderr)
+        if spec is not None and spec.is_dir():
+            specs.append(str(spec))
+        if not specs:
+            raise DraftGuideError(f"no shipped readout or draft for target '{args.target}': pass --readouts")
+    else:
+        specs = [r.strip() for r in args.readouts.split(",") if r.strip()]
+        if not specs:
+            raise DraftGuideError(f"--readouts {args.readouts!r}: expected a comma list of readouts")
+    out: dict[str, str] = {}
+    for spec in specs:
+        spec = _draft_spec(args, "guidance", spec)
+        base = "aligned" if is_aligned_readout(spec) else "speculative"
+        label, i = base, 2
+        while label in out:
+            label, i = f"{base}{i}", i + 1
+        out[label] = spec
+    return out
+
+
+def cmd_matrix(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .evaluate import check_judge, load_tasks
+    from .matrix import MatrixConfig, run_matrix
+    from .sweep_beta import parse_betas
+    from .targets import load_target
+
+    betas = [b for b in parse_betas(args.betas) if b > 0]
+    if not betas:
+        raise DraftGuideError(f"--betas {args.betas!r}: give at least one beta in (0, 1] (greedy, beta 0, always runs)")
+    readouts = _matrix_readouts(args)
+    ttt_readouts = []
+    if not args.no_ttt and args.ttt_readouts:
+        specs = {v: k for k, v in readouts.items()}
+        for r in (x.strip() for x in args.ttt_readouts.split(",") if x.strip()):
+            label = r if r in readouts else specs.get(_draft_spec(args, "guidance", r))
+            if label is None:
+                raise DraftGuideError(f"--ttt-readouts: {r!r} is not among the readouts ({', '.join(readouts)})")
+            ttt_readouts.append(label)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    guided = {k: v for k, v in dict(mix=args.mix, guard_top_k=args.guard_top_k).items() if v is not None}
+    from .baselines import POWER_PRESETS
+
+    preset = args.power_preset or ("paper" if str(device).startswith("cuda") else "cpu")
+    if preset not in POWER_PRESETS:
+        raise DraftGuideError(f"--power-preset {preset!r}: expected one of {', '.join(POWER_PRESETS)}")
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    cfg = MatrixConfig(
+        betas=betas, readouts=readouts, ttt=None if args.no_ttt else _guided_ttt_opts(args), ttt_readouts=ttt_readouts,
+        nulls=split(args.nulls), baselines=split(args.baselines), adaptive=not args.no_adaptive,
+        max_new_tokens=args.max_new_tokens, guided_options=guided, n_boot=args.n_boot, seed=args.seed,
+        baseline_options={"sample": {"temperature": args.sample_temperature, "seed": args.seed},
+                          "power": {"preset": preset, "seed": args.seed}},
+    ).validate()
+    tasks = load_tasks(args.tasks)[0][: args.limit]
+    check_judge(tasks, "rules")  # every task needs checks: the matrix scores by rules
+    target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    source = args.tasks if args.tasks == "builtin" else str(Path(args.tasks).resolve())
+    s = run_matrix(target, tok, tasks, args.out, cfg, command=args.command,
+                   settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": source})
+    print(f"\n{'row':<34} {'n':>4} {'solve rate':>22} {'vs greedy':>26}")
+    for e in s["rows"]:
+        v = e.get("vs_greedy")
+        vs = f"{v['mean_diff']:+.3f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]" if v else ""
+        print(f"{e['row']:<34} {e['n']:>4} {e['solve_rate']:>8.3f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] {vs:>26}")
+    print(f"decision matrix: {s['decision']}")
+    print(f"wrote {args.out}/summary.json, report.md and per_task.jsonl")
+    return 0
+
+
+def _guided_ttt_opts(args) -> dict:
+    cfg = _ttt_config(args, seed=args.seed).kwargs()
+    return cfg | {"target_modules": list(cfg["target_modules"])}
+
+
 def cmd_generate(args) -> int:
     from .pipeline import DraftGuide, check_generate
 
@@ -1196,6 +1333,7 @@ def cmd_generate(args) -> int:
 
     if args.speculative and effective_temperature(args.temperature) > 0:
         raise DraftGuideError("--speculative is exact for greedy decoding only: use --temperature 0")
+    _default_draft(args, "speculative" if args.speculative else "guidance")
     dg = DraftGuide(*load_models(args), name=args.target)
     prompt = {"prompt": args.prompt} if args.raw else args.prompt  # a plain string takes the chat template if any
 

@@ -583,6 +583,60 @@ def resolve_draft(spec: str | None, target, tokenizer, target_name: str | None =
 SHIPPED_DRAFTS: dict[str, Path] = {
     "smollm2-135m": MODELS_DIR / "smollm2-135m-dflash",
 }
+# Aligned readouts (context_includes_anchor) shipped for guidance: they read the same state as the target's
+# lm_head. Speculative decoding keeps the speculative draft above (a readout cannot draft ahead).
+SHIPPED_READOUTS: dict[str, Path] = {
+    "smollm2-135m": MODELS_DIR / "smollm2-135m-readout",
+}
+PURPOSES = ("speculative", "guidance")
+
+
+def shipped_draft(target_name: str | None, purpose: str = "speculative", notice=None) -> Path | None:
+    """The draft shipped for `target_name` for a purpose: `speculative` -> the speculative draft; `guidance` ->
+    the aligned readout when its folder is there, else the speculative draft (with a one-line `notice`, by
+    default printed to stderr). None when nothing is shipped for the target."""
+    if purpose not in PURPOSES:
+        raise DraftGuideError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    spec = SHIPPED_DRAFTS.get(str(target_name))
+    spec = spec if spec is not None and spec.is_dir() else None
+    if purpose == "guidance":
+        readout = SHIPPED_READOUTS.get(str(target_name))
+        if readout is not None and (readout / "config.json").is_file():
+            return readout
+        if readout is not None and spec is not None:
+            (notice or _stderr)(f"draftguide: note: the aligned readout '{readout.name}' is not shipped in this install; "
+                                f"guiding with the speculative draft '{spec.name}'")
+    return spec
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+def is_aligned_readout(spec: str | os.PathLike | None) -> bool:
+    """Whether a draft folder (or shipped name) is an aligned readout, from its config alone (no weights
+    loaded); `init[:N]` and missing folders are not."""
+    import json
+
+    if spec is None or str(spec).startswith("init"):
+        return False
+    cfg = draft_path(spec) / "config.json"
+    try:
+        raw = json.loads(cfg.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return False
+    return bool((raw.get("dflash_config") or {}).get("context_includes_anchor", raw.get("context_includes_anchor", False)))
+
+
+def check_speculative_spec(spec: str | os.PathLike | None) -> None:
+    """`DFlashDraft.check_speculative` from the folder's config, before any model is loaded."""
+    if is_aligned_readout(spec):
+        raise DraftGuideError(
+            f"'{spec}' is an aligned readout (context_includes_anchor): it reads the anchor's own target features, "
+            "which a proposed block's anchor does not have yet, so it cannot draft ahead; speculative decoding "
+            "(and exact speculative guided decoding) needs a speculative draft, e.g. smollm2-135m-dflash")
 
 
 def count_params(module: nn.Module) -> int:
@@ -601,4 +655,9 @@ __all__ = [
     "load_draft",
     "resolve_draft",
     "multi_block_hidden",
+    "SHIPPED_DRAFTS",
+    "SHIPPED_READOUTS",
+    "check_speculative_spec",
+    "is_aligned_readout",
+    "shipped_draft",
 ]

@@ -66,19 +66,37 @@ def method_draft(target, tokenizer, spec: str):
     return _DRAFTS[key]
 
 
-def flip_rows(flips, input_ids, tokenizer) -> list[dict]:
+def token_word(tokenizer, prefix: list[int], token: int, after: list[int] = ()) -> str | None:
+    """The word (a run of word characters, as the diagnostic's whole-word tags) that `token` lies in, decoded
+    after `prefix` and before `after`; None when the token holds no word character. With `after` empty, a word
+    the token starts is cut at the token's end (what is known of it)."""
+    head = tokenizer.decode(list(prefix))
+    text = tokenizer.decode(list(prefix) + [int(token)] + list(after))
+    end = len(tokenizer.decode(list(prefix) + [int(token)]))
+    start = len(head) if text.startswith(head) else end  # a merge across the boundary: the token's end only
+    return next((m.group() for m in re.finditer(r"\w+", text) if m.start() < max(end, start + 1) and m.end() > start), None)
+
+
+def flip_rows(flips, input_ids, tokenizer, new_tokens: list[int] | None = None) -> list[dict]:
     """Where guidance flipped the target's argmax, with whether either token occurs in the prompt (by id,
-    and by text as the diagnostic counts it)."""
+    and by text as the diagnostic counts it). With the output's `new_tokens`: also the word each token lies in
+    (`guided_word`: in the output; `target_word`: the word the target's token starts or continues, cut at its
+    end, since the target's own continuation was not decoded), for the matrix's whole-word context tags."""
     from .diagnostic import in_context
 
     ids, context = set(input_ids[0].tolist()), tokenizer.decode(input_ids[0])
     rows = []
     for f in flips:
         t_text, g_text = tokenizer.decode([f.target_token]), tokenizer.decode([f.guided_token])
-        rows.append({"i": f.index, "target": f.target_token, "guided": f.guided_token, "target_text": t_text,
-                     "guided_text": g_text, "guided_id_in_context": f.guided_token in ids,
-                     "target_id_in_context": f.target_token in ids, "guided_in_context": in_context(g_text, context),
-                     "target_in_context": in_context(t_text, context)})
+        row = {"i": f.index, "target": f.target_token, "guided": f.guided_token, "target_text": t_text,
+               "guided_text": g_text, "guided_id_in_context": f.guided_token in ids,
+               "target_id_in_context": f.target_token in ids, "guided_in_context": in_context(g_text, context),
+               "target_in_context": in_context(t_text, context)}
+        if new_tokens is not None and f.index < len(new_tokens):
+            before = new_tokens[: f.index]
+            row["guided_word"] = token_word(tokenizer, before, new_tokens[f.index], new_tokens[f.index + 1 :])
+            row["target_word"] = token_word(tokenizer, before, f.target_token)
+        rows.append(row)
     return rows
 
 
@@ -86,7 +104,7 @@ def flip_rows(flips, input_ids, tokenizer) -> list[dict]:
 def guided(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, beta: float, draft: str,
            beta_schedule: str = "fixed", mix: str = "logits", guard_top_k: int | None = None, speculative: bool = False,
            control: str | None = None, seed: int = 0, ttt: dict | None = None, temperature: float = 0.0,
-           top_p: float = 1.0, top_k: int = 0):
+           top_p: float = 1.0, top_k: int = 0, donor_ids=None):
     """Draft-guided decoding (greedy unless `temperature` > 0); the row also gets the flips (guided argmax
     vs target argmax) and the mean effective beta. `ttt`
     (`ttt_adapt` keyword arguments) adapts the draft on this task's prompt first, and resets it after."""
@@ -95,7 +113,11 @@ def guided(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: li
     from .guided import guided_generate
 
     d = method_draft(target, tokenizer, draft)
-    extra = {}
+    extra, donor_logits = {}, None
+    if control == "shuffle":
+        if donor_ids is None:
+            raise DraftGuideError("the shuffled-readout null needs another task's prompt (run it through run_eval)")
+        donor_logits = readout_trajectory_of(target, d, donor_ids, max_new_tokens, stop_token_ids)
     if ttt:
         from .ttt import ttt_adapt
 
@@ -105,19 +127,51 @@ def guided(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: li
         tokens, st = guided_generate(target, d, input_ids, beta=beta, max_new_tokens=max_new_tokens,
                                      stop_token_ids=stop_token_ids, beta_schedule=beta_schedule, mix=mix,
                                      guard_top_k=guard_top_k, control=control, speculative=speculative,
-                                     temperature=temperature, top_p=top_p, top_k=top_k,
+                                     temperature=temperature, top_p=top_p, top_k=top_k, donor_logits=donor_logits,
                                      generator=torch.Generator(device=input_ids.device).manual_seed(seed))
     finally:
         if ttt:
             d.reset()  # the next task starts from the base draft
-    extra |= {"flips": flip_rows(st.flips, input_ids, tokenizer), "mean_beta": st.mean_beta}
-    return tokens[0, input_ids.shape[1]:].tolist(), extra
+    new = tokens[0, input_ids.shape[1]:].tolist()
+    extra |= {"flips": flip_rows(st.flips, input_ids, tokenizer, new), "mean_beta": st.mean_beta}
+    return new, extra
+
+
+# the donor's greedy continuation per (target, donor prompt, length): small, and reused across a sweep's betas
+_DONOR_TOKENS: dict[tuple, list[int]] = {}
+
+
+def readout_trajectory_of(target, draft, donor_ids, max_new_tokens: int, stop_token_ids: list[int]):
+    """The readout's k=1 logits [A, V] along the target's greedy answer to the donor prompt (see
+    `guided.readout_trajectory`)."""
+    from .guided import readout_trajectory
+    from .speculative import greedy_generate
+
+    key = (id(target), tuple(donor_ids[0].tolist()), max_new_tokens, tuple(stop_token_ids))
+    if key not in _DONOR_TOKENS:
+        out, _ = greedy_generate(target, donor_ids, max_new_tokens, stop_token_ids)
+        _DONOR_TOKENS[key] = out[0, donor_ids.shape[1]:].tolist()
+    return readout_trajectory(target, draft, donor_ids, _DONOR_TOKENS[key])
 
 
 @register_method("guided-noise")
 def guided_noise(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], **opts):
     """The null control of `guided`: the draft logits replaced by noise with their per-token mean and std."""
     return guided(target, tokenizer, input_ids, max_new_tokens, stop_token_ids, control="noise", **opts)
+
+
+@register_method("guided-shuffle")
+def guided_shuffle(target, tokenizer, input_ids, max_new_tokens: int, stop_token_ids: list[int], *, donor_ids=None, **opts):
+    """The shuffled-readout null of `guided`: guidance from another task's readout. New token i is mixed with
+    the readout's k=1 logits at step i of the target's greedy answer to the *donor* task (in `run_eval`: the
+    next task of the run's list, cyclically), a real readout distribution that knows nothing of this task.
+    Without TTT (the donor's readout is the base draft's)."""
+    if opts.get("ttt"):
+        raise DraftGuideError("method 'guided-shuffle' takes no ttt (the donor's readout is the base draft's)")
+    return guided(target, tokenizer, input_ids, max_new_tokens, stop_token_ids, control="shuffle", donor_ids=donor_ids, **opts)
+
+
+DONOR_METHODS = ("guided-shuffle",)  # run_eval hands these another task's prompt (`donor_ids`)
 
 
 @register_method("sample")
@@ -245,11 +299,11 @@ def check_method_options(method: str, opts: dict) -> None:
     """Unknown or missing options of a method, as one clear error before any model is loaded."""
     import inspect
 
-    fn = guided if METHODS[method] is guided_noise else METHODS[method]  # guided-noise passes all on to guided
+    fn = guided if METHODS[method] in (guided_noise, guided_shuffle) else METHODS[method]  # they pass all on to guided
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()) and fn is not greedy:
         return  # a method taking **opts checks them itself
-    named = {k: p for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "control"}
+    named = {k: p for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in ("control", "donor_ids")}
     unknown = sorted(set(opts) - set(named))
     if unknown:
         raise DraftGuideError(f"method {method!r} takes no option(s) {unknown} (its options: {sorted(named) or 'none'})")
@@ -391,18 +445,27 @@ def _error_class(rec: dict, task: dict) -> str:
 
 
 def evaluate_task(target, tokenizer, task: dict, method: str, max_new_tokens: int, stop: list[int], judge: str,
-                  llm_judge=None, method_options: dict | None = None, chat_template_kwargs: dict | None = None) -> dict:
-    """Generate and score one task; raises on failure (the run loop records it)."""
+                  llm_judge=None, method_options: dict | None = None, chat_template_kwargs: dict | None = None,
+                  donor: dict | None = None) -> dict:
+    """Generate and score one task; raises on failure (the run loop records it). `donor`: another task, whose
+    prompt a `DONOR_METHODS` method reads."""
     from .prompts import check_length, encode_prompt, place
 
     ids = encode_prompt(tokenizer, task, chat_template_kwargs=chat_template_kwargs).to(next(target.parameters()).device)
     check_length(target, ids.shape[1], max_new_tokens, place(task))
+    opts = dict(method_options or {})
+    if method in DONOR_METHODS:
+        if donor is None:
+            raise DraftGuideError(f"method {method!r} needs a donor task")
+        opts["donor_ids"] = encode_prompt(tokenizer, donor, chat_template_kwargs=chat_template_kwargs).to(ids.device)
     t0 = time.perf_counter()
-    new = METHODS[method](target, tokenizer, ids, max_new_tokens, stop, **(method_options or {}))
-    return score_task(tokenizer, task, method, ids.shape[1], new, time.perf_counter() - t0, judge, llm_judge)
+    new = METHODS[method](target, tokenizer, ids, max_new_tokens, stop, **opts)
+    donor_id = donor["metadata"]["task_id"] if donor is not None and method in DONOR_METHODS else None
+    return score_task(tokenizer, task, method, ids.shape[1], new, time.perf_counter() - t0, judge, llm_judge, donor_id)
 
 
-def score_task(tokenizer, task: dict, method: str, prompt_tokens: int, new, gen_s: float, judge: str, llm_judge=None) -> dict:
+def score_task(tokenizer, task: dict, method: str, prompt_tokens: int, new, gen_s: float, judge: str, llm_judge=None,
+               donor_task_id: str | None = None) -> dict:
     """The result row of one task from its generated tokens (`new`: token ids, or `(ids, extra fields)`)."""
     from .judge import JudgeUnavailable
     from .pipeline import decode_text
@@ -411,6 +474,8 @@ def score_task(tokenizer, task: dict, method: str, prompt_tokens: int, new, gen_
     raw = decode_text(tokenizer, new)
     response = strip_thinking(raw)
     rec = _categories(task) | {"method": method, "status": "ok", "response": response, "reference_answer": task.get("reference_answer")}
+    if donor_task_id is not None:
+        rec["donor_task_id"] = donor_task_id
     if raw.strip() != response:
         rec["raw_response"] = raw
     use = "rules" if judge == "rules" or (judge == "auto" and task.get("checks")) else "llm"
@@ -557,15 +622,17 @@ def run_eval(target, tokenizer, tasks: list[dict], out_dir, *, method: str = "gr
         done = {tid for tid, r in _latest_rows(out_dir).items() if r.get("status") == "ok"}
         todo = [t for t in tasks[rank::world] if t["metadata"]["task_id"] not in done]
         stop = stop_token_ids(tokenizer, target)
+        # a donor method reads the next task of the whole list (cyclically): fixed by the list, not the shard
+        donors = {t["metadata"]["task_id"]: tasks[(i + 1) % len(tasks)] for i, t in enumerate(tasks)} if method in DONOR_METHODS else {}
         name = RESULTS if world == 1 else f"results.rank{rank}.jsonl"
         ctk = chat_template_kwargs
         with JsonlWriter(out_dir / name) as w:
             bar = tqdm(total=len(todo), desc=f"eval[{rank}]" if world > 1 else "eval", disable=not progress or rank != 0)
-            if batch_size == 1:
+            if batch_size == 1 or method in DONOR_METHODS:  # a donor method reads another task's prompt: batch 1
                 for task in todo:
                     try:
                         rec = evaluate_task(target, tokenizer, task, method, max_new_tokens, stop, judge, llm_judge,
-                                            method_options, ctk)
+                                            method_options, ctk, donors.get(task["metadata"]["task_id"]))
                     except Exception as e:  # recorded and retried by the next run; the run goes on
                         rec = _error_row(task, method, e)
                     w.write(rec | ({"rank": rank} if world > 1 else {}))

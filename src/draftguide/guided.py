@@ -44,7 +44,7 @@ REMOVED_MIXES = {"logprobs": "mix 'logprobs' was removed: mixing log-softmaxes o
                  "decoded exactly like mix 'logits'; use mix 'probs' for the probability mixture "
                  "(1-beta) p_target + beta p_draft"}
 SCHEDULES = ("fixed", "adaptive")
-CONTROLS = ("noise",)
+CONTROLS = ("noise", "shuffle")
 
 
 @dataclass
@@ -155,11 +155,16 @@ class _Setup:
     guard_top_k: int | None
     control: str | None
     seed: int
+    donor_logits: torch.Tensor | None = None  # [A, V]: control "shuffle"
+    first: int = 0  # absolute position of the first new token
 
     def mixed(self, t_logits: torch.Tensor, d_logits: torch.Tensor, positions: torch.Tensor):
         # t/d_logits: [N, V] for absolute token positions [N] -> guided [N, V], betas [N]
         if self.control == "noise":
             d_logits = noise_logits(d_logits, positions, self.seed)
+        elif self.control == "shuffle":  # new token i gets the donor's readout at its own step i (cycled)
+            idx = (positions - self.first) % self.donor_logits.shape[0]
+            d_logits = self.donor_logits[idx.to(self.donor_logits.device)].to(t_logits.device)
         return guide(t_logits, d_logits, self.beta, mix=self.mix, beta_schedule=self.beta_schedule, guard_top_k=self.guard_top_k)
 
 
@@ -221,12 +226,16 @@ def guided_generate(
     verify_len: int | None = None,
     generator: torch.Generator | None = None,
     on_token: Callable[[int], None] | None = None,
+    donor_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GuidedStats]:
     """Returns `(tokens [1, T + n], stats)`, like `speculative_generate`. Sampling (temperature > 0) draws
     from the guided logits with the usual top-k / top-p filters. `control="noise"` is the null control: the
     draft logits are replaced by Gaussian noise with their per-token mean and std inside the same mix, i.e.
     `(1 - beta) * target + beta * noise` (so guided and noise share the beta axis and meet at beta=0), seeded
-    by `generator`'s initial seed (0 without one) and the token position. `on_token(token_id)` is called for every new token
+    by `generator`'s initial seed (0 without one) and the token position. `control="shuffle"` is the
+    shuffled-readout null: new token i is guided by `donor_logits[i]` ([A, V], cycled when shorter), the
+    readout's k=1 logits at step i of *another* prompt (`readout_trajectory`): a real readout distribution, as
+    confident and as fluent, that knows nothing of this prompt. `on_token(token_id)` is called for every new token
     in order, as soon as it is committed (streaming). `verify_len` (speculative only, 1..B-1, default B-1): how many
     drafted tokens each step verifies; the draft block stays full, so the output does not depend on it. (Speculative
     and token-by-token read the k=1 readout through different passes, equal up to float rounding: exact ties
@@ -242,8 +251,12 @@ def guided_generate(
     draft.check_target(target)
     if speculative:
         draft.check_speculative()
+    if (control == "shuffle") != (donor_logits is not None):
+        raise DraftGuideError("control 'shuffle' takes donor_logits [A, V] (the readout on another prompt), and only it does")
+    if donor_logits is not None and (donor_logits.dim() != 2 or donor_logits.shape[0] < 1):
+        raise DraftGuideError(f"donor_logits must be [A >= 1, V], got {tuple(donor_logits.shape)}")
     seed = generator.initial_seed() if generator is not None else 0
-    s = _Setup(target, draft, float(beta), mix, beta_schedule, guard_top_k, control, seed)
+    s = _Setup(target, draft, float(beta), mix, beta_schedule, guard_top_k, control, seed, donor_logits, input_ids.shape[1])
     args = (s, input_ids, max_new_tokens, (temperature, top_p, top_k, generator), set(stop_token_ids or ()), on_token)
     return _speculative(*args, verify_len or draft.block_size - 1) if speculative else _token_by_token(*args)
 
@@ -403,4 +416,21 @@ def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torc
     return d(d.embed(s.target, ids), ctx, position_ids, cache=dcache, attention_mask=mask, rows=slice(1, 2))[0]  # [m, d]
 
 
-__all__ = ["Flip", "GuidedStats", "guide", "guided_generate", "js_divergence", "noise_logits"]
+@torch.inference_mode()
+def readout_trajectory(target, draft, input_ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """The readout's k=1 next-token logits [A, V] along a continuation `tokens` (A >= 1) of `input_ids`
+    [1, T]: row i is what the readout predicts for new token i, reading the target's features of the prompt and
+    tokens < i (teacher forcing: one target forward and one multi-anchor readout pass; equal to token-by-token
+    decoding up to float rounding). The donor of the shuffled-readout null."""
+    from .diagnostic import readout_logits
+
+    if not tokens:
+        raise DraftGuideError("readout_trajectory needs at least one continuation token")
+    dev, T = input_ids.device, input_ids.shape[1]
+    ids = torch.cat([input_ids, torch.tensor([tokens], device=dev)], 1)
+    out = target(ids, output_hidden_states=True, logits_to_keep=1)
+    feats = extract_features(out.hidden_states, draft.target_layer_ids).to(next(draft.parameters()).dtype)
+    return readout_logits(draft, target, feats, ids, T, ["next"])["next"][0].float()
+
+
+__all__ = ["Flip", "GuidedStats", "guide", "guided_generate", "js_divergence", "noise_logits", "readout_trajectory"]

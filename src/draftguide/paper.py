@@ -25,7 +25,7 @@ from .runs import fmt, read_command
 TITLES = {"diagnose": "Readout diagnostic", "profile": "Compute profile", "speculate": "Speculative decoding",
           "bench-tau": "Acceptance length per benchmark set", "eval": "Context-learning evaluation",
           "sweep-beta": "Draft-guided decoding: solve rate vs beta", "ttt-tau": "Acceptance length before and after TTT",
-          "sweep-ttt": "TTT sweep: steps, learning rate, rank"}
+          "sweep-ttt": "TTT sweep: steps, learning rate, rank", "matrix": "The decision matrix: guidance vs greedy, nulls and baselines"}
 
 
 @dataclass

@@ -30,13 +30,16 @@ def parse_betas(text: str) -> list[float]:
     return betas
 
 
-def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = True) -> list[tuple[str, str, dict]]:
-    """(folder name, method, options) of every run in the sweep; guided options are added by the caller."""
+def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = True, shuffle: bool = False) -> list[tuple[str, str, dict]]:
+    """(folder name, method, options) of every run in the sweep; guided options are added by the caller.
+    `shuffle`: also the shuffled-readout null (`guided-shuffle`: guidance from another task's readout)."""
     runs = []
     for b in betas:
         runs.append((f"guided_b{b:g}", "guided", {"beta": b}))
         if noise and b > 0:
             runs.append((f"noise_b{b:g}", "guided-noise", {"beta": b}))
+        if shuffle and b > 0:
+            runs.append((f"shuffle_b{b:g}", "guided-shuffle", {"beta": b}))
     for name in baselines:
         if name not in BASELINES:
             raise DraftGuideError(f"unknown baseline {name!r} (expected some of {', '.join(BASELINES)})")
@@ -48,19 +51,20 @@ def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = Tr
 def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list[float], draft: str,
                    max_new_tokens: int = 48, baselines=DEFAULT_BASELINES, noise: bool = True, guided_options: dict | None = None,
                    baseline_options: dict[str, dict] | None = None, settings: dict | None = None,
-                   progress: bool = True, batch_size: int = 1) -> dict:
+                   progress: bool = True, batch_size: int = 1, shuffle: bool = False) -> dict:
     """Run every point (resuming), then write summary.json, flips.jsonl, beta_sweep.png and report.md.
-    `batch_size`: tasks decoded together in each point's eval (`run_eval`; power and dola run row by row)."""
+    `batch_size`: tasks decoded together in each point's eval (`run_eval`; power, dola and the shuffled-readout
+    null run row by row)."""
     from .runs import JsonlWriter, environment, write_json
 
     out_dir = Path(out_dir)
-    runs = sweep_runs(betas, baselines, noise)
+    runs = sweep_runs(betas, baselines, noise, shuffle)
     results = {}
     for i, (name, method, opts) in enumerate(runs, 1):
         if method.startswith("guided"):
             opts = {"draft": draft, **(guided_options or {}), **opts}
-            if method == "guided-noise":
-                opts.pop("ttt", None)  # the noise control reads no draft prediction: nothing to adapt
+            if method in ("guided-noise", "guided-shuffle"):
+                opts.pop("ttt", None)  # the nulls read no prediction of this task's readout: nothing to adapt
         else:
             opts = {**(baseline_options or {}).get(method, {}), **opts}
         if progress:
@@ -70,7 +74,7 @@ def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list
         results[name] = _rows(out_dir / name / RESULTS)
     if "greedy" in baselines and 0 in betas:
         results["greedy"] = results["guided_b0"]
-    summary = summarize_sweep(results, betas, noise) | {
+    summary = summarize_sweep(results, betas, noise, shuffle) | {
         "max_new_tokens": max_new_tokens, "draft": draft, "guided_options": guided_options or {},
         "baseline_options": baseline_options or {}, "settings": settings or {}, "environment": environment(),
     }
@@ -113,15 +117,15 @@ def _versus(rows: list[dict], ref: dict[str, int]) -> dict:
     return {"gained": sum(s > g for s, g in both), "lost": sum(s < g for s, g in both)}
 
 
-def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: bool = True) -> dict:
+def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: bool = True, shuffle: bool = False) -> dict:
     """Per beta: guided and noise solve rates with 95% CIs, flip statistics, tasks gained/lost vs beta=0;
     baselines as reference lines; example flips from the best beta."""
     ref_name = f"guided_b{betas[0]:g}" if betas[0] == 0 else ("greedy" if "greedy" in results else None)
     ref = {r["task_id"]: int(r["score"]) for r in results.get(ref_name, [])} if ref_name else {}
-    curves: dict[str, list[dict]] = {"guided": [], "noise": []}
+    curves: dict[str, list[dict]] = {"guided": [], "noise": []} | ({"shuffle": []} if shuffle else {})
     for b in betas:
-        for curve, prefix in (("guided", "guided"), ("noise", "noise")):
-            if curve == "noise" and not noise:
+        for curve, prefix in (("guided", "guided"), ("noise", "noise"), ("shuffle", "shuffle")):
+            if (curve == "noise" and not noise) or (curve == "shuffle" and not shuffle):
                 continue
             name = f"{prefix}_b{b:g}" if b > 0 or curve == "guided" else f"guided_b{b:g}"
             rows = results[name]
@@ -150,7 +154,7 @@ def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: b
 
 
 # -- figure and report ------------------------------------------------------------------------------------
-COLOURS = {"guided": "#dd8452", "noise": "#8c8c8c", "greedy": "#4c72b0", "power": "#55a868", "dola": "#8172b3",
+COLOURS = {"guided": "#dd8452", "noise": "#8c8c8c", "shuffle": "#da8bc3", "greedy": "#4c72b0", "power": "#55a868", "dola": "#8172b3",
            "sample": "#937860"}
 
 
@@ -163,7 +167,7 @@ def plot_sweep(summary: dict, path: Path) -> str:
         if not pts:
             continue
         x = [p["beta"] for p in pts]
-        ax.plot(x, [p["solve_rate"] for p in pts], "o-", color=COLOURS[curve], label=f"{curve} (draft)" if curve == "guided" else "noise control")
+        ax.plot(x, [p["solve_rate"] for p in pts], "o-", color=COLOURS[curve], label={"guided": "guided (draft)", "noise": "noise control"}.get(curve, "shuffled-readout control"))
         ax.fill_between(x, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], color=COLOURS[curve], alpha=0.15)
     for name, g in summary["baselines"].items():
         ax.axhline(g["solve_rate"], color=COLOURS[name], ls="--", lw=1, label=f"{name} {g['solve_rate']:.3f}")
@@ -184,14 +188,16 @@ def report_markdown(summary: dict) -> str:
 
     noise = {p["beta"]: p for p in summary["curves"].get("noise", [])}
     out = ["# Beta sweep: draft-guided decoding", "", f"![solve rate vs beta]({summary.get('figure', 'beta_sweep.png')})", "",
-           "| beta | guided | noise control | gained / lost vs greedy | flips / token | flipped-to token in context (text / id) | flipped-from token in context (text / id) | noise flips in context (text) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| beta | guided | noise control | shuffled-readout control | gained / lost vs greedy | flips / token | flipped-to token in context (text / id) | flipped-from token in context (text / id) | noise flips in context (text) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    shuffled = {p["beta"]: p for p in summary["curves"].get("shuffle", [])}
     for p in summary["curves"]["guided"]:
         n, f = noise.get(p["beta"]), p["flips"]
+        sh = shuffled.get(p["beta"]) if p["beta"] > 0 else None
         vs = p.get("vs_greedy", {})
         nf = n["flips"] if n else None
         out.append(
-            f"| {p['beta']:g} | {rate(p)} | {rate(n) if n else '-'} | {vs.get('gained', '-')} / {vs.get('lost', '-')} | "
+            f"| {p['beta']:g} | {rate(p)} | {rate(n) if n else '-'} | {rate(sh) if sh else '-'} | {vs.get('gained', '-')} / {vs.get('lost', '-')} | "
             f"{f['flips_per_token']:.3f} | {f['guided_in_context']:.2f} / {f['guided_id_in_context']:.2f} | "
             f"{f['target_in_context']:.2f} / {f['target_id_in_context']:.2f} | {nf['guided_in_context'] if nf else float('nan'):.2f} |")
     out += ["", "| baseline | solve rate | note |", "| --- | --- | --- |"]

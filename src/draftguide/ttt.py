@@ -373,7 +373,7 @@ def _train(adapted, target, features, ids, params, weights, bs, amp, *, steps, l
             adapted.train()
             anchors = torch.tensor([sample_anchors(1, T, anchors_per_step, rng)], device=dev)  # [1, m]
             with _amp(dev, amp):
-                loss, _, _, _ = block_loss(adapted, target, features, ids, anchors, lengths, weights, block_size=bs)
+                loss, *_ = block_loss(adapted, target, features, ids, anchors, lengths, weights, block_size=bs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
