@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_draft, tiny_target
+from conftest import tiny_draft, tiny_target
 
 import dflash.model as official
 from draftguide.cli import main
@@ -103,11 +103,11 @@ def test_guided_with_the_aligned_readout(beta):
 
 
 def test_shipped_names_resolve_as_drafts(tmp_path):
-    """`--draft smollm2-135m-dflash` (and the readout's name) address the shipped folders."""
+    """`--draft smollm2-135m-dflash` and `--draft smollm2-135m-readout` address the shipped folders; the readout is
+    an aligned readout and the speculative draft is not."""
     from draftguide.draft import MODELS_DIR, draft_path
 
-    for name in ("smollm2-135m-dflash", "smollm2-135m-readout"):
-        if (MODELS_DIR / name / "config.json").is_file():
-            assert draft_path(name) == MODELS_DIR / name
+    for name, aligned_kind in (("smollm2-135m-dflash", False), ("smollm2-135m-readout", True)):
+        assert draft_path(name) == MODELS_DIR / name
+        assert load_draft(name).context_includes_anchor is aligned_kind
     assert draft_path(str(tmp_path)) == tmp_path  # a folder stays a folder
-    char_tokenizer()  # keeps the fixture import used

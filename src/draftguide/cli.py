@@ -755,13 +755,9 @@ def cmd_fidelity(args) -> int:
     target, tok = load_target(args.target, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
     _with_template(args, tok)
     readouts = {}
-    for spec in specs:
+    for name, spec in zip(_readout_names(specs, args.target), specs):
         d = resolve_draft(spec, target, tok, target_name=args.target)
-        d.to(dtype=getattr(torch, DTYPES[args.draft_dtype or args.dtype]))
-        name, i = _readout_name(spec, args.target), 2
-        while name in readouts:  # two folders of the same name (e.g. run1/draft, run2/draft): both kept
-            name, i = f"{_readout_name(spec, args.target)}-{i}", i + 1
-        readouts[name] = d
+        readouts[name] = d.to(dtype=getattr(torch, DTYPES[args.draft_dtype or args.dtype]))
     if args.data:
         samples = samples_from_rows(read_samples(args.data))[: args.limit]
     elif args.text:
@@ -777,14 +773,6 @@ def cmd_fidelity(args) -> int:
     print(fidelity_table(s))
     print(f"wrote {args.out}/summary.json, fidelity.md and fidelity.png")
     return 0
-
-
-def _readout_name(spec: str | None, target: str) -> str:
-    from pathlib import Path
-
-    if spec is None:
-        return f"{target} (shipped draft)"
-    return spec if spec.startswith("init") or "/" not in spec else Path(spec.rstrip("/")).name
 
 
 def cmd_bench_tau(args) -> int:
@@ -999,13 +987,17 @@ def cmd_flips(args) -> int:
     return 0
 
 
-def _readout_names(specs: list[str]) -> list[str]:
-    """Names of the readouts of `diagnose --drafts`: a folder's name, or the init spec; repeats get a suffix."""
+def _readout_names(specs: list[str | None], target: str | None = None) -> list[str]:
+    """Names of several readouts (`diagnose --drafts`, `fidelity --draft A,B`): a folder's name, the init spec, or
+    the target's shipped draft for None; repeats (run1/draft, run2/draft) get a suffix, so none is dropped."""
     from .draft import draft_path
 
     names: list[str] = []
     for spec in specs:
-        base = spec if spec.startswith("init") else draft_path(spec).resolve().name
+        if spec is None:
+            base = f"{target} (shipped draft)"
+        else:
+            base = spec if spec.startswith("init") else draft_path(spec).resolve().name
         name, i = base, 2
         while name in names:
             name, i = f"{base}-{i}", i + 1
