@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from draftguide.draft import resolve_draft
-from draftguide.evaluate import load_tasks, run_eval
-from draftguide.prompts import encode_prompt
-from draftguide.runs import environment, write_json
-from draftguide.targets import load_target
+from draftguide.modeling.draft import resolve_draft
+from draftguide.experiments.evaluate import load_tasks, run_eval
+from draftguide.modeling.prompts import encode_prompt
+from draftguide.reporting.runs import environment, write_json
+from draftguide.modeling.targets import load_target
 
 
 def rows_of(out: Path) -> dict:

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from draftguide.cli import main as cli
-from draftguide.runs import environment, write_json
+from draftguide.app.cli import main as cli
+from draftguide.reporting.runs import environment, write_json
 
 
 def peak_rss_mb() -> float:

@@ -24,13 +24,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from draftguide.draft import resolve_draft
-from draftguide.evaluate import load_tasks
-from draftguide.guided import guided_generate
-from draftguide.prompts import encode_prompt
-from draftguide.runs import environment, write_json
-from draftguide.speculative import greedy_generate, hf_generate
-from draftguide.targets import load_target
+from draftguide.modeling.draft import resolve_draft
+from draftguide.experiments.evaluate import load_tasks
+from draftguide.decode.guided import guided_generate
+from draftguide.modeling.prompts import encode_prompt
+from draftguide.reporting.runs import environment, write_json
+from draftguide.decode.speculative import greedy_generate, hf_generate
+from draftguide.modeling.targets import load_target
 
 
 def methods(target, drafts: dict, beta: float, verify_lens: list[int]):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from draftguide.data import make_data, read_samples
-from draftguide.evaluate import load_tasks
-from draftguide.prompts import encode_prompt, stop_token_ids
-from draftguide.runs import environment, write_json
-from draftguide.targets import load_target
+from draftguide.training.data import make_data, read_samples
+from draftguide.experiments.evaluate import load_tasks
+from draftguide.modeling.prompts import encode_prompt, stop_token_ids
+from draftguide.reporting.runs import environment, write_json
+from draftguide.modeling.targets import load_target
 
 
 @torch.inference_mode()

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 import dflash.model as official
-from draftguide.draft import resolve_draft
-from draftguide.prompts import BUILTIN_PROMPTS, encode_prompt, load_prompts, stop_token_ids
-from draftguide.runs import environment, write_json
-from draftguide.speculative import measure_read_costs, measure_verify_costs, speculative_generate
-from draftguide.targets import load_target
+from draftguide.modeling.draft import resolve_draft
+from draftguide.modeling.prompts import BUILTIN_PROMPTS, encode_prompt, load_prompts, stop_token_ids
+from draftguide.reporting.runs import environment, write_json
+from draftguide.decode.speculative import measure_read_costs, measure_verify_costs, speculative_generate
+from draftguide.modeling.targets import load_target
 
 official._cuda_time = lambda: (torch.cuda.synchronize() if torch.cuda.is_available() else None, time.perf_counter())[1]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from draftguide.cli import main as cli
-from draftguide.runs import write_json
+from draftguide.app.cli import main as cli
+from draftguide.reporting.runs import write_json
 
 
 def main() -> None:

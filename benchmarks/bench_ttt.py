@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from draftguide.draft import resolve_draft
-from draftguide.runs import environment, write_json
-from draftguide.targets import load_target
-from draftguide.tasks import load_builtin_tasks
-from draftguide.ttt import ttt_adapt
+from draftguide.modeling.draft import resolve_draft
+from draftguide.reporting.runs import environment, write_json
+from draftguide.modeling.targets import load_target
+from draftguide.experiments.tasks import load_builtin_tasks
+from draftguide.training.ttt import ttt_adapt
 
 VARIANTS = {  # on top of the defaults: LoRA rank 8 on fc, q_proj, k_proj, v_proj
     "default": {},

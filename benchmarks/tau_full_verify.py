@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from draftguide import load_draft, load_target, speculative_generate
-from draftguide.datasources import load_source
-from draftguide.prompts import encode_prompt, stop_token_ids
-from draftguide.runs import bootstrap_ci, environment, write_json
+from draftguide.training.datasources import load_source
+from draftguide.modeling.prompts import encode_prompt, stop_token_ids
+from draftguide.reporting.runs import bootstrap_ci, environment, write_json
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from draftguide.draft import DFlashDraft
+from draftguide.modeling.draft import DFlashDraft
 
 VOCAB = 96
 
@@ -54,7 +54,7 @@ def mixed_acceptance_pair(block_size: int = 8):
     for seed in range(20):
         t = tiny_target(vocab=12, seed=seed)
         d = tiny_draft(t, mask_token_id=11, seed=seed + 10, block_size=block_size)
-        from draftguide.speculative import speculative_generate
+        from draftguide.decode.speculative import speculative_generate
 
         ids = torch.randint(0, 11, (1, 10), generator=torch.Generator().manual_seed(seed))
         _, st = speculative_generate(t, d, ids, 60)

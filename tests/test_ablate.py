@@ -6,11 +6,11 @@ import json
 import pytest
 from conftest import char_tokenizer, tiny_target
 
-from draftguide.ablate import parse_layer_sets, run_ablation, set_name
-from draftguide.cli import main
-from draftguide.data import make_data
+from draftguide.experiments.ablate import parse_layer_sets, run_ablation, set_name
+from draftguide.app.cli import main
+from draftguide.training.data import make_data
 from draftguide.errors import DraftGuideError
-from draftguide.train import TrainConfig
+from draftguide.training.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from conftest import char_tokenizer, tiny_draft
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
-from draftguide.cli import main
+from draftguide.app.cli import main
 
 VOCAB = 96
 ARCHS = ("qwen3_moe", "qwen2", "llama")
@@ -50,8 +50,8 @@ def test_moe_target_is_sparse():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_speculation_is_lossless_and_beta0_is_greedy(arch):
-    from draftguide.guided import guided_generate
-    from draftguide.speculative import greedy_generate, speculative_generate
+    from draftguide.decode.guided import guided_generate
+    from draftguide.decode.speculative import greedy_generate, speculative_generate
 
     t = arch_target(arch, seed=1)
     d = tiny_draft(t, mask_token_id=VOCAB - 1, block_size=4)
@@ -136,7 +136,7 @@ def _prompts(tmp_path):
 
 
 def test_memory_estimate_counts_only_the_active_experts():
-    from draftguide.profiling import expert_fraction, memory_estimate, weight_bytes_per_token
+    from draftguide.experiments.profiling import expert_fraction, memory_estimate, weight_bytes_per_token
 
     t = arch_target("qwen3_moe")
     assert expert_fraction(t) == 0.5 and expert_fraction(arch_target("llama")) == 1.0

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import tiny_target
 
-from draftguide.baselines import (POWER_PRESETS, _Chain, block_ends, dola_generate, mh_log_ratio, power_sample,
+from draftguide.decode.baselines import (POWER_PRESETS, _Chain, block_ends, dola_generate, mh_log_ratio, power_sample,
                                   relative_top_mask, token_logprobs)
 from draftguide.errors import DraftGuideError
-from draftguide.guided import js_divergence
-from draftguide.speculative import greedy_generate
+from draftguide.decode.guided import js_divergence
+from draftguide.decode.speculative import greedy_generate
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_bad_input(target):
 
 
 def test_sample_generate(target):
-    from draftguide.baselines import sample_generate
+    from draftguide.decode.baselines import sample_generate
 
     ids = _prompt(5, seed=6)
     greedy, _ = greedy_generate(target, ids, 10)

@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_draft, tiny_target
 
-from draftguide.baselines import sample_generate
-from draftguide.batched import batch_generate, left_pad
-from draftguide.draft import DFlashDraft, DraftCache
-from draftguide.guided import guided_generate
-from draftguide.speculative import greedy_generate
+from draftguide.decode.baselines import sample_generate
+from draftguide.decode.batched import batch_generate, left_pad
+from draftguide.modeling.draft import DFlashDraft, DraftCache
+from draftguide.decode.guided import guided_generate
+from draftguide.decode.speculative import greedy_generate
 
 LENS = [3, 11, 1, 7, 20]
 BUDGETS = [9, 25, 14, 4, 6]  # the longest prompt ends first: its padding columns are dropped mid-run
@@ -117,7 +117,7 @@ def test_guided_rows_equal_batch_one(pair, opts, max_batch, request):
 
 def test_guided_without_shared_head(f64, monkeypatch):
     """The path with two head calls (drafts with an output scale or softcap) decodes the same."""
-    import draftguide.guided as guided
+    import draftguide.decode.guided as guided
 
     target, draft = f64
     ps = prompts(seed=4)
@@ -248,7 +248,7 @@ def _responses(out):
 def test_eval_batch_size_gives_the_batch_one_answers(method, tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     import json
 
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     tasks = _eval_tasks(tmp_path)
     draft = ["--draft", str(tiny_draft_dir)] if "guided" in method[1] else []
@@ -264,7 +264,7 @@ def test_eval_batch_size_gives_the_batch_one_answers(method, tmp_path, tiny_targ
 
 
 def test_eval_batch_size_with_a_batch_one_method_says_so(tmp_path, tiny_target_dir, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     tasks = _eval_tasks(tmp_path)
     assert main(["eval", "--target", str(tiny_target_dir), "--tasks", str(tasks), "--max-new-tokens", "4", "--limit", "2",
@@ -278,8 +278,8 @@ def test_make_data_uses_the_batched_loop(tmp_path, f64):
     """Greedy samples are each prompt's batch-1 greedy answer; sampled ones do not depend on the batch size."""
     from conftest import char_tokenizer
 
-    from draftguide.data import _row_seed, make_data, read_samples
-    from draftguide.prompts import encode_prompt, stop_token_ids
+    from draftguide.training.data import _row_seed, make_data, read_samples
+    from draftguide.modeling.prompts import encode_prompt, stop_token_ids
 
     target, _ = f64
     tok = char_tokenizer()
@@ -326,7 +326,7 @@ def test_generate_a_list_equals_one_by_one(dg64, kw):
 
 
 def test_jobs_keep_their_own_parameters_stop_strings_and_streams(dg64):
-    from draftguide.pipeline import Cancelled, Job
+    from draftguide.app.pipeline import Cancelled, Job
 
     kws = [dict(max_new_tokens=12), dict(max_new_tokens=5, temperature=1.0, seed=9), dict(max_new_tokens=12, top_k=3, temperature=1.0, seed=1),
            dict(max_new_tokens=12, beta=0.5), dict(max_new_tokens=12, speculative=True)]
@@ -354,7 +354,7 @@ def test_jobs_keep_their_own_parameters_stop_strings_and_streams(dg64):
 
 
 def test_bad_batch_size_is_refused_before_loading(tmp_path, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     assert main(["eval", "--target", str(tmp_path / "no-such-model"), "--tasks", "builtin", "--out", str(tmp_path / "o"),
                  "--batch-size", "0"]) == 2

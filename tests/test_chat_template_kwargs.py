@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import char_tokenizer, tiny_target
 
-from draftguide.cli import main
+from draftguide.app.cli import main
 from draftguide.errors import DraftGuideError
-from draftguide.prompts import apply_chat_template, encode_prompt, set_chat_template_kwargs
+from draftguide.modeling.prompts import apply_chat_template, encode_prompt, set_chat_template_kwargs
 
 # Qwen3-like: without enable_thinking=false the assistant turn opens a thinking block
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import tiny_draft, tiny_target
 
-from draftguide.cli import main
+from draftguide.app.cli import main
 
 
 def _err(capsys, argv) -> str:
@@ -48,7 +48,7 @@ def test_corrupt_checkpoint(capsys, tmp_path, tiny_target_dir, tiny_draft_dir):
     ],
 )
 def test_mismatched_draft(capsys, tmp_path, tiny_target_dir, kw, message):
-    from draftguide.draft import DFlashDraft
+    from draftguide.modeling.draft import DFlashDraft
 
     d = DFlashDraft.for_target(tiny_target(), num_layers=1, block_size=4, **({"mask_token_id": 3, "target_layer_ids": [1, 2]} | kw))
     d.save_pretrained(tmp_path / "d")
@@ -90,7 +90,7 @@ def test_speculate_writes_results_and_summary(tmp_path, tiny_target_dir, tiny_dr
     out = tmp_path / "run"
     # a real process: exit code, stdout table
     proc = subprocess.run(
-        [sys.executable, "-m", "draftguide.cli", "speculate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir),
+        [sys.executable, "-m", "draftguide.app.cli", "speculate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir),
          "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "12"],
         capture_output=True, text=True, timeout=300,
     )
@@ -127,7 +127,7 @@ def test_draft_dtype_reaches_the_draft(tiny_target_dir, tiny_draft_dir):
     option (eval, sweep beta) do not offer it, rather than ignore it."""
     import torch
 
-    from draftguide.cli import build_parser, load_models
+    from draftguide.app.cli import build_parser, load_models
 
     args = build_parser().parse_args(["generate", "--prompt", "hi", "--target", str(tiny_target_dir),
                                       "--draft", str(tiny_draft_dir), "--draft-dtype", "bf16"])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from draftguide.datasources import HELD_OUT, humaneval, iter_json_array, mtbench, sharegpt
+from draftguide.training.datasources import HELD_OUT, humaneval, iter_json_array, mtbench, sharegpt
 from draftguide.errors import DraftGuideError
 
 
@@ -47,7 +47,7 @@ def test_mtbench_and_humaneval(tmp_path):
 
 
 def test_held_out_sets_are_refused_as_training_prompts(capsys, tmp_path):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     assert {"mtbench", "humaneval"} <= set(HELD_OUT)
     assert main(["make-data", "--prompts", "mtbench", "--out", str(tmp_path)]) == 2
@@ -55,14 +55,14 @@ def test_held_out_sets_are_refused_as_training_prompts(capsys, tmp_path):
 
 
 def test_unknown_source(tmp_path):
-    from draftguide.datasources import load_source
+    from draftguide.training.datasources import load_source
 
     with pytest.raises(DraftGuideError, match="unknown prompt source"):
         load_source("nope")
 
 
 def test_gsm_symbolic_is_seeded():
-    from draftguide.datasources import gsm_symbolic
+    from draftguide.training.datasources import gsm_symbolic
 
     a, b = gsm_symbolic(3, seed=1), gsm_symbolic(3, seed=1)
     assert [r["messages"] for r in a] == [r["messages"] for r in b]
@@ -70,8 +70,8 @@ def test_gsm_symbolic_is_seeded():
 
 
 def test_cl_task_prompts_never_repeat_the_evaluation_suite():
-    from draftguide.datasources import load_source
-    from draftguide.tasks import load_builtin_tasks
+    from draftguide.training.datasources import load_source
+    from draftguide.experiments.tasks import load_builtin_tasks
 
     train = load_source("cltasks:2")
     assert len(train) == 32 and all(r["source"] == "cltasks" for r in train)

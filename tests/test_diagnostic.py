@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
-from draftguide.cli import main
-from draftguide.diagnostic import (
+from draftguide.app.cli import main
+from draftguide.experiments.diagnostic import (
     TaskBootstrap,
     answer_frame,
     block_reads,
@@ -29,9 +29,9 @@ from draftguide.diagnostic import (
     summarize,
     target_pass,
 )
-from draftguide.draft import DraftCache, resolve_draft
-from draftguide.speculative import speculative_generate
-from draftguide.targets import extract_features
+from draftguide.modeling.draft import DraftCache, resolve_draft
+from draftguide.decode.speculative import speculative_generate
+from draftguide.modeling.targets import extract_features
 
 
 def _task(tid, answer=None, cat="A", sub="a", context="The code word is tulip.", question="Code word?"):
@@ -491,7 +491,7 @@ def test_cli_records_exactly_the_argv_it_ran(tmp_path, tiny_target_dir, tiny_dra
     assert s["settings"]["draft_dtype"] == "bf16" and s["answer_frame"]["mode"] == "bare"
     report = (out / "report.md").read_text()
     assert report.count(f"`{s['command']}`") >= 1 + len(list(out.glob("*.png")))  # the header and every figure caption
-    from draftguide.paper import write_report
+    from draftguide.reporting.report import write_report
 
     paper = write_report([out], tmp_path / "paper").read_text()
     assert f"`{s['command']}`" in paper

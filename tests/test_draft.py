@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_draft, tiny_target
 
-from draftguide.draft import (
+from draftguide.modeling.draft import (
     DFlashDraft,
     DraftCache,
     block_attention_mask,
@@ -15,7 +15,7 @@ from draftguide.draft import (
     multi_block_hidden,
 )
 from draftguide.errors import DraftGuideError
-from draftguide.targets import extract_features
+from draftguide.modeling.targets import extract_features
 
 
 def test_build_target_layer_ids_matches_official():
@@ -160,7 +160,7 @@ def test_load_errors(tmp_path, qwen3_pair):
 
 def test_blockwise_attention_equals_dense_block_mask(qwen3_pair):
     """The multi-anchor fast path gives what dense attention under `block_attention_mask` gives."""
-    from draftguide.draft import block_inputs
+    from draftguide.modeling.draft import block_inputs
 
     target, draft = qwen3_pair
     ids = torch.randint(0, 90, (2, 30), generator=torch.Generator().manual_seed(2))
@@ -177,7 +177,7 @@ def test_blockwise_attention_equals_dense_block_mask(qwen3_pair):
 def test_rows_return_the_same_states_for_fewer_queries(qwen3_pair):
     """`rows` (block offsets the caller reads) only skips work: the states equal those rows of the full pass,
     in the cached single-block mode and in the multi-anchor mode, and a dense mask is refused."""
-    from draftguide.draft import BlockMask, block_inputs
+    from draftguide.modeling.draft import BlockMask, block_inputs
 
     target, draft = qwen3_pair
     B = draft.block_size

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from draftguide.cli import main
-from draftguide.evaluate import METHODS, format_table, score_checks, strip_thinking
-from draftguide.judge import JudgeUnavailable, LLMJudge, parse_verdict
+from draftguide.app.cli import main
+from draftguide.experiments.evaluate import METHODS, format_table, score_checks, strip_thinking
+from draftguide.experiments.judge import JudgeUnavailable, LLMJudge, parse_verdict
 
 
 def _task(tid, question, checks=None, rubrics=("The response is an answer.",), sub="A"):
@@ -268,7 +268,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_target_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "draftguide.cli", "eval", "--target", str(tiny_target_dir), "--tasks", str(f), "--out", str(multi),
+         "-m", "draftguide.app.cli", "eval", "--target", str(tiny_target_dir), "--tasks", str(f), "--out", str(multi),
          "--max-new-tokens", "6"],
         capture_output=True, text=True, timeout=120, env=env,
     )

@@ -6,8 +6,8 @@ import json
 import torch
 from conftest import tiny_draft, tiny_target
 
-from draftguide.cli import main
-from draftguide.fidelity import Sample, measure_fidelity, shuffled_features, summarize_fidelity
+from draftguide.app.cli import main
+from draftguide.experiments.fidelity import Sample, measure_fidelity, shuffled_features, summarize_fidelity
 
 LAYERS = [1, 3, 4]
 

@@ -3,7 +3,7 @@
 import torch
 from conftest import mixed_acceptance_pair
 
-from draftguide.speculative import (
+from draftguide.decode.speculative import (
     SubsetHead,
     default_verify_len,
     greedy_generate,

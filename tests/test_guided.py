@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import mixed_acceptance_pair
 
-from draftguide.draft import multi_block_hidden
+from draftguide.modeling.draft import multi_block_hidden
 from draftguide.errors import DraftGuideError
-from draftguide.guided import guide, guided_generate, js_divergence, noise_logits
-from draftguide.speculative import greedy_generate
-from draftguide.targets import extract_features
+from draftguide.decode.guided import guide, guided_generate, js_divergence, noise_logits
+from draftguide.decode.speculative import greedy_generate
+from draftguide.modeling.targets import extract_features
 
 
 @torch.inference_mode()
@@ -52,7 +52,7 @@ def test_beta_zero_is_target_greedy(pair, mix, request):
 def test_matches_uncached_reference(qwen3_pair, beta, mix, shared_head, monkeypatch):
     """beta=1 is decoding from the draft's k=1 readout alone; any beta equals the no-cache reference, both with
     one output-head call for target and draft and on the path with two (drafts with a scale or softcap)."""
-    import draftguide.guided as guided
+    import draftguide.decode.guided as guided
 
     if not shared_head:
         monkeypatch.setattr(guided, "_shared_head", lambda s, out: None)
@@ -201,7 +201,7 @@ def test_bad_input(qwen3_pair, kw, msg):
 def test_adapted_draft_from_ttt(qwen3_pair):
     """An `AdaptedDraft` from `ttt_adapt` is a draft like any other: guided decoding runs with it, exactly
     (speculative == token by token), it changes what guidance does, and reset() gives the base back."""
-    from draftguide.ttt import ttt_adapt
+    from draftguide.training.ttt import ttt_adapt
 
     target, draft = qwen3_pair
     ids = _prompt(40, seed=8)
@@ -219,10 +219,10 @@ def test_adapted_draft_from_ttt(qwen3_pair):
 def test_default_pair_end_to_end():
     """SmolLM2-135M with its shipped draft on two built-in tasks: beta 0 is greedy, the speculative path is
     exact at beta 0.5, and guidance flips some tokens at beta 1."""
-    from draftguide.draft import resolve_draft
-    from draftguide.evaluate import load_tasks
-    from draftguide.prompts import encode_prompt, stop_token_ids
-    from draftguide.targets import load_target
+    from draftguide.modeling.draft import resolve_draft
+    from draftguide.experiments.evaluate import load_tasks
+    from draftguide.modeling.prompts import encode_prompt, stop_token_ids
+    from draftguide.modeling.targets import load_target
 
     target, tok = load_target("smollm2-135m")
     draft = resolve_draft(None, target, tok, target_name="smollm2-135m")
@@ -262,7 +262,7 @@ def test_bf16_draft_beside_fp32_target(qwen3_pair):
     speculative guided stays equal to token-by-token guided, and the readout differs only by bf16 rounding."""
     import copy
 
-    from draftguide.speculative import speculative_generate
+    from draftguide.decode.speculative import speculative_generate
 
     target, draft = qwen3_pair
     mt, md, mids = mixed_acceptance_pair()  # a pair that accepts multi-token blocks: the check has power
@@ -288,7 +288,7 @@ def test_bf16_draft_beside_fp32_target(qwen3_pair):
 def test_speculative_without_a_shared_head_call(monkeypatch):
     """Drafts with their own output scale take the two-head-call path in speculative guided decoding too:
     same tokens as token-by-token decoding on the shared-call path."""
-    from draftguide import guided
+    from draftguide.decode import guided
 
     target, draft, ids = mixed_acceptance_pair()
     refs = {b: guided_generate(target, draft, ids, beta=b, max_new_tokens=40)[0] for b in (0.5, 1.0)}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from draftguide.cli import main
+from draftguide.app.cli import main
 
 ANY = [{"type": "regex", "value": "."}]
 NEVER = [{"type": "contains", "value": "no tiny model says this"}]

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from draftguide.cli import main
-from draftguide.draft import DFlashDraft, check_speculative_spec, is_aligned_readout, shipped_draft
+from draftguide.app.cli import main
+from draftguide.modeling.draft import DFlashDraft, check_speculative_spec, is_aligned_readout, shipped_draft
 from draftguide.errors import DraftGuideError
-from draftguide.guided import guided_generate, readout_trajectory
+from draftguide.decode.guided import guided_generate, readout_trajectory
 
 from conftest import tiny_draft, tiny_target
 
@@ -46,7 +46,7 @@ def test_aligned_readout_is_known_from_its_config(tiny_readout_dir, tiny_draft_d
 
 
 def test_guidance_default_falls_back_with_a_notice(monkeypatch, tmp_path):
-    import draftguide.draft as dr
+    import draftguide.modeling.draft as dr
 
     spec, readout = tmp_path / "spec", tmp_path / "readout"
     spec.mkdir()
@@ -136,8 +136,8 @@ def test_matrix_writes_every_row(tmp_path, tiny_target_dir, tiny_draft_dir, tiny
 def test_flip_words_and_context_tags():
     from conftest import char_tokenizer
 
-    from draftguide.evaluate import token_word
-    from draftguide.matrix import flip_tags, starts_word
+    from draftguide.experiments.evaluate import token_word
+    from draftguide.experiments.matrix import flip_tags, starts_word
 
     from tokenizers import decoders
 

@@ -9,9 +9,9 @@ import torch
 from conftest import mixed_acceptance_pair
 
 import dflash.model as official
-from draftguide.draft import DFlashDraft, _config_from_dict
-from draftguide.speculative import speculative_generate
-from draftguide.targets import extract_features
+from draftguide.modeling.draft import DFlashDraft, _config_from_dict
+from draftguide.decode.speculative import speculative_generate
+from draftguide.modeling.targets import extract_features
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -76,7 +76,7 @@ def test_outputs_equal_official_within_1e5(qwen3_pair):
 @torch.no_grad()
 def test_cached_outputs_equal_official(qwen3_pair):
     """Context fed in two steps through each side's cache gives the same block output."""
-    from draftguide.draft import DraftCache
+    from draftguide.modeling.draft import DraftCache
 
     target, draft = qwen3_pair
     ref = _official_from(draft)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from draftguide.cli import main
+from draftguide.app.cli import main
 
 
 def _task(tid, answer, checks):
@@ -47,7 +47,7 @@ def test_report_gathers_every_run(runs, capsys):
     md = (out / "report.md").read_text()
     for name, argv in cmds.items():
         assert f"`draftguide {' '.join(argv[:2 if argv[0] == 'sweep' else 1])} " in md, name  # each run's own command
-    from draftguide.paper import TITLES
+    from draftguide.reporting.report import TITLES
 
     for kind in cmds:
         assert f". {TITLES[kind]}: `" in md, kind  # every kind recognised

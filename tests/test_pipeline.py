@@ -8,8 +8,8 @@ import torch
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
 from draftguide import DraftGuide, DraftGuideError
-from draftguide.pipeline import TextStream
-from draftguide.speculative import greedy_generate, speculative_generate
+from draftguide.app.pipeline import TextStream
+from draftguide.decode.speculative import greedy_generate, speculative_generate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

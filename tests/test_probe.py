@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from draftguide.cli import main
-from draftguide.probe import answer_split, cv_predictions, probe_accuracy, shuffle_labels
+from draftguide.app.cli import main
+from draftguide.experiments.probe import answer_split, cv_predictions, probe_accuracy, shuffle_labels
 
 
 def _linear(n=150, d=16, seed=0, pairs=True):
@@ -73,9 +73,9 @@ def test_probe_command_on_tiny_models(tmp_path, tiny_target_dir, tiny_draft_dir,
     np.testing.assert_allclose(f["X_target_last"][::2].sum(1), diffs, rtol=1e-3, atol=1e-3)
     assert s["representations"]["target_last"]["zero_shot"]["accuracy"] == pytest.approx((diffs > 0).mean())
     # and the answer position is where the target chooses: recompute one task's logits directly
-    from draftguide.evaluate import load_tasks
-    from draftguide.prompts import encode_prompt
-    from draftguide.targets import load_target
+    from draftguide.experiments.evaluate import load_tasks
+    from draftguide.modeling.prompts import encode_prompt
+    from draftguide.modeling.targets import load_target
 
     target, tok = load_target(str(tiny_target_dir))
     task = next(t for t in load_tasks("builtin")[0] if t["metadata"]["task_id"] == rows[0]["task_id"])

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
-from draftguide.cli import main
-from draftguide.profiling import run_profile, weight_bytes_per_token
+from draftguide.app.cli import main
+from draftguide.experiments.profiling import run_profile, weight_bytes_per_token
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import torch
 from conftest import tiny_draft, tiny_target
 
 import dflash.model as official
-from draftguide.cli import main
-from draftguide.draft import DFlashDraft, load_draft, multi_block_hidden
+from draftguide.app.cli import main
+from draftguide.modeling.draft import DFlashDraft, load_draft, multi_block_hidden
 from draftguide.errors import DraftGuideError
-from draftguide.guided import guided_generate
-from draftguide.speculative import greedy_generate, speculative_generate
-from draftguide.targets import extract_features
+from draftguide.decode.guided import guided_generate
+from draftguide.decode.speculative import greedy_generate, speculative_generate
+from draftguide.modeling.targets import extract_features
 
 
 def aligned(target, seed=1, **kw):
@@ -105,7 +105,7 @@ def test_guided_with_the_aligned_readout(beta):
 def test_shipped_names_resolve_as_drafts(tmp_path):
     """`--draft smollm2-135m-dflash` and `--draft smollm2-135m-readout` address the shipped folders; the readout is
     an aligned readout and the speculative draft is not."""
-    from draftguide.draft import MODELS_DIR, draft_path
+    from draftguide.modeling.draft import MODELS_DIR, draft_path
 
     for name, aligned_kind in (("smollm2-135m-dflash", False), ("smollm2-135m-readout", True)):
         assert draft_path(name) == MODELS_DIR / name

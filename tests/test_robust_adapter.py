@@ -9,7 +9,7 @@ from conftest import tiny_draft, tiny_target
 from safetensors.torch import load_file, save_file
 
 from draftguide.errors import DraftGuideError
-from draftguide.ttt import load_adapter, ttt_adapt
+from draftguide.training.ttt import load_adapter, ttt_adapt
 
 
 @pytest.fixture(scope="module")

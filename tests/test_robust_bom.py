@@ -14,7 +14,7 @@ def _write(path, rows, bom=True):
 
 
 def test_read_jsonl_skips_bom(tmp_path):
-    from draftguide.prompts import read_jsonl
+    from draftguide.modeling.prompts import read_jsonl
 
     rows = read_jsonl(_write(tmp_path / "a.jsonl", [{"prompt": "x"}, {"prompt": "y"}]))
     assert [r["prompt"] for r in rows] == ["x", "y"] and rows[0]["_line"] == 1
@@ -22,9 +22,9 @@ def test_read_jsonl_skips_bom(tmp_path):
 
 
 def test_bom_prompts_and_tasks(tmp_path):
-    from draftguide.evaluate import load_tasks
-    from draftguide.prompts import load_prompts
-    from draftguide.tasks import builtin_tasks_path
+    from draftguide.experiments.evaluate import load_tasks
+    from draftguide.modeling.prompts import load_prompts
+    from draftguide.experiments.tasks import builtin_tasks_path
 
     assert load_prompts(str(_write(tmp_path / "p.jsonl", [{"prompt": "hello"}])))[0]["prompt"] == "hello"
     src = builtin_tasks_path().read_text(encoding="utf-8").splitlines()[:2]
@@ -35,8 +35,8 @@ def test_bom_prompts_and_tasks(tmp_path):
 
 
 def test_bom_results_and_samples(tmp_path):
-    from draftguide.data import read_samples
-    from draftguide.report import results_field
+    from draftguide.training.data import read_samples
+    from draftguide.experiments.diagnose import results_field
 
     _write(tmp_path / "results.jsonl", [{"task_id": "a", "status": "ok", "response": "r"}])
     assert results_field(tmp_path / "results.jsonl", "response") == {"a": "r"}
@@ -45,7 +45,7 @@ def test_bom_results_and_samples(tmp_path):
 
 
 def test_bom_gzip_and_json(tmp_path):
-    from draftguide.datasources import humaneval, mtbench
+    from draftguide.training.datasources import humaneval, mtbench
 
     gz = tmp_path / "he.jsonl.gz"
     with gzip.open(gz, "wt", encoding="utf-8") as f:
@@ -56,7 +56,7 @@ def test_bom_gzip_and_json(tmp_path):
 
 
 def test_bom_judge_prompt_file(tmp_path):
-    from draftguide.judge import load_prompt
+    from draftguide.experiments.judge import load_prompt
 
     p = tmp_path / "judge.txt"
     p.write_text(BOM + "Rubrics {rubrics} response {response}", encoding="utf-8")
@@ -66,7 +66,7 @@ def test_bom_judge_prompt_file(tmp_path):
 @pytest.mark.parametrize("bom", [True, False])
 def test_cli_eval_rows_with_bom_are_read(tmp_path, bom):
     """The CLI's own task reader path (load_tasks -> read_jsonl): a BOM at line 1 is no error."""
-    from draftguide.evaluate import load_tasks
+    from draftguide.experiments.evaluate import load_tasks
 
     row = {"messages": [{"role": "user", "content": "Say hi"}], "metadata": {"task_id": "t1"},
            "checks": [{"type": "contains", "value": "hi"}]}

@@ -6,8 +6,8 @@ import pytest
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
 from draftguide.errors import DraftGuideError
-from draftguide.pipeline import DraftGuide
-from draftguide.prompts import encode_prompt
+from draftguide.app.pipeline import DraftGuide
+from draftguide.modeling.prompts import encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_server_messages(dg):
     from test_robust_sampling import _post
     from test_server import running
 
-    from draftguide.server import create_app
+    from draftguide.app.server import create_app
 
     with running(create_app(dg)) as url:
         cases = [
@@ -55,7 +55,7 @@ def test_server_messages(dg):
 
 
 def test_cli_eval_names_task_and_line(tmp_path, tiny_target_dir, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     f = tmp_path / "t.jsonl"
     rows = [{"messages": [{"role": "user", "content": "hi"}], "metadata": {"task_id": "a"}, "checks": [{"type": "contains", "value": "x"}]},
@@ -67,7 +67,7 @@ def test_cli_eval_names_task_and_line(tmp_path, tiny_target_dir, capsys):
 
 
 def test_cli_speculate_names_the_line(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"prompt": "hi"}) + "\n\n" + json.dumps({"prompt": " "}) + "\n")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from draftguide.judge import JudgeUnavailable, parse_verdict
+from draftguide.experiments.judge import JudgeUnavailable, parse_verdict
 
 CLBENCH = {"Grading Rationale": "Both requirements are met.", "List of Requirement Satisfaction Status": ["yes", "yes"],
            "Overall Score": 1}
@@ -45,7 +45,7 @@ def test_unusable_replies_raise(text):
 
 
 def test_unreachable_judge_raises():
-    from draftguide.judge import LLMJudge
+    from draftguide.experiments.judge import LLMJudge
 
     j = LLMJudge("m", base_url="http://127.0.0.1:9/v1", api_key="x", timeout=2, api_retries=0)
     with pytest.raises(JudgeUnavailable, match="judge API failure"):
@@ -70,7 +70,7 @@ class FlakyJudge:
 def test_judge_down_is_a_failed_task_retried_on_rerun(tmp_path, qwen3_pair):
     from conftest import char_tokenizer
 
-    from draftguide.evaluate import run_eval
+    from draftguide.experiments.evaluate import run_eval
 
     t, _ = qwen3_pair
     tok = char_tokenizer()

@@ -8,7 +8,7 @@ import torch
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
 from draftguide.errors import DraftGuideError
-from draftguide.pipeline import DraftGuide
+from draftguide.app.pipeline import DraftGuide
 
 LIMIT = 64
 LONG = "Tell me about " + "the colour of the sea and the sky " * 5  # ~180 characters, one token each
@@ -40,7 +40,7 @@ def _one_error_line(capsys, *needles):
 
 
 def test_check_length_unit():
-    from draftguide.prompts import check_length
+    from draftguide.modeling.prompts import check_length
 
     t = tiny_target()
     t.config.max_position_embeddings = 10
@@ -60,7 +60,7 @@ def test_library_generate_and_adapt(short_pair):
             dg.generate(LONG, max_new_tokens=4, method=method, beta=0.5 if method == "guided" else 0.0)
     with pytest.raises(DraftGuideError, match="TTT context"):
         dg.adapt(LONG)
-    from draftguide.ttt import ttt_adapt
+    from draftguide.training.ttt import ttt_adapt
 
     with pytest.raises(DraftGuideError, match="TTT context: the context has"):
         ttt_adapt(d, t, torch.arange(4, 90)[None], steps=1)
@@ -68,7 +68,7 @@ def test_library_generate_and_adapt(short_pair):
 
 
 def test_cli_generate(dirs, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     target, draft = dirs
     assert main(["generate", "--target", str(target), "--draft", str(draft), "--prompt", LONG, "--max-new-tokens", "4"]) == 2
@@ -76,7 +76,7 @@ def test_cli_generate(dirs, capsys):
 
 
 def test_cli_speculate(dirs, tmp_path, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     target, draft = dirs
     p = tmp_path / "p.jsonl"
@@ -92,7 +92,7 @@ def _task(tid, text):
 
 
 def test_cli_eval_and_diagnose(dirs, tmp_path, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     target, draft = dirs
     f = tmp_path / "t.jsonl"
@@ -105,7 +105,7 @@ def test_cli_eval_and_diagnose(dirs, tmp_path, capsys):
 
 
 def test_cli_ttt_tau(dirs, tmp_path, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     target, draft = dirs
     p = tmp_path / "ctx.jsonl"
@@ -119,7 +119,7 @@ def test_server(short_pair):
     from test_robust_sampling import _post
     from test_server import running
 
-    from draftguide.server import create_app
+    from draftguide.app.server import create_app
 
     t, d = short_pair
     dg = DraftGuide(t, char_tokenizer(), d)

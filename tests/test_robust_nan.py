@@ -16,7 +16,7 @@ def strict_load(text: str):
 
 
 def test_shared_writers_map_non_finite_to_null(tmp_path):
-    from draftguide.runs import JsonlWriter, dumps, finite, write_json
+    from draftguide.reporting.runs import JsonlWriter, dumps, finite, write_json
 
     obj = {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": np.float32("nan"), "d": (np.float64(2.0),),
            "e": {"f": torch.tensor(float("nan"))}, "g": np.array([1.0, np.nan])}
@@ -30,14 +30,14 @@ def test_shared_writers_map_non_finite_to_null(tmp_path):
 
 
 def test_fmt_marks_missing():
-    from draftguide.runs import fmt
+    from draftguide.reporting.runs import fmt
 
     assert fmt(None) == "-" and fmt(float("nan")) == "-" and fmt(float("inf"), ".1f") == "-" and fmt(1.234) == "1.23"
 
 
 def test_speculate_one_token_writes_no_nan(tmp_path, qwen3_pair):
     """`speculate --max-new-tokens 1`: tau is undefined (no verify step); the files say null, the summary why."""
-    from draftguide.speculative import TAU_MISSING, run_speculate
+    from draftguide.decode.speculative import TAU_MISSING, run_speculate
 
     from conftest import char_tokenizer
 
@@ -52,7 +52,7 @@ def test_speculate_one_token_writes_no_nan(tmp_path, qwen3_pair):
 
 
 def test_speculate_table_says_why(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     out = tmp_path / "run"
     rc = main(["speculate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--prompts", "builtin",
@@ -64,20 +64,20 @@ def test_speculate_table_says_why(tmp_path, tiny_target_dir, tiny_draft_dir, cap
 
 
 def test_eval_table_and_report_without_finished_tasks(tmp_path):
-    from draftguide.evaluate import format_table, summarize
+    from draftguide.experiments.evaluate import format_table, summarize
 
     s = summarize([{"task_id": "a", "status": "error", "error": "boom"}], n_tasks=1)
     table = format_table(s)
     assert "nan" not in table.lower() and "no task finished" in table
-    from draftguide.runs import dumps
+    from draftguide.reporting.runs import dumps
 
     assert strict_load(dumps(s))["solve_rate"] is None
 
 
 def test_report_reads_null_figures(tmp_path):
     """A run folder whose summary holds null (written by the shared writer) still renders in `draftguide report`."""
-    from draftguide.paper import write_report
-    from draftguide.runs import write_json
+    from draftguide.reporting.report import write_report
+    from draftguide.reporting.runs import write_json
 
     run = tmp_path / "spec"
     write_json(run / "summary.json", {"n_prompts": 1, "new_tokens": 1, "block_size": 8, "verify_len": 7, "tau": float("nan"),

@@ -8,8 +8,8 @@ import torch
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
 from draftguide.errors import DraftGuideError
-from draftguide.pipeline import DraftGuide
-from draftguide.sampling import GREEDY_BELOW, check_sampling, probs_from_logits, sample
+from draftguide.app.pipeline import DraftGuide
+from draftguide.modeling.sampling import GREEDY_BELOW, check_sampling, probs_from_logits, sample
 
 MSG = [{"role": "user", "content": "Name a colour."}]
 
@@ -68,7 +68,7 @@ def test_library_refuses_non_finite(dg):
 
 
 def test_cli_generate_tiny_temperature(tiny_target_dir, tiny_draft_dir, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     base = ["generate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--prompt", "Name a colour.",
             "--max-new-tokens", "4"]
@@ -85,7 +85,7 @@ def test_cli_generate_tiny_temperature(tiny_target_dir, tiny_draft_dir, capsys):
 
 
 def test_cli_speculate_refuses_nan_before_loading(tmp_path, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     assert main(["speculate", "--target", "/nonexistent", "--out", str(tmp_path / "o"), "--temperature", "nan"]) == 2
     assert "finite" in capsys.readouterr().err
@@ -106,7 +106,7 @@ def _post(url, body):
 def test_server_sampling_edges(dg):
     from test_server import running
 
-    from draftguide.server import create_app
+    from draftguide.app.server import create_app
 
     with running(create_app(dg)) as url:
         msg = json.dumps(MSG)
@@ -127,7 +127,7 @@ def test_server_sampling_edges(dg):
 
 
 def test_make_data_tiny_temperature_is_greedy(tmp_path, qwen3_pair):
-    from draftguide.data import make_data, read_samples
+    from draftguide.training.data import make_data, read_samples
 
     t, _ = qwen3_pair
     rows = [{"id": "a", "prompt": "hello there"}]

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
-from draftguide.pipeline import DraftGuide
+from draftguide.app.pipeline import DraftGuide
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -35,7 +35,7 @@ def test_server_unseeded_requests_differ(dg):
     from test_robust_sampling import _post
     from test_server import running
 
-    from draftguide.server import create_app
+    from draftguide.app.server import create_app
 
     body = {"messages": MSG, "max_tokens": 24, "temperature": 1.0}
     with running(create_app(dg)) as url:
@@ -50,7 +50,7 @@ def test_server_unseeded_requests_differ(dg):
 
 
 def test_speculate_records_a_fresh_seed(tmp_path, qwen3_pair):
-    from draftguide.speculative import run_speculate
+    from draftguide.decode.speculative import run_speculate
 
     t, d = qwen3_pair
     rows = [{"id": "p", "prompt": "hello there"}]
@@ -65,7 +65,7 @@ def test_speculate_records_a_fresh_seed(tmp_path, qwen3_pair):
 
 
 def test_cli_generate_prints_the_seed(tiny_target_dir, tiny_draft_dir, capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     base = ["generate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--prompt", "hi",
             "--max-new-tokens", "12", "--temperature", "1"]
@@ -81,7 +81,7 @@ def test_cli_generate_prints_the_seed(tiny_target_dir, tiny_draft_dir, capsys):
 
 
 def test_cli_eval_sampling_draws_and_records_a_seed(tmp_path, tiny_target_dir):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     tasks = tmp_path / "t.jsonl"
     tasks.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "metadata": {"task_id": "a"},

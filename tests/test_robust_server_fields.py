@@ -10,8 +10,8 @@ import torch
 from conftest import char_tokenizer, tiny_draft, tiny_target
 from openai import BadRequestError, OpenAI
 
-from draftguide.pipeline import DraftGuide
-from draftguide.server import SUPPORTED_FIELDS, create_app
+from draftguide.app.pipeline import DraftGuide
+from draftguide.app.server import SUPPORTED_FIELDS, create_app
 
 MSG = [{"role": "user", "content": "hello there"}]
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import tiny_draft, tiny_target
 
-from draftguide.pipeline import DraftGuide, TextStream, decode_text
+from draftguide.app.pipeline import DraftGuide, TextStream, decode_text
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<mask>"]
 EMOJI = "\U0001f600"  # 4 UTF-8 bytes
@@ -17,7 +17,7 @@ def byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from draftguide.pipeline import _byte_decoder
+    from draftguide.app.pipeline import _byte_decoder
 
     enc = {b: c for c, b in _byte_decoder().items()}
     vocab = {t: i for i, t in enumerate(SPECIALS + [enc[b] for b in range(256)])}
@@ -74,7 +74,7 @@ def test_server_stream_and_plain_agree(dg):
     from test_robust_sampling import _post
     from test_server import running
 
-    from draftguide.server import create_app
+    from draftguide.app.server import create_app
     from openai import OpenAI
 
     with running(create_app(dg)) as url:
@@ -92,7 +92,7 @@ def test_server_stream_and_plain_agree(dg):
 
 
 def test_eval_response_has_no_replacement_char(tmp_path):
-    from draftguide.evaluate import METHODS, evaluate_task
+    from draftguide.experiments.evaluate import METHODS, evaluate_task
 
     tok = byte_tokenizer()
     target = tiny_target(vocab=264)

@@ -18,8 +18,8 @@ pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 from openai import APIError, AsyncOpenAI, BadRequestError, OpenAI  # noqa: E402
 
-from draftguide.pipeline import DraftGuide  # noqa: E402
-from draftguide.server import create_app  # noqa: E402
+from draftguide.app.pipeline import DraftGuide  # noqa: E402
+from draftguide.app.server import create_app  # noqa: E402
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -196,8 +196,8 @@ def test_busy_server_rejects_with_503(dg):
 def test_serve_binds_localhost_by_default():
     import inspect
 
-    from draftguide.cli import build_parser
-    from draftguide.server import serve
+    from draftguide.app.cli import build_parser
+    from draftguide.app.server import serve
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     args = build_parser().parse_args(["serve"])
@@ -205,7 +205,7 @@ def test_serve_binds_localhost_by_default():
 
 
 def test_cli_serve_rejects_contradictory_defaults_before_loading(capsys):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     assert main(["serve", "--method", "greedy", "--beta", "0.5"]) == 2
     assert "needs method 'guided'" in capsys.readouterr().err
@@ -243,7 +243,7 @@ def test_cli_serve_in_a_subprocess(tiny_target_dir, tiny_draft_dir):
 
     port = _free_port()
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "draftguide.cli", "serve", "--target", str(tiny_target_dir), "--draft",
+    proc = subprocess.Popen([sys.executable, "-m", "draftguide.app.cli", "serve", "--target", str(tiny_target_dir), "--draft",
                              str(tiny_draft_dir), "--port", str(port), "--model-name", "tiny-cli"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -281,7 +281,7 @@ def test_server_defaults_serve_clients_that_send_only_model_and_messages(dg):
 
 def test_serve_ttt_defaults_build_from_the_command_line():
     """`draftguide serve --ttt` (which has no --seed) turns its TTT flags into per-request defaults."""
-    from draftguide.cli import _ttt_config, build_parser
+    from draftguide.app.cli import _ttt_config, build_parser
 
     args = build_parser().parse_args(["serve", "--ttt", "--ttt-steps", "3"])
     cfg = _ttt_config(args, seed=0).kwargs()

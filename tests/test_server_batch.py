@@ -13,8 +13,8 @@ pytest.importorskip("fastapi")
 from openai import OpenAI  # noqa: E402
 from test_server import running  # noqa: E402
 
-from draftguide.pipeline import DraftGuide  # noqa: E402
-from draftguide.server import create_app  # noqa: E402
+from draftguide.app.pipeline import DraftGuide  # noqa: E402
+from draftguide.app.server import create_app  # noqa: E402
 
 
 class Gated(DraftGuide):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from draftguide.draft import DFlashDraft, default_mask_token_id
-from draftguide.prompts import BUILTIN_PROMPTS, encode_prompt, stop_token_ids
-from draftguide.speculative import hf_generate, speculative_generate
-from draftguide.targets import load_target, resolve_target
+from draftguide.modeling.draft import DFlashDraft, default_mask_token_id
+from draftguide.modeling.prompts import BUILTIN_PROMPTS, encode_prompt, stop_token_ids
+from draftguide.decode.speculative import hf_generate, speculative_generate
+from draftguide.modeling.targets import load_target, resolve_target
 
 pytestmark = pytest.mark.slow
 

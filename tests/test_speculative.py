@@ -5,8 +5,8 @@ import torch
 from conftest import mixed_acceptance_pair, tiny_target
 
 from draftguide.errors import DraftGuideError
-from draftguide.sampling import probs_from_logits, rejection_sample
-from draftguide.speculative import greedy_generate, hf_generate, speculative_generate
+from draftguide.modeling.sampling import probs_from_logits, rejection_sample
+from draftguide.decode.speculative import greedy_generate, hf_generate, speculative_generate
 
 
 @pytest.mark.parametrize("pair", ["llama_pair", "qwen3_pair"])
@@ -114,7 +114,7 @@ def test_mismatched_draft_rejected(qwen3_pair):
 
 
 def test_adaptive_verify_is_lossless_and_picks_by_cost():
-    from draftguide.speculative import best_verify_len
+    from draftguide.decode.speculative import best_verify_len
 
     target, draft, ids = mixed_acceptance_pair()
     ref, _ = hf_generate(target, ids, 60)
@@ -137,7 +137,7 @@ def test_adaptive_verify_counts_the_price_of_reading_the_draft():
     """With read costs, auto verification reads only the offsets worth their cost, judged from the
     acceptance seen so far: an expensive head means one proposal per step, a free one the old behaviour;
     both lossless."""
-    from draftguide.speculative import AcceptanceRates, measure_read_costs
+    from draftguide.decode.speculative import AcceptanceRates, measure_read_costs
 
     target, draft, ids = mixed_acceptance_pair()
     ref, _ = hf_generate(target, ids, 60)

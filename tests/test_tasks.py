@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from draftguide.cli import main
-from draftguide.evaluate import load_tasks, score_checks
-from draftguide.tasks import BUILTIN_PARAMS, CATEGORIES, build_tasks, builtin_tasks_path, load_builtin_tasks
+from draftguide.app.cli import main
+from draftguide.experiments.evaluate import load_tasks, score_checks
+from draftguide.experiments.tasks import BUILTIN_PARAMS, CATEGORIES, build_tasks, builtin_tasks_path, load_builtin_tasks
 
 CL_BENCH_CATEGORIES = {"Domain Knowledge Reasoning", "Rule System Application", "Procedural Task Execution",
                        "Empirical Discovery & Simulation"}
@@ -43,7 +43,7 @@ def test_frozen_file_is_the_generator_output(builtin):
 
 def test_shipped_greedy_results_match_the_frozen_suite(builtin):
     """The greedy solve status shipped for `diagnose --solved-from` was measured on this very suite."""
-    from draftguide.prompts import read_jsonl
+    from draftguide.modeling.prompts import read_jsonl
 
     rows = read_jsonl(builtin_tasks_path().parent / "tasks_v1.greedy-smollm2-135m.results.jsonl")
     assert [r["task_id"] for r in rows] == [t["metadata"]["task_id"] for t in builtin]

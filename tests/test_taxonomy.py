@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import char_tokenizer, tiny_target
 
-from draftguide.cli import main
-from draftguide.evaluate import METHODS, score_checks
-from draftguide.taxonomy import CLASSES, class_counts, classify_response, flip_markdown, flip_table, mentions
+from draftguide.app.cli import main
+from draftguide.experiments.evaluate import METHODS, score_checks
+from draftguide.experiments.taxonomy import CLASSES, class_counts, classify_response, flip_markdown, flip_table, mentions
 
 
 def _row(tid, context, question, ref, dis, checks, cat="Cat"):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import char_tokenizer, tiny_target
 
-from draftguide.data import make_data, read_samples
-from draftguide.draft import DFlashDraft, multi_block_hidden
-from draftguide.targets import extract_features
-from draftguide.train import (
+from draftguide.training.data import make_data, read_samples
+from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
+from draftguide.modeling.targets import extract_features
+from draftguide.training.train import (
     IGNORE,
     FeatureScale,
     TrainConfig,
@@ -144,7 +144,7 @@ DDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from conftest import tiny_target, char_tokenizer
-from draftguide.train import TrainConfig, train_draft
+from draftguide.training.train import TrainConfig, train_draft
 dist.init_process_group("gloo")
 torch.set_num_threads(1)
 cfg = TrainConfig(block_size=4, draft_layers=1, target_layer_ids=[1, 3], anchors_per_seq=6, batch_size=4,
@@ -178,7 +178,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
 
     root, _ = tiny_data
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "draftguide.cli", "train-draft", "--target", str(root / "target"), "--data", str(root / "data"),
+    cmd = [sys.executable, "-m", "draftguide.app.cli", "train-draft", "--target", str(root / "target"), "--data", str(root / "data"),
            "--out", str(out), "--steps", "100000", "--block-size", "4", "--draft-layers", "1", "--target-layer-ids", "1", "3",
            "--anchors-per-seq", "4", "--batch-size", "2", "--vocab-subset", "0", "--mask-token-id", "3", "--log-every", "1",
            "--checkpoint-every", "0"]
@@ -201,7 +201,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
 
 
 def test_draft_from_checkpoint_equals_saved_draft(tiny_data, tmp_path):
-    from draftguide.train import draft_from_checkpoint
+    from draftguide.training.train import draft_from_checkpoint
 
     root, _ = tiny_data
     _train(root, tmp_path, _cfg(steps=3, save_dtype="float32"))

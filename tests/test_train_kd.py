@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import char_tokenizer, tiny_target
 
-from draftguide.draft import DFlashDraft, load_draft
-from draftguide.targets import extract_features
-from draftguide.train import (
+from draftguide.modeling.draft import DFlashDraft, load_draft
+from draftguide.modeling.targets import extract_features
+from draftguide.training.train import (
     IGNORE,
     TrainConfig,
     block_labels,
@@ -67,7 +67,7 @@ def test_kd_loss_reads_the_target_distribution_at_the_teacher_positions():
 
 
 def _text_data(root):
-    from draftguide.data import make_text_data
+    from draftguide.training.data import make_text_data
 
     tok = char_tokenizer()
     rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
@@ -78,7 +78,7 @@ def _text_data(root):
 
 
 def test_text_data_marks_the_reply_as_labels(tmp_path):
-    from draftguide.data import read_samples
+    from draftguide.training.data import read_samples
 
     tok, meta = _text_data(tmp_path)
     assert meta["n_samples"] == 4 and meta["responses"].startswith("given")

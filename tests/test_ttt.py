@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import mixed_acceptance_pair, tiny_draft, tiny_target
 
-from draftguide.draft import DFlashDraft, multi_block_hidden
+from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
 from draftguide.errors import DraftGuideError
-from draftguide.speculative import speculative_generate
-from draftguide.targets import extract_features
-from draftguide.ttt import AdaptedDraft, evenly_spaced_anchors, load_adapter, ttt_adapt
+from draftguide.decode.speculative import speculative_generate
+from draftguide.modeling.targets import extract_features
+from draftguide.training.ttt import AdaptedDraft, evenly_spaced_anchors, load_adapter, ttt_adapt
 
 
 def _context(T=96, seed=0, vocab=90):
@@ -176,7 +176,7 @@ def test_fc_adapter_reads_standardised_features_and_merges_back(pair, tmp_path):
     base fc still reads raw features, and the merged draft and the saved peft adapter compute the same."""
     from peft import PeftModel
 
-    from draftguide.ttt import context_feature_scale
+    from draftguide.training.ttt import context_feature_scale
 
     target, draft = pair
     ids = _context(120, seed=3)
@@ -314,8 +314,8 @@ def _ttt_numbers(records):
 def test_diagnose_ttt_does_not_leak_across_tasks():
     from conftest import char_tokenizer
 
-    from draftguide.diagnostic import diagnose, prepare_tasks
-    from draftguide.ttt import TTTConfig
+    from draftguide.experiments.diagnostic import diagnose, prepare_tasks
+    from draftguide.training.ttt import TTTConfig
 
     target, tok = tiny_target(), char_tokenizer()
     draft = tiny_draft(target, mask_token_id=3)
@@ -336,8 +336,8 @@ def test_diagnose_ttt_does_not_leak_across_tasks():
 def test_diagnose_ttt_zero_steps_equals_base_draft():
     from conftest import char_tokenizer
 
-    from draftguide.diagnostic import diagnose, prepare_tasks
-    from draftguide.ttt import TTTConfig
+    from draftguide.experiments.diagnostic import diagnose, prepare_tasks
+    from draftguide.training.ttt import TTTConfig
 
     target, tok = tiny_target(), char_tokenizer()
     draft = tiny_draft(target, mask_token_id=3)
@@ -350,7 +350,7 @@ def test_diagnose_ttt_zero_steps_equals_base_draft():
 def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     import json
 
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
@@ -376,8 +376,8 @@ def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_ta
 # -- measurements: replayed acceptance, ttt-tau, the sweep, CLI errors -------------------------------
 @pytest.mark.parametrize("stop_at", [None, 25])
 def test_replayed_acceptance_equals_speculative_decoding(stop_at):
-    from draftguide.speculative import greedy_generate
-    from draftguide.ttt_measure import replay_acceptance
+    from draftguide.decode.speculative import greedy_generate
+    from draftguide.experiments.ttt_measure import replay_acceptance
 
     target, draft, prompt = mixed_acceptance_pair()
     P, n = prompt.shape[1], 60
@@ -393,7 +393,7 @@ def test_replayed_acceptance_equals_speculative_decoding(stop_at):
 
 
 def test_tau_summary_pools_steps_and_bootstraps_deltas():
-    from draftguide.ttt_measure import tau_summary
+    from draftguide.experiments.ttt_measure import tau_summary
 
     rep = {"loss_before": 2.0, "loss_after": 1.0, "seconds": 1.0, "prefill_ratio": 4.0}
     rows = [{"context_tokens": 10, "acceptance_base": [1, 1], "acceptance_ttt": [2], "delta_tau": 1.0, "identical_output": True, "ttt": rep},
@@ -407,7 +407,7 @@ def test_tau_summary_pools_steps_and_bootstraps_deltas():
 def test_cli_ttt_tau(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     import json
 
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"count: {' '.join(map(str, range(i, i + 12)))}"}) + "\n"
@@ -429,7 +429,7 @@ def test_cli_ttt_tau(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
 def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     import json
 
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
@@ -461,7 +461,7 @@ def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     (["sweep", "ttt", "--rank", "0"], "rank"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
-    from draftguide.cli import main
+    from draftguide.app.cli import main
 
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -471,7 +471,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
 def test_unknown_context_set_is_a_clear_error():
     from conftest import char_tokenizer
 
-    from draftguide.ttt_measure import load_contexts
+    from draftguide.experiments.ttt_measure import load_contexts
 
     with pytest.raises(DraftGuideError, match="unknown context set"):
         load_contexts("nope", char_tokenizer())
@@ -481,10 +481,10 @@ def test_unknown_context_set_is_a_clear_error():
 def test_default_pair_end_to_end():
     """SmolLM2-135M + the shipped draft: zero-step TTT changes nothing, 8 steps lower the context loss and
     speculative decoding with the adapted draft stays lossless."""
-    from draftguide.draft import resolve_draft
-    from draftguide.prompts import encode_prompt, stop_token_ids
-    from draftguide.targets import load_target
-    from draftguide.tasks import load_builtin_tasks
+    from draftguide.modeling.draft import resolve_draft
+    from draftguide.modeling.prompts import encode_prompt, stop_token_ids
+    from draftguide.modeling.targets import load_target
+    from draftguide.experiments.tasks import load_builtin_tasks
 
     target, tok = load_target("smollm2-135m")
     draft = resolve_draft(None, target, tok, target_name="smollm2-135m")

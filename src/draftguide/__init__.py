@@ -2,21 +2,22 @@
 
 __version__ = "0.1.0"
 
-from .draft import DFlashDraft, build_target_layer_ids, load_draft, multi_block_hidden  # noqa: E402
-from .errors import DraftGuideError  # noqa: E402
-from .speculative import greedy_generate, run_speculate, speculative_generate  # noqa: E402
-from .targets import extract_features, load_target  # noqa: E402
+from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, load_draft, multi_block_hidden  # noqa: E402
+from draftguide.errors import DraftGuideError  # noqa: E402
+from draftguide.decode.speculative import greedy_generate, run_speculate, speculative_generate  # noqa: E402
+from draftguide.modeling.targets import extract_features, load_target  # noqa: E402
 
 # Heavier entry points (training, evaluation, the diagnostic with its plotting) load on first use.
 _LAZY = {
-    "TrainConfig": "train", "train_draft": "train", "draft_from_checkpoint": "train",
-    "make_data": "data",
-    "build_tasks": "tasks", "load_builtin_tasks": "tasks",
-    "run_eval": "evaluate", "register_method": "evaluate",
-    "run_diagnose": "report", "score_sequence": "diagnostic",
-    "DraftGuide": "pipeline", "run_profile": "profiling", "write_report": "paper", "create_app": "server",
-    "ttt_adapt": "ttt", "AdaptedDraft": "ttt", "TTTReport": "ttt",
-    "guided_generate": "guided", "power_sample": "baselines", "dola_generate": "baselines",
+    "TrainConfig": "training.train", "train_draft": "training.train", "draft_from_checkpoint": "training.train",
+    "make_data": "training.data",
+    "build_tasks": "experiments.tasks", "load_builtin_tasks": "experiments.tasks",
+    "run_eval": "experiments.evaluate", "register_method": "experiments.evaluate",
+    "run_diagnose": "experiments.diagnose", "score_sequence": "experiments.diagnostic",
+    "DraftGuide": "app.pipeline", "run_profile": "experiments.profiling", "write_report": "reporting.report",
+    "create_app": "app.server",
+    "ttt_adapt": "training.ttt", "AdaptedDraft": "training.ttt", "TTTReport": "training.ttt",
+    "guided_generate": "decode.guided", "power_sample": "decode.baselines", "dola_generate": "decode.baselines",
 }
 
 

@@ -1,0 +1,1 @@
+"""User-facing layers over the library: the CLI, the OpenAI-compatible server, the notebook pipeline."""

@@ -1,0 +1,1 @@
+"""Decoding with a draft: speculative decoding, draft-guided decoding, baselines (Power Sampling, DoLa), batched generation."""

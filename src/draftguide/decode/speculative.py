@@ -1,0 +1,530 @@
+"""Lossless speculative decoding with a DFlash draft, and the plain decoding it is measured against.
+
+One verify step: the draft fills `[anchor, MASK x (B-1)]` in one pass from the cached context, the
+target scores the block in one forward, the longest prefix the target agrees with is committed plus
+one bonus token from the target, and both caches keep only committed positions. The draft cache only
+ever holds context, so it never needs cropping; the target cache is cropped to the committed length.
+Acceptance length = tokens committed by one verify step, bonus included (at most B).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from draftguide.modeling.draft import DFlashDraft, DraftCache
+from draftguide.errors import DraftGuideError
+from draftguide.modeling.sampling import check_sampling, effective_temperature, probs_from_logits, rejection_sample, sample, sample_probs
+from draftguide.modeling.targets import extract_features
+
+
+TAU_MISSING = "no verify step ran: every generation ended at its first token (max_new_tokens 1, or a stop token)"
+
+
+@dataclass
+class GenStats:
+    num_input_tokens: int
+    num_new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    acceptance_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per verify step (bonus included)."""
+        a = self.acceptance_lengths
+        return sum(a) / len(a) if a else float("nan")
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def _now(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int, target=None) -> None:
+    from draftguide.modeling.prompts import check_length
+
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise DraftGuideError(f"input_ids must have shape [1, T] (batch size 1), got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise DraftGuideError("empty prompt: input_ids has no tokens")
+    if max_new_tokens < 1:
+        raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if target is not None:
+        check_length(target, input_ids.shape[1], max_new_tokens)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Keep the first `length` positions (transformers 5.x `crop` takes minus the number to drop)."""
+    drop = cache.get_seq_length() - length
+    if drop > 0:
+        cache.crop(-drop)
+
+
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.24); use whichever this model takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _first_stop(tokens: list[int], stop: set[int]) -> int | None:
+    return next((i for i, t in enumerate(tokens) if t in stop), None)
+
+
+class SubsetHead:
+    """FR-Spec (Zhao et al. 2025, arXiv 2502.14856): the draft scores only a subset of the vocabulary (the V'
+    most frequent tokens) when it proposes; logits outside the subset are -inf, so proposals come from the
+    subset and, at temperature > 0, q is 0 outside it. The target verifies with its full head, so greedy output
+    is unchanged and rejection sampling stays exact; only acceptance can drop (a target token outside the
+    subset is never proposed). On a CPU the full head is most of a draft step's cost at batch 1.
+    `token_ids` [V'] (any order); the head rows are kept in the draft's dtype."""
+
+    def __init__(self, draft: DFlashDraft, target, token_ids: torch.Tensor):
+        head = target.get_output_embeddings()
+        dev = head.weight.device
+        self.ids = torch.as_tensor(token_ids, dtype=torch.long, device=dev).unique()  # sorted
+        self.weight = head.weight[self.ids].to(next(draft.parameters()).dtype)  # [V', d]
+        self.vocab, self.draft = head.weight.shape[0], draft
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden [..., n, d] -> logits [..., n, V] (float32; -inf outside the subset)
+        sub = (hidden.to(self.weight.dtype) @ self.weight.T).float() * self.draft.output_multiplier
+        if self.draft.softcap:
+            sub = torch.tanh(sub / float(self.draft.softcap)) * float(self.draft.softcap)
+        out = torch.full((*sub.shape[:-1], self.vocab), float("-inf"), device=sub.device)
+        return out.index_copy_(-1, self.ids, sub)
+
+
+RANKING_FILE = "vocab_ranking.safetensors"  # token ids by falling frequency, beside a draft's weights
+
+
+def save_vocab_ranking(folder, counts: torch.Tensor) -> None:
+    """Write the token ranking (ids by falling count, ties by id) that `--draft-vocab N` takes the top of.
+    Official dflash ignores the extra file. # counts: [V] token counts of the draft's training text"""
+    from safetensors.torch import save_file
+
+    order = torch.argsort(-counts.double() + torch.arange(len(counts)) * 1e-9 / len(counts), stable=True)
+    save_file({"token_ids": order.to(torch.int32).contiguous()}, str(Path(folder) / RANKING_FILE))
+
+
+def load_draft_vocab(folder, size: int) -> torch.Tensor:
+    """The `size` most frequent token ids of a draft folder's ranking. Raises DraftGuideError without one."""
+    from safetensors.torch import load_file
+
+    from draftguide.modeling.draft import draft_path
+
+    path = draft_path(folder) / RANKING_FILE
+    if not path.is_file():
+        raise DraftGuideError(f"--draft-vocab needs {RANKING_FILE} in the draft folder '{folder}' (token ranking by frequency)")
+    ranked = load_file(str(path))["token_ids"].long()
+    if not 1 <= size <= len(ranked):
+        raise DraftGuideError(f"--draft-vocab must be in [1, {len(ranked)}], got {size}")
+    return ranked[:size]
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target,
+    draft: DFlashDraft,
+    input_ids: torch.Tensor,  # [1, T]
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: list[int] | None = None,
+    verify_len: int | None = None,
+    generator: torch.Generator | None = None,
+    verify_costs: list[float] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+    read_costs: list[float] | None = None,
+    draft_head: "SubsetHead | None" = None,
+) -> tuple[torch.Tensor, GenStats]:
+    """Returns `(tokens [1, T + n], stats)`. Greedy output equals the target's own greedy output; at
+    temperature > 0 rejection sampling keeps the target's distribution. `verify_len` (1..B-1, default
+    B-1) verifies only the first drafted tokens: the draft still fills the full block, so its proposals
+    are unchanged, while a shorter target forward can pay off when late offsets are rarely accepted.
+    `verify_costs` ([c_1..c_B], seconds of a target forward over n tokens; see `measure_verify_costs`)
+    switches on adaptive verification: each step verifies the n drafted tokens that maximise expected
+    committed tokens per second, the expectation taken from the draft's own confidences. Exactness does
+    not depend on n: it is chosen before the target is consulted. `read_costs` ([r_1..r_{B-1}], seconds of a
+    draft step that reads n offsets; see `measure_read_costs`; used only with `verify_costs`) makes reading
+    the confidences part of the trade: each step first picks how many offsets are worth reading at all, from
+    the acceptance rate per offset seen so far in this generation and both cost curves, then chooses n among
+    those. Where the head is cheap (a GPU) that reads the whole block; on a CPU, where the head over 7
+    offsets costs ~3x one, it reads few.
+    `on_token(ids)` receives each step's committed tokens as they are committed (streaming); an exception
+    it raises ends the generation. `draft_head`: a `SubsetHead` for the draft's proposals (FR-Spec)."""
+    check_sampling(temperature, top_p, top_k)
+    temperature = effective_temperature(temperature)
+    _check_prompt(input_ids, max_new_tokens, target)
+    draft.check_target(target)
+    draft.check_speculative()
+    B, dev = draft.block_size, input_ids.device
+    n_verify = B - 1 if verify_len is None else max(1, min(int(verify_len), B - 1))
+    stop = set(stop_token_ids or ())
+    T0 = input_ids.shape[1]
+    max_len = T0 + max_new_tokens
+    buf = torch.full((1, max_len + B), draft.mask_token_id, dtype=torch.long, device=dev)
+    buf[:, :T0] = input_ids
+    positions = torch.arange(max_len + B, device=dev)[None]
+    tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
+    stats = GenStats(num_input_tokens=T0)
+    seen = AcceptanceRates(B - 1)
+
+    ck = cache_kwarg(target)
+    t0 = _now(dev)
+    out = target(input_ids, **{ck: tcache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    buf[:, T0] = sample(out.logits[:, -1], temperature, top_p, top_k, generator)
+    ctx = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T0, n*d]
+    stopped = int(buf[0, T0]) in stop
+    t1 = _now(dev)
+    stats.prefill_s = t1 - t0
+    if on_token:
+        on_token([int(buf[0, T0])])
+
+    start = T0  # position of the anchor: committed, but the target has not read it yet
+    while start + 1 < max_len and not stopped:
+        dlen = min(B, max_len - start)  # the draft block shrinks only at the very end, as upstream
+        vs = min(n_verify + 1, dlen)
+        block = buf[:, start : start + dlen].clone()  # [1, dlen] = [anchor, MASK...]
+        adaptive = verify_costs is not None and dlen > 2
+        read = vs  # the block offsets 1..read-1 whose proposals may be verified
+        if adaptive:
+            read = dlen if read_costs is None else 1 + seen.rows_worth_reading(verify_costs, read_costs, dlen - 1)
+        h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache,
+                  rows=slice(1, read))  # [1, read-1, d]
+        dlogits = (draft.logits(h, target) if draft_head is None else draft_head(h))[0]  # [read-1, V]
+        if adaptive and read > 2:
+            vs = best_verify_len(dlogits, verify_costs, temperature) + 1
+            dlogits = dlogits[: vs - 1]
+        elif adaptive:
+            vs = read
+        if temperature > 0:
+            q = probs_from_logits(dlogits, temperature, top_p, top_k)
+            block[0, 1:vs] = sample_probs(q, generator)
+        else:
+            block[0, 1:vs] = dlogits.argmax(-1)
+        out = target(
+            block[:, :vs], position_ids=positions[:, start : start + vs],
+            **{ck: tcache}, use_cache=True, output_hidden_states=True,
+        )
+        if temperature > 0:
+            p = probs_from_logits(out.logits[0], temperature, top_p, top_k)  # [vs, V]
+            acc, bonus = rejection_sample(block[0, 1:vs], p, q, generator)
+        else:
+            posterior = out.logits[0].argmax(-1)  # [vs]
+            acc = int((block[0, 1:vs] == posterior[:-1]).cumprod(0).sum())
+            bonus = posterior[acc]
+        if read_costs is not None:
+            seen.update(acc, vs - 1)
+        buf[0, start + 1 : start + acc + 1] = block[0, 1 : acc + 1]
+        buf[0, start + acc + 1] = bonus
+        produced = min(acc + 1, max_len - start - 1)
+        if stop:
+            hit = _first_stop(buf[0, start + 1 : start + produced + 1].tolist(), stop)
+            if hit is not None:
+                produced, stopped = hit + 1, True
+        if on_token:
+            on_token(buf[0, start + 1 : start + produced + 1].tolist())
+        start += produced
+        crop_cache(tcache, start)
+        ctx = extract_features(out.hidden_states, draft.target_layer_ids)[:, :produced]  # accepted positions only
+        stats.acceptance_lengths.append(produced)
+
+    tokens = buf[:, : min(start + 1, max_len)]
+    stats.decode_s = _now(dev) - t1
+    stats.num_new_tokens = tokens.shape[1] - T0
+    return tokens, stats
+
+
+class AcceptanceRates:
+    """Per-offset acceptance seen so far in one generation: offset j's rate is the share of steps that reached
+    it (offsets < j all accepted) in which it was accepted too. Starts optimistic (one pseudo-try, accepted),
+    so offsets not yet verified look worth reading and get tried rather than being written off unseen."""
+
+    def __init__(self, n: int):
+        self.hits, self.tries = [1.0] * n, [1.0] * n
+
+    def update(self, accepted: int, verified: int) -> None:
+        for j in range(min(accepted + 1, verified)):  # offsets reached: 0..accepted (0-based)
+            self.tries[j] += 1
+            self.hits[j] += j < accepted
+
+    def rows_worth_reading(self, verify_costs: list[float], read_costs: list[float], n_max: int) -> int:
+        """n in 1..n_max maximising expected committed tokens / (a draft step reading n offsets + the target's
+        forward over n+1 tokens)."""
+        best, best_rate, p, expected = 1, -1.0, 1.0, 1.0
+        for n in range(1, min(n_max, len(read_costs), len(verify_costs) - 1) + 1):
+            p *= self.hits[n - 1] / self.tries[n - 1]
+            expected += p
+            rate = expected / (verify_costs[n] + read_costs[n - 1])
+            if rate > best_rate:
+                best, best_rate = n, rate
+        return best
+
+
+def best_verify_len(dlogits: torch.Tensor, costs: list[float], temperature: float = 0.0) -> int:
+    """n in 1..len(dlogits) maximising (1 + E[accepted | n]) / cost(n + 1), where E[accepted | n] sums the
+    running products of the draft's top-token probabilities (its own estimate of acceptance per offset).
+    # dlogits: [n_max, V]"""
+    conf = torch.softmax(dlogits.float() / max(temperature, 1.0), -1).max(-1).values.cumprod(0)  # [n_max]
+    expected = 1.0 + conf.cumsum(0)  # [n_max]: committed tokens if n = 1..n_max are verified
+    n_max = min(len(costs) - 1, dlogits.shape[0])
+    rate = expected[:n_max] / torch.tensor(costs[1 : n_max + 1], dtype=expected.dtype)
+    return int(rate.argmax()) + 1
+
+
+@torch.inference_mode()
+def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, repeats: int = 3) -> list[float]:
+    """Seconds of one target forward over n = 1..max_tokens new tokens after a `context_len` cache:
+    the cost curve adaptive verification trades against acceptance. Returns [c_1, ..., c_max]."""
+    dev = next(target.parameters()).device
+    vocab = target.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, context_len + max_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
+    target(ids[:, :context_len], **{ck: cache}, use_cache=True, logits_to_keep=1)
+    costs = []
+    for n in range(1, max_tokens + 1):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = _now(dev)
+            target(ids[:, context_len : context_len + n], **{ck: cache}, use_cache=True, output_hidden_states=True)
+            best = min(best, _now(dev) - t0)
+            crop_cache(cache, context_len)
+        costs.append(best)
+    return costs
+
+
+def draft_read_step(target, draft: DFlashDraft, features: torch.Tensor, draft_head: SubsetHead | None = None) -> Callable[[int], torch.Tensor]:
+    """A timing unit: `step(n)` is one cached draft block step as in decoding (the last position of
+    `features` is the new context, the others are cached once here) plus the output head over block offsets
+    1..n; it leaves the cache as it found it. Returns the logits [1, n, V].
+    # features: [1, C + 1, k*d] target features"""
+    dev, B, C = features.device, draft.block_size, features.shape[1] - 1
+    block = torch.full((1, B), draft.mask_token_id, device=dev)
+    pos = torch.arange(C + 1 + B, device=dev)[None]
+    cache = DraftCache(len(draft.layers))
+    draft(draft.embed(target, block), features[:, :C], pos[:, : C + B], cache=cache)
+
+    def step(n: int) -> torch.Tensor:
+        h = draft(draft.embed(target, block), features[:, C:], pos[:, C:], cache=cache, rows=slice(1, n + 1))
+        cache.crop(C)
+        return draft.logits(h, target) if draft_head is None else draft_head(h)
+
+    return step
+
+
+@torch.inference_mode()
+def measure_read_costs(target, draft: DFlashDraft, context_len: int = 256, repeats: int = 3,
+                       draft_head: SubsetHead | None = None) -> list[float]:
+    """Seconds to read n = 1..B-1 offsets of a drafted block: one cached draft block step after `context_len`
+    cached positions plus the output head over n rows (`draft_read_step`). The price of the draft's proposals
+    and confidences. Returns [r_1, ..., r_{B-1}]."""
+    dev, dtype = next(target.parameters()).device, next(draft.parameters()).dtype
+    width = len(draft.target_layer_ids) * target.get_input_embeddings().weight.shape[1]
+    feats = torch.randn(1, context_len + 1, width, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    step = draft_read_step(target, draft, feats, draft_head)  # values do not matter for timing
+    costs = []
+    for n in range(1, draft.block_size):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = _now(dev)
+            step(n)
+            best = min(best, _now(dev) - t0)
+        costs.append(best)
+    return costs
+
+
+@torch.inference_mode()
+def greedy_generate(
+    target, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: list[int] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+) -> tuple[torch.Tensor, GenStats]:
+    """Plain autoregressive greedy decoding with a KV cache: one target forward per token. `on_token([id])`
+    is called with every new token (streaming)."""
+    _check_prompt(input_ids, max_new_tokens, target)
+    pick = lambda out: out.logits[:, -1].argmax(-1, keepdim=True)  # noqa: E731
+    return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, on_token=on_token)
+
+
+def autoregressive(target, input_ids, max_new_tokens: int, stop_token_ids, pick, stats: GenStats | None = None,
+                   hidden: bool = False, on_token: Callable[[list[int]], None] | None = None):
+    """One target forward per token with a KV cache; `pick(model output) -> [1, 1]` chooses each token (greedy,
+    sampling, DoLa...). Returns `(tokens [1, T + n], stats)` with prefill and decode times apart."""
+    dev, T0, stop = input_ids.device, input_ids.shape[1], set(stop_token_ids or ())
+    cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
+    stats = stats or GenStats(num_input_tokens=T0)
+    t0 = t1 = _now(dev)
+    feed, pos, new = input_ids, torch.arange(T0, device=dev)[None], []
+    while True:
+        out = target(feed, position_ids=pos, **{ck: cache}, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
+        tok = pick(out)
+        new.append(tok)
+        if len(new) == 1:
+            t1 = _now(dev)
+            stats.prefill_s = t1 - t0
+        if on_token:
+            on_token([int(tok)])
+        if len(new) >= max_new_tokens or int(tok) in stop:
+            break
+        feed, pos = tok, torch.tensor([[T0 + len(new) - 1]], device=dev)
+    stats.decode_s = _now(dev) - t1
+    stats.num_new_tokens = len(new)
+    return torch.cat([input_ids, *new], 1), stats
+
+
+@torch.inference_mode()
+def hf_generate(
+    target, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: list[int] | None = None
+) -> tuple[torch.Tensor, GenStats]:
+    """HF `generate`, greedy, with a fresh generation config (no model-specific sampling defaults)."""
+    from transformers import GenerationConfig
+
+    _check_prompt(input_ids, max_new_tokens, target)
+    stop = list(stop_token_ids or [])
+    gc = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0,
+    )
+    t0 = _now(input_ids.device)
+    out = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
+    stats = GenStats(num_input_tokens=input_ids.shape[1], num_new_tokens=out.shape[1] - input_ids.shape[1])
+    stats.decode_s = _now(input_ids.device) - t0
+    return out, stats
+
+
+def default_verify_len(device, temperature: float = 0.0) -> str:
+    """'auto' where a verify forward is expensive next to a decode step (a CPU: 16 tokens cost ~2.2x one, and
+    the full head over 7 offsets ~3x one), 'full' (the whole block) on an accelerator, where it is almost free.
+    Sampling keeps 'full': adaptive lengths follow measured timings, and the random draws with them, so a
+    seeded run would not reproduce."""
+    return "full" if torch.device(device).type == "cuda" or effective_temperature(temperature) > 0 else "auto"
+
+
+def run_speculate(
+    target,
+    tokenizer,
+    draft: DFlashDraft,
+    prompts: list[dict],
+    out_dir,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    verify_len: int | str | None = None,
+    seed: int | None = None,
+    baseline: bool = True,
+    progress: bool = True,
+    draft_vocab: torch.Tensor | None = None,
+) -> dict:
+    """Speculative decoding over `prompts`, timed against plain greedy decoding of the same target in the
+    same run. Writes `results.jsonl` (a row per prompt, flushed as it goes) and `summary.json`. `seed`: of the
+    sampling at temperature > 0 (None: fresh randomness); the seed used is in the summary. `verify_len`: N,
+    'auto', 'full' (the whole block) or None for the device's default (`default_verify_len`). `draft_vocab`:
+    token ids the draft proposes from (FR-Spec, `SubsetHead`)."""
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from draftguide.app.pipeline import decode_text
+    from draftguide.modeling.prompts import check_length, encode_prompt, place, stop_token_ids
+    from draftguide.reporting.runs import JsonlWriter, bootstrap_ci, environment, write_json
+    from draftguide.modeling.sampling import resolve_seed
+
+    check_sampling(temperature, top_p, top_k)
+    seed = resolve_seed(seed)
+    encoded = [(row, encode_prompt(tokenizer, row)) for row in prompts]  # validate every row before any work
+    for row, ids in encoded:
+        check_length(target, ids.shape[1], max_new_tokens, place(row))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = next(target.parameters()).device
+    stop = stop_token_ids(tokenizer, target)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    # warm-up: first calls pay one-off allocation and kernel selection costs
+    warm = encoded[0][1][:, :8].to(dev)
+    speculative_generate(target, draft, warm, 4, stop_token_ids=stop)
+    greedy_generate(target, warm, 4)
+    costs = head = None
+    dhead = SubsetHead(draft, target, draft_vocab) if draft_vocab is not None else None
+    verify_len = default_verify_len(dev, temperature) if verify_len is None else verify_len
+    if verify_len == "auto":
+        costs = measure_verify_costs(target, max_tokens=draft.block_size)
+        head = measure_read_costs(target, draft, draft_head=dhead)
+        verify_len = None
+    elif verify_len == "full":
+        verify_len = None
+    elif not isinstance(verify_len, int):
+        raise DraftGuideError(f"verify_len must be an integer, 'auto' or 'full', got {verify_len!r}")
+
+    rows, spec_tok, spec_s, base = [], 0, 0.0, {"greedy": [0, 0.0], "hf_generate": [0, 0.0]}
+    with JsonlWriter(out_dir / "results.jsonl", mode="w") as w:
+        for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
+            ids = ids.to(dev)
+            tokens, st = speculative_generate(
+                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs, read_costs=head,
+                draft_head=dhead,
+            )
+            new = tokens[0, ids.shape[1]:].tolist()
+            rec = {
+                "id": row.get("id"), "prompt_tokens": ids.shape[1], "new_tokens": len(new),
+                "text": decode_text(tokenizer, new), "tokens": new,
+                "acceptance_lengths": st.acceptance_lengths, "tau": st.tau,
+                "prefill_s": st.prefill_s, "decode_s": st.decode_s, "tokens_per_s": len(new) / st.total_s,
+            }
+            spec_tok, spec_s = spec_tok + len(new), spec_s + st.total_s
+            if baseline:
+                for name, fn in (("greedy", greedy_generate), ("hf_generate", hf_generate)):
+                    ref, bst = fn(target, ids, max_new_tokens, stop)
+                    base[name][0] += bst.num_new_tokens
+                    base[name][1] += bst.total_s
+                    rec[f"{name}_tokens_per_s"] = bst.num_new_tokens / bst.total_s
+                    if name == "hf_generate":
+                        rec["identical_to_baseline"] = ref[0, ids.shape[1]:].tolist() == new
+            w.write(rec)
+            rows.append(rec)
+
+    steps = [a for r in rows for a in r["acceptance_lengths"]]
+    tps = spec_tok / spec_s
+    summary = {
+        "n_prompts": len(rows),
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+        "block_size": draft.block_size, "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
+        "draft_vocab": None if dhead is None else len(dhead.ids),
+        "verify_costs_s": costs, "read_costs_s": head,
+        "tau": sum(steps) / len(steps) if steps else float("nan"),
+        "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
+        "acceptance_histogram": np.bincount(steps, minlength=draft.block_size + 1)[1:].tolist() if steps else [],
+        "new_tokens": spec_tok,
+        "tokens_per_s": tps,
+    }
+    if not steps:  # the file gets null (no NaN in output JSON); tables print "-" and this reason
+        summary["tau_missing"] = TAU_MISSING
+    if baseline:
+        rates = {k: n / s for k, (n, s) in base.items()}
+        best = max(rates, key=rates.get)
+        summary.update({
+            "baseline_method": best,
+            "baseline_tokens_per_s": rates[best],
+            "greedy_tokens_per_s": rates["greedy"],
+            "hf_generate_tokens_per_s": rates["hf_generate"],
+            "speedup": tps / rates[best],
+            "speedup_vs_hf_generate": tps / rates["hf_generate"],
+            "lossless": all(r["identical_to_baseline"] for r in rows) if effective_temperature(temperature) == 0 else None,
+        })
+    summary["environment"] = environment()
+    write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,1 @@
+"""Run folders, figures and the cross-run report: JSON/JSONL IO, plots, `draftguide report`."""
