@@ -37,7 +37,10 @@ demo: $(STAMP)
 	$(VENV)/bin/draftguide profile --draft $(DEMO_DRAFT) --out runs/demo/profile --context-lens 256,1024 --repeats 2 --new-tokens 16 --copy-mb 64
 	$(VENV)/bin/draftguide report runs/demo/* --out runs/demo/report  # skips its own output folder
 
+# Lint and format check first (seconds), then the tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VPY) -m pytest -q tests
 
 clean:

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from draftguide.modeling.draft import resolve_draft
 from draftguide.experiments.evaluate import load_tasks, run_eval
 from draftguide.modeling.prompts import encode_prompt
-from draftguide.reporting.runs import environment, write_json
 from draftguide.modeling.targets import load_target
+from draftguide.reporting.runs import environment, write_json
 
 
 def rows_of(out: Path) -> dict:
@@ -40,15 +39,35 @@ def rows_of(out: Path) -> dict:
 def run(target, tok, tasks, out: Path, method: str, batch: int, max_new_tokens: int, opts: dict | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    run_eval(target, tok, tasks, out, method=method, max_new_tokens=max_new_tokens, judge="rules",
-             method_options=opts or {}, batch_size=batch, progress=False)
+    run_eval(
+        target,
+        tok,
+        tasks,
+        out,
+        method=method,
+        max_new_tokens=max_new_tokens,
+        judge="rules",
+        method_options=opts or {},
+        batch_size=batch,
+        progress=False,
+    )
     wall = time.perf_counter() - t0
     rows = rows_of(out)
     n_tok = sum(r["new_tokens"] for r in rows.values())
     errors = [r["error"] for r in rows.values() if r.get("status") != "ok"]
-    return {"method": method, "batch_size": batch, "seconds": wall, "tasks": len(rows), "tasks_per_s": len(rows) / wall,
-            "new_tokens": n_tok, "tokens_per_s": n_tok / wall, "s_per_token": wall / max(n_tok, 1),
-            "solve_rate": sum(r.get("score") or 0 for r in rows.values()) / len(rows), "errors": errors[:3], "_rows": rows}
+    return {
+        "method": method,
+        "batch_size": batch,
+        "seconds": wall,
+        "tasks": len(rows),
+        "tasks_per_s": len(rows) / wall,
+        "new_tokens": n_tok,
+        "tokens_per_s": n_tok / wall,
+        "s_per_token": wall / max(n_tok, 1),
+        "solve_rate": sum(r.get("score") or 0 for r in rows.values()) / len(rows),
+        "errors": errors[:3],
+        "_rows": rows,
+    }
 
 
 @torch.inference_mode()
@@ -59,8 +78,12 @@ def first_difference(target, tok, task, a: list[int], b: list[int]) -> dict:
     seq = torch.cat([ids, torch.tensor([a[:i]], dtype=torch.long)], 1).to(next(target.parameters()).device)
     logits = target(seq, logits_to_keep=1).logits[0, -1].float()
     top = logits.topk(2)
-    return {"index": i, "batch1_token": a[i] if i < len(a) else None, "batched_token": b[i] if i < len(b) else None,
-            "top2_margin": float(top.values[0] - top.values[1])}
+    return {
+        "index": i,
+        "batch1_token": a[i] if i < len(a) else None,
+        "batched_token": b[i] if i < len(b) else None,
+        "top2_margin": float(top.values[0] - top.values[1]),
+    }
 
 
 def agreement(target, tok, tasks, ref: dict, other: dict) -> dict:
@@ -99,27 +122,45 @@ def main() -> None:
     for b in sizes:
         r = run(target, tok, tasks, tmp / f"greedy{b}", "greedy", b, args.max_new_tokens)
         runs.append(r)
-        print(f"greedy batch {b:>3}: {r['tasks_per_s']:.3f} tasks/s, {r['tokens_per_s']:.1f} tok/s ({r['seconds']:.0f}s)", flush=True)
+        print(
+            f"greedy batch {b:>3}: {r['tasks_per_s']:.3f} tasks/s, {r['tokens_per_s']:.1f} tok/s ({r['seconds']:.0f}s)",
+            flush=True,
+        )
     base = runs[0]
     for r in runs:
         r["speedup_vs_batch1"] = r["tasks_per_s"] / base["tasks_per_s"]
         r["agreement_vs_batch1"] = agreement(target, tok, tasks, base["_rows"], r["_rows"]) if r is not base else None
     draft = args.draft or "smollm2-135m-dflash"
     gb = args.guided_batch
-    greedy_b = next((r for r in runs if r["batch_size"] == gb), None) or run(target, tok, tasks, tmp / f"greedy{gb}", "greedy", gb, args.max_new_tokens)
-    guided = run(target, tok, tasks, tmp / f"guided{gb}", "guided", gb, args.max_new_tokens, {"beta": args.beta, "draft": draft})
-    print(f"guided batch {gb}: {guided['s_per_token'] / greedy_b['s_per_token']:.2f}x greedy's seconds per token", flush=True)
+    greedy_b = next((r for r in runs if r["batch_size"] == gb), None) or run(
+        target, tok, tasks, tmp / f"greedy{gb}", "greedy", gb, args.max_new_tokens
+    )
+    guided = run(
+        target, tok, tasks, tmp / f"guided{gb}", "guided", gb, args.max_new_tokens, {"beta": args.beta, "draft": draft}
+    )
+    print(
+        f"guided batch {gb}: {guided['s_per_token'] / greedy_b['s_per_token']:.2f}x greedy's seconds per token",
+        flush=True,
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     for r in runs + [guided]:
         r.pop("_rows", None)
     greedy_b.pop("_rows", None)
     result = {
-        "command": "OMP_NUM_THREADS=1 python benchmarks/bench_batch.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "target": args.target, "dtype": args.dtype, "device": args.device, "limit": len(tasks),
-        "max_new_tokens": args.max_new_tokens, "greedy": runs,
-        "guided": guided | {"beta": args.beta, "draft": draft,
-                            "s_per_token_vs_greedy_same_batch": guided["s_per_token"] / greedy_b["s_per_token"]},
+        "command": "OMP_NUM_THREADS=1 python benchmarks/bench_batch.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "target": args.target,
+        "dtype": args.dtype,
+        "device": args.device,
+        "limit": len(tasks),
+        "max_new_tokens": args.max_new_tokens,
+        "greedy": runs,
+        "guided": guided
+        | {
+            "beta": args.beta,
+            "draft": draft,
+            "s_per_token_vs_greedy_same_batch": guided["s_per_token"] / greedy_b["s_per_token"],
+        },
         "environment": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

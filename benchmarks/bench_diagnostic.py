@@ -57,13 +57,24 @@ def main() -> None:
         "peak_rss_mb_before_run": rss0,
         "budget": {"wall_s": 300, "peak_rss_mb": 4096},
         "within_budget": wall < 300 and peak_rss_mb() < 4096,
-        "n_tasks": s["n_tasks"], "n_tokens": s["n_tokens"], "n_skipped": s["n_skipped"],
-        "verdict": s["verdict"], "verdict_detail": s["verdict_detail"],
+        "n_tasks": s["n_tasks"],
+        "n_tokens": s["n_tokens"],
+        "n_skipped": s["n_skipped"],
+        "verdict": s["verdict"],
+        "verdict_detail": s["verdict_detail"],
         "solve_status": "from " + args.solved_from if args.solved_from else "greedy eval in this run",
         "environment": environment(),
     }
     write_json(Path(args.json), result)
-    print(json.dumps({k: result[k] for k in ("wall_s", "scoring_s", "peak_rss_mb", "within_budget", "n_tasks", "n_tokens", "verdict")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("wall_s", "scoring_s", "peak_rss_mb", "within_budget", "n_tasks", "n_tokens", "verdict")
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from draftguide.modeling.draft import resolve_draft
-from draftguide.experiments.evaluate import load_tasks
 from draftguide.decode.guided import guided_generate
-from draftguide.modeling.prompts import encode_prompt
-from draftguide.reporting.runs import environment, write_json
 from draftguide.decode.speculative import greedy_generate, hf_generate
+from draftguide.experiments.evaluate import load_tasks
+from draftguide.modeling.draft import resolve_draft
+from draftguide.modeling.prompts import encode_prompt
 from draftguide.modeling.targets import load_target
+from draftguide.reporting.runs import environment, write_json
 
 
 def methods(target, drafts: dict, beta: float, verify_lens: list[int]):
@@ -44,7 +44,8 @@ def methods(target, drafts: dict, beta: float, verify_lens: list[int]):
         fns[f"guided@{dt}"] = lambda ids, n, d=d: guided_generate(target, d, ids, beta=beta, max_new_tokens=n)
         for v in verify_lens:
             fns[f"guided_speculative@{dt}/v{v}"] = lambda ids, n, d=d, v=v: guided_generate(
-                target, d, ids, beta=beta, max_new_tokens=n, speculative=True, verify_len=v)
+                target, d, ids, beta=beta, max_new_tokens=n, speculative=True, verify_len=v
+            )
     return fns
 
 
@@ -52,7 +53,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--draft", default=None, help="draft folder, 'init', or the shipped draft (default)")
-    ap.add_argument("--draft-dtypes", default="float32,bfloat16", help="comma list: the draft's dtype(s), target stays fp32")
+    ap.add_argument(
+        "--draft-dtypes", default="float32,bfloat16", help="comma list: the draft's dtype(s), target stays fp32"
+    )
     ap.add_argument("--verify-lens", default="2,7", help="comma list of drafted tokens verified per speculative step")
     ap.add_argument("--tasks", default="builtin")
     ap.add_argument("--n-tasks", type=int, default=8)
@@ -68,7 +71,10 @@ def main() -> None:
     target, tok = load_target(args.target, device=args.device)
     base = resolve_draft(args.draft, target, tok, target_name=args.target).to(args.device)
     names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    drafts = {names.get(dt, dt): copy.deepcopy(base).to(getattr(torch, names.get(dt, dt))) for dt in args.draft_dtypes.split(",")}
+    drafts = {
+        names.get(dt, dt): copy.deepcopy(base).to(getattr(torch, names.get(dt, dt)))
+        for dt in args.draft_dtypes.split(",")
+    }
     verify_lens = [min(int(v), base.block_size - 1) for v in args.verify_lens.split(",")]
     tasks = load_tasks(args.tasks)[0]
     step = max(1, len(tasks) // args.n_tasks)  # spread over the suite's subcategories
@@ -82,7 +88,7 @@ def main() -> None:
     for i, ids in enumerate(tqdm(prompts, desc="bench_guided")):
         best, decode, outs = {k: float("inf") for k in fns}, {}, {}
         for r in range(args.repeats):
-            for name in (list(fns) if (i + r) % 2 == 0 else list(fns)[::-1]):  # alternate the order
+            for name in list(fns) if (i + r) % 2 == 0 else list(fns)[::-1]:  # alternate the order
                 t0 = time.perf_counter()
                 out, st = fns[name](ids, args.max_new_tokens)
                 best[name] = min(best[name], time.perf_counter() - t0)
@@ -98,12 +104,22 @@ def main() -> None:
         for k in fns:
             totals[k] += best[k]
             n_tok[k] += n[k]
-        rows.append({"prompt_tokens": ids.shape[1], "new_tokens": n, "seconds": best, "decode_s_per_token": decode,
-                     "flips": {dt: len(outs[f"guided@{dt}"][1].flips) for dt in drafts}})
+        rows.append(
+            {
+                "prompt_tokens": ids.shape[1],
+                "new_tokens": n,
+                "seconds": best,
+                "decode_s_per_token": decode,
+                "flips": {dt: len(outs[f"guided@{dt}"][1].flips) for dt in drafts},
+            }
+        )
 
     per_tok = {k: totals[k] / n_tok[k] for k in fns}
     plain = min(("greedy", "hf_generate"), key=per_tok.get)
-    decode_ratio = lambda k: sum(r["decode_s_per_token"][k] for r in rows) / sum(r["decode_s_per_token"]["greedy"] for r in rows)  # noqa: E731
+
+    def decode_ratio(k):
+        return sum(r["decode_s_per_token"][k] for r in rows) / sum(r["decode_s_per_token"]["greedy"] for r in rows)
+
     by_dtype = {}
     for dt in drafts:
         spec = {v: per_tok[plain] / per_tok[f"guided_speculative@{dt}/v{v}"] for v in verify_lens}
@@ -112,27 +128,45 @@ def main() -> None:
             "guided_cost_vs_greedy": per_tok[f"guided@{dt}"] / per_tok["greedy"],
             "guided_decode_cost_vs_greedy": decode_ratio(f"guided@{dt}"),  # prefill excluded
             "speculative_guided_speedup_vs_best_plain": {f"v{v}": x for v, x in spec.items()},
-            "speculative_guided_tau": {f"v{v}": sum(a) / len(a) for v in verify_lens if (a := accepted[f"guided_speculative@{dt}/v{v}"])},
+            "speculative_guided_tau": {
+                f"v{v}": sum(a) / len(a) for v in verify_lens if (a := accepted[f"guided_speculative@{dt}/v{v}"])
+            },
             "best_verify_len": best_v,
             "speculative_identical_to_token_by_token": identical[dt],
-            "goals_met": {"guided_cost": per_tok[f"guided@{dt}"] / per_tok["greedy"] <= 1.25, "speculative_speedup": spec[best_v] >= 1.2},
+            "goals_met": {
+                "guided_cost": per_tok[f"guided@{dt}"] / per_tok["greedy"] <= 1.25,
+                "speculative_speedup": spec[best_v] >= 1.2,
+            },
         }
     res = {
-        "target": args.target, "target_dtype": "float32", "draft": args.draft or "shipped", "beta": args.beta,
-        "block_size": base.block_size, "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-        "repeats": args.repeats, "device": args.device, "threads": args.threads,
+        "target": args.target,
+        "target_dtype": "float32",
+        "draft": args.draft or "shipped",
+        "beta": args.beta,
+        "block_size": base.block_size,
+        "n_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "device": args.device,
+        "threads": args.threads,
         "goals": {"guided_cost_vs_greedy": 1.25, "speculative_guided_speedup_vs_best_plain": 1.2},
-        "best_plain_method": plain, "seconds_per_token": per_tok, "by_draft_dtype": by_dtype,
-        "prompts": rows, "environment": environment(),
+        "best_plain_method": plain,
+        "seconds_per_token": per_tok,
+        "by_draft_dtype": by_dtype,
+        "prompts": rows,
+        "environment": environment(),
     }
     write_json(args.out, res)
     print("s/token: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in per_tok.items()))
     for dt, r in by_dtype.items():
         v = r["best_verify_len"]
-        print(f"draft {dt}: guided / greedy cost per token {r['guided_cost_vs_greedy']:.3f} (goal <= 1.25; decode only "
-              f"{r['guided_decode_cost_vs_greedy']:.3f}); speculative guided speedup vs {plain} "
-              f"{r['speculative_guided_speedup_vs_best_plain'][f'v{v}']:.3f} at verify_len {v} (goal >= 1.2), "
-              f"tau {r['speculative_guided_tau'].get(f'v{v}', float('nan')):.2f}, identical {r['speculative_identical_to_token_by_token']}")
+        print(
+            f"draft {dt}: guided / greedy cost per token {r['guided_cost_vs_greedy']:.3f} (goal <= 1.25; decode only "
+            f"{r['guided_decode_cost_vs_greedy']:.3f}); speculative guided speedup vs {plain} "
+            f"{r['speculative_guided_speedup_vs_best_plain'][f'v{v}']:.3f} at verify_len {v} (goal >= 1.2), "
+            f"tau {r['speculative_guided_tau'].get(f'v{v}', float('nan')):.2f}, identical "
+            f"{r['speculative_identical_to_token_by_token']}"
+        )
     print(f"wrote {args.out}")
 
 

@@ -23,13 +23,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from draftguide.modeling.draft import MODELS_DIR, DFlashDraft, draft_path, load_draft
-from draftguide.experiments.evaluate import load_tasks
 from draftguide.decode.guided import guided_generate
-from draftguide.modeling.prompts import encode_prompt
-from draftguide.reporting.runs import environment, write_json
 from draftguide.decode.speculative import greedy_generate
+from draftguide.experiments.evaluate import load_tasks
+from draftguide.modeling.draft import MODELS_DIR, DFlashDraft, draft_path, load_draft
+from draftguide.modeling.prompts import encode_prompt
 from draftguide.modeling.targets import load_target
+from draftguide.reporting.runs import environment, write_json
 
 GOAL = 1.15
 
@@ -47,20 +47,36 @@ def readout_for(target, spec: str | None, layers: int | None = None):
     shape = load_draft("smollm2-135m-dflash", target)
     c = shape.config
     n = layers or len(shape.layers)
-    d = DFlashDraft.for_target(target, num_layers=n, block_size=shape.block_size,
-                               mask_token_id=shape.mask_token_id, target_layer_ids=shape.target_layer_ids,
-                               intermediate_size=c.intermediate_size, context_includes_anchor=True)
-    return d, (f"untrained aligned readout of smollm2-135m-dflash's shape, {n} layers"
-               + (" (the readout is not shipped yet)" if layers is None else " (the layer-count lever)"))
+    d = DFlashDraft.for_target(
+        target,
+        num_layers=n,
+        block_size=shape.block_size,
+        mask_token_id=shape.mask_token_id,
+        target_layer_ids=shape.target_layer_ids,
+        intermediate_size=c.intermediate_size,
+        context_includes_anchor=True,
+    )
+    return d, (
+        f"untrained aligned readout of smollm2-135m-dflash's shape, {n} layers"
+        + (" (the readout is not shipped yet)" if layers is None else " (the layer-count lever)")
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="smollm2-135m")
-    ap.add_argument("--readout", default=None, help="aligned readout folder or shipped name (default: smollm2-135m-readout "
-                                                    "when shipped, else an untrained one of the shipped draft's shape)")
-    ap.add_argument("--layers", type=int, default=None, help="an untrained readout of the shipped shape with this many layers")
-    ap.add_argument("--draft-dtypes", default="float32,bfloat16", help="comma list: the readout's dtype(s); the target stays fp32")
+    ap.add_argument(
+        "--readout",
+        default=None,
+        help="aligned readout folder or shipped name (default: smollm2-135m-readout "
+        "when shipped, else an untrained one of the shipped draft's shape)",
+    )
+    ap.add_argument(
+        "--layers", type=int, default=None, help="an untrained readout of the shipped shape with this many layers"
+    )
+    ap.add_argument(
+        "--draft-dtypes", default="float32,bfloat16", help="comma list: the readout's dtype(s); the target stays fp32"
+    )
     ap.add_argument("--tasks", default="builtin")
     ap.add_argument("--n-tasks", type=int, default=6)
     ap.add_argument("--beta", type=float, default=0.5)
@@ -90,7 +106,7 @@ def main() -> None:
     for i, ids in enumerate(tqdm(prompts, desc="bench_guided_readout")):
         best, decode = {k: float("inf") for k in fns}, {k: float("inf") for k in fns}
         for r in range(args.repeats):
-            for name in (list(fns) if (i + r) % 2 == 0 else list(fns)[::-1]):
+            for name in list(fns) if (i + r) % 2 == 0 else list(fns)[::-1]:
                 t0 = time.perf_counter()
                 out, st = fns[name](ids, args.max_new_tokens)
                 best[name] = min(best[name], time.perf_counter() - t0)
@@ -102,21 +118,42 @@ def main() -> None:
             n_tok[k] += n
         rows.append({"prompt_tokens": ids.shape[1], "new_tokens": n, "seconds": best, "decode_seconds": decode})
     per_tok = {k: totals[k] / n_tok[k] for k in fns}
-    ratios = {dt: {"cost_vs_greedy": per_tok[f"guided@{dt}"] / per_tok["greedy"],
-                   "decode_cost_vs_greedy": decode_tot[f"guided@{dt}"] / decode_tot["greedy"]} for dt in readouts}
+    ratios = {
+        dt: {
+            "cost_vs_greedy": per_tok[f"guided@{dt}"] / per_tok["greedy"],
+            "decode_cost_vs_greedy": decode_tot[f"guided@{dt}"] / decode_tot["greedy"],
+        }
+        for dt in readouts
+    }
     for r in ratios.values():
         r["goal_met"] = r["cost_vs_greedy"] <= GOAL
-    res = {"target": args.target, "target_dtype": "float32", "readout": what, "aligned": True,
-           "readout_layers": len(base.layers), "block_size": base.block_size, "target_layer_ids": base.target_layer_ids,
-           "beta": args.beta, "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-           "threads": args.threads, "goal_cost_vs_greedy": GOAL, "seconds_per_token": per_tok, "by_readout_dtype": ratios,
-           "prompts": rows, "environment": environment()}
+    res = {
+        "target": args.target,
+        "target_dtype": "float32",
+        "readout": what,
+        "aligned": True,
+        "readout_layers": len(base.layers),
+        "block_size": base.block_size,
+        "target_layer_ids": base.target_layer_ids,
+        "beta": args.beta,
+        "n_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "goal_cost_vs_greedy": GOAL,
+        "seconds_per_token": per_tok,
+        "by_readout_dtype": ratios,
+        "prompts": rows,
+        "environment": environment(),
+    }
     write_json(args.out, res)
     print(f"readout: {what}")
     print("s/token: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in per_tok.items()))
     for dt, r in ratios.items():
-        print(f"readout {dt}: guided / greedy cost per token {r['cost_vs_greedy']:.3f} (goal <= {GOAL}; decode only "
-              f"{r['decode_cost_vs_greedy']:.3f})")
+        print(
+            f"readout {dt}: guided / greedy cost per token {r['cost_vs_greedy']:.3f} (goal <= {GOAL}; decode only "
+            f"{r['decode_cost_vs_greedy']:.3f})"
+        )
     print(f"wrote {args.out}")
 
 

@@ -11,14 +11,14 @@ import argparse
 import time
 from pathlib import Path
 
+import dflash.model as official
 import torch
 
-import dflash.model as official
+from draftguide.decode.speculative import measure_read_costs, measure_verify_costs, speculative_generate
 from draftguide.modeling.draft import resolve_draft
 from draftguide.modeling.prompts import BUILTIN_PROMPTS, encode_prompt, load_prompts, stop_token_ids
-from draftguide.reporting.runs import environment, write_json
-from draftguide.decode.speculative import measure_read_costs, measure_verify_costs, speculative_generate
 from draftguide.modeling.targets import load_target
+from draftguide.reporting.runs import environment, write_json
 
 official._cuda_time = lambda: (torch.cuda.synchronize() if torch.cuda.is_available() else None, time.perf_counter())[1]
 
@@ -32,7 +32,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/official_vs_ours.json")
-    ap.add_argument("--also-auto", action="store_true", help="also time ours with adaptive verification (no official counterpart)")
+    ap.add_argument(
+        "--also-auto", action="store_true", help="also time ours with adaptive verification (no official counterpart)"
+    )
     args = ap.parse_args()
 
     target, tok = load_target(args.target, device=args.device)
@@ -52,7 +54,7 @@ def main() -> None:
         ids = encode_prompt(tok, row).to(args.device)
         t_ours, t_theirs = [], []
         for r in range(args.repeats):
-            for which in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+            for which in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
                 t0 = time.perf_counter()
                 if which == "ours":
                     out, st = speculative_generate(target, draft, ids, args.max_new_tokens, stop_token_ids=stop)
@@ -64,24 +66,44 @@ def main() -> None:
         auto_s = None
         if costs is not None:
             t0 = time.perf_counter()
-            out_auto, _ = speculative_generate(target, draft, ids, args.max_new_tokens, stop_token_ids=stop, verify_costs=costs,
-                                                read_costs=head)
+            out_auto, _ = speculative_generate(
+                target, draft, ids, args.max_new_tokens, stop_token_ids=stop, verify_costs=costs, read_costs=head
+            )
             auto_s = time.perf_counter() - t0
             auto_total += auto_s
             same = same and out_auto.tolist() == out.tolist()
         ours_total += min(t_ours)
         theirs_total += min(t_theirs)
-        rows.append({"id": row.get("id"), "new_tokens": st.num_new_tokens, "tau": st.tau, "ours_s": min(t_ours),
-                     "official_s": min(t_theirs), "ours_auto_verify_s": auto_s, "identical": same})
-        print(f"{row.get('id')}: ours {min(t_ours):.2f}s  official {min(t_theirs):.2f}s  tau {st.tau:.2f}  identical {same}")
+        rows.append(
+            {
+                "id": row.get("id"),
+                "new_tokens": st.num_new_tokens,
+                "tau": st.tau,
+                "ours_s": min(t_ours),
+                "official_s": min(t_theirs),
+                "ours_auto_verify_s": auto_s,
+                "identical": same,
+            }
+        )
+        print(
+            f"{row.get('id')}: ours {min(t_ours):.2f}s  official {min(t_theirs):.2f}s  tau {st.tau:.2f}  identical "
+            f"{same}"
+        )
     result = {
         "benchmark": "speculative loop: draftguide vs official dflash_generate (same weights, greedy)",
-        "target": args.target, "draft": args.draft or "shipped", "max_new_tokens": args.max_new_tokens,
-        "repeats": args.repeats, "timing": "best of repeats per prompt, order alternated",
-        "ours_s": ours_total, "official_s": theirs_total, "ratio_official_over_ours": theirs_total / ours_total,
+        "target": args.target,
+        "draft": args.draft or "shipped",
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "timing": "best of repeats per prompt, order alternated",
+        "ours_s": ours_total,
+        "official_s": theirs_total,
+        "ratio_official_over_ours": theirs_total / ours_total,
         "ours_auto_verify_s": auto_total if costs else None,
         "ratio_official_over_ours_auto_verify": theirs_total / auto_total if costs else None,
-        "all_identical": all(r["identical"] for r in rows), "prompts": rows, "environment": environment(),
+        "all_identical": all(r["identical"] for r in rows),
+        "prompts": rows,
+        "environment": environment(),
     }
     write_json(Path(args.out), result)
     print(f"ratio official/ours = {result['ratio_official_over_ours']:.3f} (> 1: ours faster); wrote {args.out}")

@@ -34,19 +34,36 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    argv = ["profile", "--target", args.target, "--out", args.out, "--context-lens", args.context_lens,
-            "--repeats", str(args.repeats), "--ttt-steps", str(args.ttt_steps)] + (["--draft", args.draft] if args.draft else [])
+    argv = [
+        "profile",
+        "--target",
+        args.target,
+        "--out",
+        args.out,
+        "--context-lens",
+        args.context_lens,
+        "--repeats",
+        str(args.repeats),
+        "--ttt-steps",
+        str(args.ttt_steps),
+    ] + (["--draft", args.draft] if args.draft else [])
     load0, t0 = os.getloadavg(), time.perf_counter()
     code = cli(argv)
     if code != 0:
         raise SystemExit(code)
     s = json.loads((Path(args.out) / "summary.json").read_text())
-    write_json(args.json, {
-        "command": f"python benchmarks/bench_profile.py --context-lens {args.context_lens} --repeats {args.repeats} "
-                   f"--ttt-steps {args.ttt_steps} --threads {args.threads}" + (f" --draft {args.draft}" if args.draft else ""),
-        "wall_s": time.perf_counter() - t0, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
-        **{k: v for k, v in s.items() if k != "command"},
-    })
+    write_json(
+        args.json,
+        {
+            "command": f"python benchmarks/bench_profile.py --context-lens {args.context_lens} --repeats "
+            f"{args.repeats} "
+            f"--ttt-steps {args.ttt_steps} --threads {args.threads}" + (f" --draft {args.draft}" if args.draft else ""),
+            "wall_s": time.perf_counter() - t0,
+            "loadavg_before": load0,
+            "loadavg_after": os.getloadavg(),
+            **{k: v for k, v in s.items() if k != "command"},
+        },
+    )
     print(f"wrote {args.json}")
 
 

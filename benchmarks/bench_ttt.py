@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from draftguide.modeling.draft import resolve_draft
-from draftguide.reporting.runs import environment, write_json
-from draftguide.modeling.targets import load_target
 from draftguide.experiments.tasks import load_builtin_tasks
+from draftguide.modeling.draft import resolve_draft
+from draftguide.modeling.targets import load_target
+from draftguide.reporting.runs import environment, write_json
 from draftguide.training.ttt import ttt_adapt
 
 VARIANTS = {  # on top of the defaults: LoRA rank 8 on fc, q_proj, k_proj, v_proj
@@ -74,27 +74,46 @@ def main() -> None:
     prefill = time_prefill(target, ids, max(args.repeats, 2))
     rows = {}
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        runs = [ttt_adapt(draft, target, ids, steps=args.steps, anchors_per_step=args.anchors_per_step, **VARIANTS[name])
-                for _ in range(args.repeats)]
+        runs = [
+            ttt_adapt(draft, target, ids, steps=args.steps, anchors_per_step=args.anchors_per_step, **VARIANTS[name])
+            for _ in range(args.repeats)
+        ]
         best = min(runs, key=lambda a: a.report.seconds).report
         for a in runs:
             a.reset()
         rows[name] = {
-            "ttt_s": best.seconds, "s_per_step": best.seconds / max(best.steps, 1), "ratio_to_prefill": best.seconds / prefill,
-            "all_ttt_s": [a.report.seconds for a in runs], "eval_s": best.eval_seconds,
-            "loss_before": best.loss_before, "loss_after": best.loss_after, "acc_k1_before": best.acc_before[0],
-            "acc_k1_after": best.acc_after[0], "n_trainable_params": best.n_trainable_params,
-            "peak_mem_bytes": best.peak_mem_bytes, "peak_mem_kind": best.peak_mem_kind,
+            "ttt_s": best.seconds,
+            "s_per_step": best.seconds / max(best.steps, 1),
+            "ratio_to_prefill": best.seconds / prefill,
+            "all_ttt_s": [a.report.seconds for a in runs],
+            "eval_s": best.eval_seconds,
+            "loss_before": best.loss_before,
+            "loss_after": best.loss_after,
+            "acc_k1_before": best.acc_before[0],
+            "acc_k1_after": best.acc_after[0],
+            "n_trainable_params": best.n_trainable_params,
+            "peak_mem_bytes": best.peak_mem_bytes,
+            "peak_mem_kind": best.peak_mem_kind,
         }
-        print(f"{name:<32} {best.seconds:7.2f} s  {best.seconds / prefill:6.2f}x prefill  loss {best.loss_before:.3f} -> {best.loss_after:.3f}")
+        print(
+            f"{name:<32} {best.seconds:7.2f} s  {best.seconds / prefill:6.2f}x prefill  loss {best.loss_before:.3f} -> "
+            f"{best.loss_after:.3f}"
+        )
     head = rows[next(iter(rows))]
     result = {
-        "command": "python benchmarks/bench_ttt.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                               if v is not None and k != "variants"),
-        "target": args.target, "draft": args.draft or "shipped", "context_tokens": ids.shape[1], "steps": args.steps,
-        "anchors_per_step": args.anchors_per_step, "threads": args.threads, "prefill_s": prefill,
+        "command": "python benchmarks/bench_ttt.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "variants"),
+        "target": args.target,
+        "draft": args.draft or "shipped",
+        "context_tokens": ids.shape[1],
+        "steps": args.steps,
+        "anchors_per_step": args.anchors_per_step,
+        "threads": args.threads,
+        "prefill_s": prefill,
         "goal": {"steps": 16, "context_tokens": 1024, "max_ratio_to_prefill": 20.0},
-        "within_goal": head["ratio_to_prefill"] <= 20.0, "variants": rows, "environment": environment(),
+        "within_goal": head["ratio_to_prefill"] <= 20.0,
+        "variants": rows,
+        "environment": environment(),
     }
     write_json(Path(args.json), result)
     print(f"prefill {prefill:.2f} s ({ids.shape[1]} tokens, {args.threads} thread(s)); wrote {args.json}")

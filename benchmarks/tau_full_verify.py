@@ -2,7 +2,8 @@
 the draft, independent of the machine's cost curve. T=0, tokens identical to plain greedy.
 
     python benchmarks/tau_full_verify.py --draft src/draftguide/models/smollm2-135m-dflash \
-        --sets mtbench,humaneval,sharegpt-heldout --limit 10 --max-new-tokens 64 --out benchmarks/results/tau_full_verify.json
+        --sets mtbench,humaneval,sharegpt-heldout --limit 10 --max-new-tokens 64 \
+        --out benchmarks/results/tau_full_verify.json
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import numpy as np
 import torch
 
 from draftguide import load_draft, load_target, speculative_generate
-from draftguide.training.datasources import load_source
 from draftguide.modeling.prompts import encode_prompt, stop_token_ids
 from draftguide.reporting.runs import bootstrap_ci, environment, write_json
+from draftguide.training.datasources import load_source
 
 
 def main() -> None:
@@ -36,16 +37,33 @@ def main() -> None:
     for name in args.sets.split(","):
         taus, hist = [], np.zeros(draft.block_size, dtype=int)
         for row in load_source(name, limit=args.limit):
-            _, st = speculative_generate(target, draft, encode_prompt(tok, row), args.max_new_tokens, stop_token_ids=stop)
+            _, st = speculative_generate(
+                target, draft, encode_prompt(tok, row), args.max_new_tokens, stop_token_ids=stop
+            )
             taus.append(st.tau)
             for a in st.acceptance_lengths:
                 hist[a - 1] += 1
-        results[name] = {"n_prompts": len(taus), "tau": float(np.mean(taus)), "tau_ci95_over_prompts": bootstrap_ci(taus),
-                         "acceptance_histogram": hist.tolist()}
-        print(f"{name}: tau {results[name]['tau']:.3f} {results[name]['tau_ci95_over_prompts']} hist {hist.tolist()}", flush=True)
+        results[name] = {
+            "n_prompts": len(taus),
+            "tau": float(np.mean(taus)),
+            "tau_ci95_over_prompts": bootstrap_ci(taus),
+            "acceptance_histogram": hist.tolist(),
+        }
+        print(
+            f"{name}: tau {results[name]['tau']:.3f} {results[name]['tau_ci95_over_prompts']} hist {hist.tolist()}",
+            flush=True,
+        )
     if args.out:
-        write_json(args.out, {"draft": args.draft, "max_new_tokens": args.max_new_tokens, "verify_len": draft.block_size - 1,
-                              "sets": results, "environment": environment()})
+        write_json(
+            args.out,
+            {
+                "draft": args.draft,
+                "max_new_tokens": args.max_new_tokens,
+                "verify_len": draft.block_size - 1,
+                "sets": results,
+                "environment": environment(),
+            },
+        )
 
 
 if __name__ == "__main__":

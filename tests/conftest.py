@@ -15,9 +15,16 @@ VOCAB = 96
 
 def tiny_target(arch: str = "qwen3", seed: int = 0, vocab: int = VOCAB, layers: int = 6):
     common = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        tie_word_embeddings=False, rms_norm_eps=1e-6,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
     )
     cfg = Qwen3Config(**common) if arch == "qwen3" else LlamaConfig(**common)
     torch.manual_seed(seed)
@@ -29,10 +36,18 @@ def tiny_target(arch: str = "qwen3", seed: int = 0, vocab: int = VOCAB, layers: 
 
 
 def tiny_draft(target, seed: int = 1, layers: int = 2, block_size: int = 8, mask_token_id: int = VOCAB - 1):
-    return DFlashDraft.for_target(
-        target, num_layers=layers, block_size=block_size, mask_token_id=mask_token_id,
-        target_layer_ids=[1, 3, 4], seed=seed,
-    ).eval().requires_grad_(False)
+    return (
+        DFlashDraft.for_target(
+            target,
+            num_layers=layers,
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            target_layer_ids=[1, 3, 4],
+            seed=seed,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +88,13 @@ def char_tokenizer(vocab_size: int = VOCAB):
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     return tok
 
 

@@ -4,12 +4,12 @@ diagnostic; table, figure, resume."""
 import json
 
 import pytest
-from conftest import char_tokenizer, tiny_target
 
-from draftguide.experiments.ablate import parse_layer_sets, run_ablation, set_name
+from conftest import char_tokenizer, tiny_target
 from draftguide.app.cli import main
-from draftguide.training.data import make_data
 from draftguide.errors import DraftGuideError
+from draftguide.experiments.ablate import parse_layer_sets, run_ablation, set_name
+from draftguide.training.data import make_data
 from draftguide.training.train import TrainConfig
 
 
@@ -38,10 +38,42 @@ def _configs(out, sets):
 
 def test_ablate_command_trains_and_measures_every_set_alike(ablate_data, tmp_path, capsys):
     out = tmp_path / "abl"
-    argv = ["ablate-layers", "--target", str(ablate_data / "target"), "--data", str(ablate_data / "data"),
-            "--layer-sets", "1,3;4;2", "--steps", "3", "--block-size", "4", "--draft-layers", "1", "--batch-size", "2",
-            "--anchors-per-seq", "4", "--vocab-subset", "0", "--log-every", "1", "--mask-token-id", "3", "--limit", "4", "--no-solve",
-            "--fidelity-limit", "3", "--fidelity-max-new-tokens", "6", "--n-boot", "50", "--out", str(out)]
+    argv = [
+        "ablate-layers",
+        "--target",
+        str(ablate_data / "target"),
+        "--data",
+        str(ablate_data / "data"),
+        "--layer-sets",
+        "1,3;4;2",
+        "--steps",
+        "3",
+        "--block-size",
+        "4",
+        "--draft-layers",
+        "1",
+        "--batch-size",
+        "2",
+        "--anchors-per-seq",
+        "4",
+        "--vocab-subset",
+        "0",
+        "--log-every",
+        "1",
+        "--mask-token-id",
+        "3",
+        "--limit",
+        "4",
+        "--no-solve",
+        "--fidelity-limit",
+        "3",
+        "--fidelity-max-new-tokens",
+        "6",
+        "--n-boot",
+        "50",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     sets = [[1, 3], [4], [2]]
     s = json.loads((out / "summary.json").read_text())
@@ -56,13 +88,18 @@ def test_ablate_command_trains_and_measures_every_set_alike(ablate_data, tmp_pat
         log = [json.loads(x) for x in (out / "sets" / r["set"] / "log.jsonl").read_text().splitlines()]
         assert [x["step"] for x in log] == [1, 2, 3] and r["final_loss"] == log[-1]["loss"]
         draft_cfg = json.loads((out / "sets" / r["set"] / "draft" / "config.json").read_text())
-        assert draft_cfg["dflash_config"]["target_layer_ids"] == ids and draft_cfg["dflash_config"]["context_includes_anchor"]
+        assert (
+            draft_cfg["dflash_config"]["target_layer_ids"] == ids
+            and draft_cfg["dflash_config"]["context_includes_anchor"]
+        )
         f = r["fidelity"]
         assert 0 <= f["top1_agreement_k1"] <= 1 and f["null_top1_agreement_k1"] is not None and f["n_tokens_k1"] > 0
         fs = json.loads((out / "sets" / r["set"] / "fidelity" / "summary.json").read_text())
         assert fs["n_sequences"] == 3
         d = r["diagnostic"]
-        assert d["verdict"] in ("inconclusive", "equivalent", "draft_better", "draft_worse") and set(d["vs_controls"]) == {"shuffle", "gauss"}
+        assert d["verdict"] in ("inconclusive", "equivalent", "draft_better", "draft_worse") and set(
+            d["vs_controls"]
+        ) == {"shuffle", "gauss"}
     diag = json.loads((out / "diagnose" / "summary.json").read_text())
     assert diag["readouts"] == ["L1-3", "L4", "L2"] and diag["n_tasks"] == 4
     md = (out / "ablation.md").read_text()
@@ -81,8 +118,18 @@ def test_ablate_command_trains_and_measures_every_set_alike(ablate_data, tmp_pat
 
 def test_equal_time_budget_for_every_set(ablate_data, tmp_path):
     target, tok = tiny_target(), char_tokenizer()
-    cfg = TrainConfig(block_size=4, draft_layers=1, anchors_per_seq=4, batch_size=2, vocab_subset=None, log_every=1,
-                      checkpoint_every=0, steps=100_000, time_budget_s=2.0, mask_token_id=3)
+    cfg = TrainConfig(
+        block_size=4,
+        draft_layers=1,
+        anchors_per_seq=4,
+        batch_size=2,
+        vocab_subset=None,
+        log_every=1,
+        checkpoint_every=0,
+        steps=100_000,
+        time_budget_s=2.0,
+        mask_token_id=3,
+    )
     s = run_ablation(target, tok, ablate_data / "data", [], tmp_path / "abl", [[1, 3], [4]], cfg, progress=False)
     cfgs = _configs(tmp_path / "abl", [[1, 3], [4]])
     assert all(c["time_budget_s"] == 2.0 and c["context_includes_anchor"] for c in cfgs.values())

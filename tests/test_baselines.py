@@ -5,13 +5,21 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_target
 
-from draftguide.decode.baselines import (POWER_PRESETS, _Chain, block_ends, dola_generate, mh_log_ratio, power_sample,
-                                  relative_top_mask, token_logprobs)
-from draftguide.errors import DraftGuideError
+from conftest import tiny_target
+from draftguide.decode.baselines import (
+    POWER_PRESETS,
+    _Chain,
+    block_ends,
+    dola_generate,
+    mh_log_ratio,
+    power_sample,
+    relative_top_mask,
+    token_logprobs,
+)
 from draftguide.decode.guided import js_divergence
 from draftguide.decode.speculative import greedy_generate
+from draftguide.errors import DraftGuideError
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def test_chain_with_stop_tokens_proposes_up_to_the_limit():
         calls.clear()
         before = chain.length
         accepted = chain.mh_step(rng, limit)
-        (i, n), = calls
+        ((i, n),) = calls
         assert 0 <= i < before and n == limit - i
         ends_in_stop = int(chain.ids[0, -1]) in chain.stop
         assert chain.length == limit or ends_in_stop  # always a complete continuation
@@ -72,8 +80,12 @@ def test_chain_with_stop_tokens_proposes_up_to_the_limit():
 def _chain_states(V: int, N: int, stop: set[int]) -> list[tuple[int, ...]]:
     """Every continuation the chain can hold at limit N: a stop token only at the end, and shorter than N
     only when it ends at a stop."""
-    return [seq for L in range(1, N + 1) for seq in itertools.product(range(V), repeat=L)
-            if not set(seq[:-1]) & stop and (L == N or seq[-1] in stop)]
+    return [
+        seq
+        for L in range(1, N + 1)
+        for seq in itertools.product(range(V), repeat=L)
+        if not set(seq[:-1]) & stop and (L == N or seq[-1] in stop)
+    ]
 
 
 @pytest.mark.parametrize("stop", [set(), {0}, {0, 2}])
@@ -113,8 +125,11 @@ def test_mh_kernel_leaves_p_alpha_invariant(stop):
     naive = kernel(lambda i, lpn, lqn, lpo, lqo: alpha * float(lpn.sum() - lpo.sum()))  # no proposal correction
     assert (pi @ naive - pi).abs().max() > 1e-3  # the check has power
     if stop:  # with variable lengths the 1/L vs 1/L' of choosing the offset matters too
-        no_index = kernel(lambda i, lpn, lqn, lpo, lqo: mh_log_ratio(alpha, i, lpn, lqn, lpo, lqo)
-                          - math.log((i + len(lpo)) / (i + len(lpn))))
+        no_index = kernel(
+            lambda i, lpn, lqn, lpo, lqo: (
+                mh_log_ratio(alpha, i, lpn, lqn, lpo, lqo) - math.log((i + len(lpo)) / (i + len(lpn)))
+            )
+        )
         assert (pi @ no_index - pi).abs().max() > 1e-4
 
 
@@ -126,16 +141,26 @@ def test_block_ends_split_max_new_tokens_like_the_reference():
 
 def test_power_sample_growth_is_tempered_sampling_and_costs(target):
     ids = _prompt(6, seed=2)
-    out, st = power_sample(target, ids, alpha=4.0, mcmc_steps=0, block_num=3, max_new_tokens=12,
-                           generator=torch.Generator().manual_seed(3))
+    out, st = power_sample(
+        target, ids, alpha=4.0, mcmc_steps=0, block_num=3, max_new_tokens=12, generator=torch.Generator().manual_seed(3)
+    )
     g, ref = torch.Generator().manual_seed(3), ids
     with torch.inference_mode():
         for _ in range(12):
             p = torch.softmax(4.0 * target(ref).logits[:, -1].float(), -1)
             ref = torch.cat([ref, torch.multinomial(p, 1, generator=g)], 1)
     assert out.tolist() == ref.tolist() and st.tokens_per_output_token == 1.0
-    run = lambda: power_sample(target, ids, mcmc_steps=3, block_num=3, max_new_tokens=12,  # noqa: E731
-                               generator=torch.Generator().manual_seed(9))
+
+    def run():
+        return power_sample(
+            target,
+            ids,
+            mcmc_steps=3,
+            block_num=3,
+            max_new_tokens=12,
+            generator=torch.Generator().manual_seed(9),
+        )
+
     (a, sa), (b, _) = run(), run()
     assert a.tolist() == b.tolist() and sa.num_new_tokens == 12 and sa.proposals == 9
     assert sa.tokens_per_output_token > 1.0 and sa.sampled_tokens >= 12 + 9
@@ -148,8 +173,15 @@ def test_power_sample_growth_is_tempered_sampling_and_costs(target):
 def test_power_sample_stops(target):
     ids, stop = _prompt(6, seed=2), list(range(0, 96, 3))  # a third of the vocabulary ends the text
     for seed in range(3):
-        out, st = power_sample(target, ids, mcmc_steps=2, block_num=4, max_new_tokens=16, stop_token_ids=stop,
-                               generator=torch.Generator().manual_seed(seed))
+        out, st = power_sample(
+            target,
+            ids,
+            mcmc_steps=2,
+            block_num=4,
+            max_new_tokens=16,
+            stop_token_ids=stop,
+            generator=torch.Generator().manual_seed(seed),
+        )
         new = out[0, 6:].tolist()
         assert new[-1] in stop and not set(new[:-1]) & set(stop) and st.num_new_tokens == len(new) < 16
 
@@ -162,8 +194,10 @@ def reference_dola(target, ids, candidates, relative_top, n):
     for _ in range(n):
         out = target(ids, output_hidden_states=True)
         final = torch.log_softmax(out.logits[0, -1], -1)
-        prem = {j: out.logits[0, -1] if j == L else target.lm_head(target.model.norm(out.hidden_states[j][0, -1]))
-                for j in candidates}
+        prem = {
+            j: out.logits[0, -1] if j == L else target.lm_head(target.model.norm(out.hidden_states[j][0, -1]))
+            for j in candidates
+        }
         js = {j: float(js_divergence(out.logits[0, -1], v)) for j, v in prem.items()}
         m = max(candidates, key=lambda j: js[j])  # first maximum, as torch.argmax
         s = final if m == L else final - torch.log_softmax(prem[m], -1)
@@ -209,6 +243,14 @@ def test_sample_generate(target):
     greedy, _ = greedy_generate(target, ids, 10)
     cold, _ = sample_generate(target, ids, temperature=0.0, max_new_tokens=10)
     assert cold.tolist() == greedy.tolist()
-    draw = lambda s: sample_generate(target, ids, temperature=2.0, max_new_tokens=10,  # noqa: E731
-                                     generator=torch.Generator().manual_seed(s))[0].tolist()
+
+    def draw(s):
+        return sample_generate(
+            target,
+            ids,
+            temperature=2.0,
+            max_new_tokens=10,
+            generator=torch.Generator().manual_seed(s),
+        )[0].tolist()
+
     assert draw(1) == draw(1) != draw(2)

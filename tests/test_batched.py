@@ -3,13 +3,13 @@ models), with left padding, per-row positions, both caches, and rows leaving the
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_draft, tiny_target
 
+from conftest import VOCAB, tiny_draft, tiny_target
 from draftguide.decode.baselines import sample_generate
 from draftguide.decode.batched import batch_generate, left_pad
-from draftguide.modeling.draft import DFlashDraft, DraftCache
 from draftguide.decode.guided import guided_generate
 from draftguide.decode.speculative import greedy_generate
+from draftguide.modeling.draft import DFlashDraft, DraftCache
 
 LENS = [3, 11, 1, 7, 20]
 BUDGETS = [9, 25, 14, 4, 6]  # the longest prompt ends first: its padding columns are dropped mid-run
@@ -30,8 +30,20 @@ def f64_llama():
 @pytest.fixture(scope="module")
 def f64_aligned():
     t = tiny_target("qwen3", seed=5).double()
-    d = DFlashDraft.for_target(t, num_layers=2, block_size=4, mask_token_id=VOCAB - 1, target_layer_ids=[1, 3, 4],
-                               context_includes_anchor=True, seed=6).eval().requires_grad_(False).double()
+    d = (
+        DFlashDraft.for_target(
+            t,
+            num_layers=2,
+            block_size=4,
+            mask_token_id=VOCAB - 1,
+            target_layer_ids=[1, 3, 4],
+            context_includes_anchor=True,
+            seed=6,
+        )
+        .eval()
+        .requires_grad_(False)
+        .double()
+    )
     return t, d
 
 
@@ -45,7 +57,7 @@ def gens(seeds):
 
 
 def new_tokens(tokens, ids):
-    return tokens[0, ids.shape[1]:].tolist()
+    return tokens[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("max_batch", [None, 2])
@@ -74,16 +86,26 @@ def test_stop_tokens_end_rows_early(f64):
 def test_sampling_with_a_seed_per_row(f64):
     target, _ = f64
     ps = prompts()
-    temps, top_p, top_k, seeds = [1.0, 0.7, 0.0, 1.5, 1.0], [1.0, 0.9, 1.0, 0.8, 1.0], [0, 0, 0, 10, 5], [11, 12, 13, 14, 15]
-    ref = [new_tokens(sample_generate(target, p, temperature=t, top_p=tp, top_k=tk, max_new_tokens=m,
-                                      generator=g)[0], p)
-           for p, t, tp, tk, m, g in zip(ps, temps, top_p, top_k, BUDGETS, gens(seeds))]
+    temps, top_p, top_k, seeds = (
+        [1.0, 0.7, 0.0, 1.5, 1.0],
+        [1.0, 0.9, 1.0, 0.8, 1.0],
+        [0, 0, 0, 10, 5],
+        [11, 12, 13, 14, 15],
+    )
+    ref = [
+        new_tokens(sample_generate(target, p, temperature=t, top_p=tp, top_k=tk, max_new_tokens=m, generator=g)[0], p)
+        for p, t, tp, tk, m, g in zip(ps, temps, top_p, top_k, BUDGETS, gens(seeds))
+    ]
     rows = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens(seeds))
     assert [r.tokens for r in rows] == ref
-    rows = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens(seeds), max_batch=3)
+    rows = batch_generate(
+        target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens(seeds), max_batch=3
+    )
     assert [r.tokens for r in rows] == ref
     # and the seed matters: other seeds draw other tokens somewhere
-    other = batch_generate(target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens([1, 2, 3, 4, 5]))
+    other = batch_generate(
+        target, ps, BUDGETS, temperature=temps, top_p=top_p, top_k=top_k, generators=gens([1, 2, 3, 4, 5])
+    )
     assert [r.tokens for r in other] != ref
 
 
@@ -108,7 +130,9 @@ def test_guided_rows_equal_batch_one(pair, opts, max_batch, request):
         out, st = guided_generate(target, draft, p, max_new_tokens=m, temperature=t, generator=g, **opts)
         ref.append(new_tokens(out, p))
         flips.append([(f.index, f.target_token, f.guided_token) for f in st.flips])
-    rows = batch_generate(target, ps, BUDGETS, temperature=temps, generators=gens(seeds), draft=draft, max_batch=max_batch, **opts)
+    rows = batch_generate(
+        target, ps, BUDGETS, temperature=temps, generators=gens(seeds), draft=draft, max_batch=max_batch, **opts
+    )
     assert [r.tokens for r in rows] == ref
     assert [[(f.index, f.target_token, f.guided_token) for f in r.stats.flips] for r in rows] == flips
     if opts["beta"] >= 0.5 and opts.get("control") is None:
@@ -160,19 +184,33 @@ def test_draft_context_mask_hides_pads(f64):
     pos = torch.zeros(2, C + draft.block_size, dtype=torch.long)
     for i, c in enumerate(ctxs):
         n = c.shape[1]
-        padded[i, C - n:], mask[i, C - n:] = c[0], True
+        padded[i, C - n :], mask[i, C - n :] = c[0], True
         pos[i, C - n : C] = torch.arange(n)
         pos[i, C:] = torch.arange(n, n + draft.block_size)
     cache = DraftCache(len(draft.layers))
     # context in two pieces (cached, then new), as decoding feeds it
-    draft(draft.embed(target, torch.cat(blocks)), padded[:, :5], torch.cat([pos[:, :5], pos[:, C:]], 1), cache=cache,
-          rows=slice(1, 3), context_mask=mask[:, :5])
+    draft(
+        draft.embed(target, torch.cat(blocks)),
+        padded[:, :5],
+        torch.cat([pos[:, :5], pos[:, C:]], 1),
+        cache=cache,
+        rows=slice(1, 3),
+        context_mask=mask[:, :5],
+    )
     cache.crop(5)
-    out = draft(draft.embed(target, torch.cat(blocks)), padded[:, 5:], pos[:, 5:], cache=cache, rows=slice(1, 3),
-                context_mask=mask)
+    out = draft(
+        draft.embed(target, torch.cat(blocks)),
+        padded[:, 5:],
+        pos[:, 5:],
+        cache=cache,
+        rows=slice(1, 3),
+        context_mask=mask,
+    )
     for i in range(2):
         torch.testing.assert_close(out[i : i + 1], ref[i], rtol=1e-10, atol=1e-10)
-    unmasked = draft(draft.embed(target, torch.cat(blocks)), padded, pos, cache=DraftCache(len(draft.layers)), rows=slice(1, 3))
+    unmasked = draft(
+        draft.embed(target, torch.cat(blocks)), padded, pos, cache=DraftCache(len(draft.layers)), rows=slice(1, 3)
+    )
     assert not torch.allclose(unmasked[0:1], ref[0], atol=1e-3)  # without the mask the pads do leak in
 
 
@@ -189,7 +227,9 @@ def test_waiting_prompts_take_freed_slots(f64):
     sizes, done = [], []
     hook = draft.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
     try:
-        rows = batch_generate(target, ps, budgets, max_batch=2, draft=draft, beta=0.5, on_done=lambda r, res: done.append(r))
+        rows = batch_generate(
+            target, ps, budgets, max_batch=2, draft=draft, beta=0.5, on_done=lambda r, res: done.append(r)
+        )
     finally:
         hook.remove()
     # rows 0+1 for 3 steps, 1+2 for 2, 1+3 for 4, 3+4 for 1, then row 4 alone for its last 3 tokens
@@ -226,8 +266,13 @@ def _eval_tasks(tmp_path):
 
     rows = []
     for i, q in enumerate(["hi", "what is the capital of France, and why?", "2+2", "name three colours", "ok?"]):
-        rows.append({"messages": [{"role": "system", "content": f"context {i} " * (i + 1)}, {"role": "user", "content": q}],
-                     "checks": [{"type": "regex", "value": "."}], "metadata": {"task_id": f"t{i}"}})
+        rows.append(
+            {
+                "messages": [{"role": "system", "content": f"context {i} " * (i + 1)}, {"role": "user", "content": q}],
+                "checks": [{"type": "regex", "value": "."}],
+                "metadata": {"task_id": f"t{i}"},
+            }
+        )
     path = tmp_path / "tasks.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -236,15 +281,22 @@ def _eval_tasks(tmp_path):
 def _responses(out):
     import json
 
-    return {r["task_id"]: (r["response"], r["new_tokens"]) for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    return {
+        r["task_id"]: (r["response"], r["new_tokens"])
+        for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+    }
 
 
-@pytest.mark.parametrize("method", [
-    ["--method", "greedy"],
-    ["--method", "sample", "--temperature", "1.0", "--seed", "3"],
-    ["--method", "guided", "--beta", "0.5"],
-    ["--method", "guided-noise", "--beta", "0.5"],
-], ids=lambda m: m[1])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--method", "greedy"],
+        ["--method", "sample", "--temperature", "1.0", "--seed", "3"],
+        ["--method", "guided", "--beta", "0.5"],
+        ["--method", "guided-noise", "--beta", "0.5"],
+    ],
+    ids=lambda m: m[1],
+)
 def test_eval_batch_size_gives_the_batch_one_answers(method, tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     import json
 
@@ -267,8 +319,28 @@ def test_eval_batch_size_with_a_batch_one_method_says_so(tmp_path, tiny_target_d
     from draftguide.app.cli import main
 
     tasks = _eval_tasks(tmp_path)
-    assert main(["eval", "--target", str(tiny_target_dir), "--tasks", str(tasks), "--max-new-tokens", "4", "--limit", "2",
-                 "--method", "dola", "--out", str(tmp_path / "d"), "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--target",
+                str(tiny_target_dir),
+                "--tasks",
+                str(tasks),
+                "--max-new-tokens",
+                "4",
+                "--limit",
+                "2",
+                "--method",
+                "dola",
+                "--out",
+                str(tmp_path / "d"),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "method 'dola' decodes one sequence at a time" in capsys.readouterr().err
     assert len(_responses(tmp_path / "d")) == 2
 
@@ -277,13 +349,15 @@ def test_eval_batch_size_with_a_batch_one_method_says_so(tmp_path, tiny_target_d
 def test_make_data_uses_the_batched_loop(tmp_path, f64):
     """Greedy samples are each prompt's batch-1 greedy answer; sampled ones do not depend on the batch size."""
     from conftest import char_tokenizer
-
-    from draftguide.training.data import _row_seed, make_data, read_samples
     from draftguide.modeling.prompts import encode_prompt, stop_token_ids
+    from draftguide.training.data import _row_seed, make_data, read_samples
 
     target, _ = f64
     tok = char_tokenizer()
-    rows = [{"id": f"p{i}", "messages": [{"role": "user", "content": q}]} for i, q in enumerate(["hi", "a longer one, yes", "mid"])]
+    rows = [
+        {"id": f"p{i}", "messages": [{"role": "user", "content": q}]}
+        for i, q in enumerate(["hi", "a longer one, yes", "mid"])
+    ]
     make_data(target, tok, rows, tmp_path / "g", max_new_tokens=10, batch_size=2, progress=False)
     got = {r["id"]: r["input_ids"] for r in read_samples(tmp_path / "g")}
     stop = stop_token_ids(tok, target)
@@ -291,12 +365,28 @@ def test_make_data_uses_the_batched_loop(tmp_path, f64):
         ids = encode_prompt(tok, r)
         assert got[r["id"]] == greedy_generate(target, ids, 10, stop)[0][0].tolist()
     for bs in (1, 3):
-        make_data(target, tok, rows, tmp_path / f"s{bs}", max_new_tokens=10, temperature=1.0, batch_size=bs, seed=7, progress=False)
+        make_data(
+            target,
+            tok,
+            rows,
+            tmp_path / f"s{bs}",
+            max_new_tokens=10,
+            temperature=1.0,
+            batch_size=bs,
+            seed=7,
+            progress=False,
+        )
     s1, s3 = ({r["id"]: r["input_ids"] for r in read_samples(tmp_path / f"s{bs}")} for bs in (1, 3))
     assert s1 == s3 and s1 != got
     ids = encode_prompt(tok, rows[1])
-    ref = sample_generate(target, ids, temperature=1.0, max_new_tokens=10, stop_token_ids=stop,
-                          generator=torch.Generator().manual_seed(_row_seed(7, "p1")))[0]
+    ref = sample_generate(
+        target,
+        ids,
+        temperature=1.0,
+        max_new_tokens=10,
+        stop_token_ids=stop,
+        generator=torch.Generator().manual_seed(_row_seed(7, "p1")),
+    )[0]
     assert s1["p1"] == ref[0].tolist()
 
 
@@ -304,18 +394,31 @@ def test_make_data_uses_the_batched_loop(tmp_path, f64):
 @pytest.fixture(scope="module")
 def dg64():
     from conftest import char_tokenizer
-
     from draftguide import DraftGuide
 
     t = tiny_target().double()
     return DraftGuide(t, char_tokenizer(), tiny_draft(t, mask_token_id=3).double(), name="tiny64")
 
 
-PROMPTS = ["hello", "a much longer question about nothing at all", [{"role": "user", "content": "mid one"}], {"prompt": "raw"}]
+PROMPTS = [
+    "hello",
+    "a much longer question about nothing at all",
+    [{"role": "user", "content": "mid one"}],
+    {"prompt": "raw"},
+]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0, seed=5), dict(beta=0.5), dict(beta=0.5, temperature=0.9, seed=2),
-                                dict(speculative=True)], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(temperature=1.0, seed=5),
+        dict(beta=0.5),
+        dict(beta=0.5, temperature=0.9, seed=2),
+        dict(speculative=True),
+    ],
+    ids=str,
+)
 def test_generate_a_list_equals_one_by_one(dg64, kw):
     many = dg64.generate(PROMPTS, max_new_tokens=10, **kw)
     alone = [dg64.generate(p, max_new_tokens=10, **kw) for p in PROMPTS]
@@ -328,8 +431,13 @@ def test_generate_a_list_equals_one_by_one(dg64, kw):
 def test_jobs_keep_their_own_parameters_stop_strings_and_streams(dg64):
     from draftguide.app.pipeline import Cancelled, Job
 
-    kws = [dict(max_new_tokens=12), dict(max_new_tokens=5, temperature=1.0, seed=9), dict(max_new_tokens=12, top_k=3, temperature=1.0, seed=1),
-           dict(max_new_tokens=12, beta=0.5), dict(max_new_tokens=12, speculative=True)]
+    kws = [
+        dict(max_new_tokens=12),
+        dict(max_new_tokens=5, temperature=1.0, seed=9),
+        dict(max_new_tokens=12, top_k=3, temperature=1.0, seed=1),
+        dict(max_new_tokens=12, beta=0.5),
+        dict(max_new_tokens=12, speculative=True),
+    ]
     alone = [dg64.generate("hello there", **k) for k in kws]
     stop = alone[0].text[3:5]  # a stop string inside the first answer
     kws[0]["stop"] = [stop]
@@ -342,6 +450,7 @@ def test_jobs_keep_their_own_parameters_stop_strings_and_streams(dg64):
             pieces[i].append(delta)
             if i == 2 and len(pieces[i]) == 2:
                 raise Cancelled  # this client goes away; the others go on
+
         return on_text
 
     out = dg64.generate_jobs([Job("hello there", dict(k), collect(i)) for i, k in enumerate(kws)])
@@ -356,6 +465,20 @@ def test_jobs_keep_their_own_parameters_stop_strings_and_streams(dg64):
 def test_bad_batch_size_is_refused_before_loading(tmp_path, capsys):
     from draftguide.app.cli import main
 
-    assert main(["eval", "--target", str(tmp_path / "no-such-model"), "--tasks", "builtin", "--out", str(tmp_path / "o"),
-                 "--batch-size", "0"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--target",
+                str(tmp_path / "no-such-model"),
+                "--tasks",
+                "builtin",
+                "--out",
+                str(tmp_path / "o"),
+                "--batch-size",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--batch-size must be >= 1" in capsys.readouterr().err

@@ -5,17 +5,25 @@ import json
 
 import pytest
 
-from draftguide.training.datasources import HELD_OUT, humaneval, iter_json_array, mtbench, sharegpt
 from draftguide.errors import DraftGuideError
+from draftguide.training.datasources import HELD_OUT, humaneval, iter_json_array, mtbench, sharegpt
 
 
 def _sharegpt_file(tmp_path, n=5, truncate=True):
-    recs = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "answer"}]} for i in range(n)]
+    recs = [
+        {
+            "id": f"r{i}",
+            "conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "answer"}],
+        }
+        for i in range(n)
+    ]
     recs.insert(2, {"id": "bot-first", "conversations": [{"from": "gpt", "value": "hello"}]})
     recs.insert(3, {"id": "empty", "conversations": [{"from": "human", "value": "   "}]})
     text = json.dumps(recs, indent=1)
     path = tmp_path / "sg.json"
-    path.write_text(text[: len(text) - 40] if truncate else text)  # cut inside the last record, as the package's file is
+    path.write_text(
+        text[: len(text) - 40] if truncate else text
+    )  # cut inside the last record, as the package's file is
     return path
 
 
@@ -36,7 +44,12 @@ def test_sharegpt_first_human_turns(tmp_path):
 
 def test_mtbench_and_humaneval(tmp_path):
     mt = tmp_path / "q.jsonl"
-    mt.write_text("".join(json.dumps({"question_id": i, "category": "writing", "turns": [f"t{i}", "follow-up"]}) + "\n" for i in (81, 82)))
+    mt.write_text(
+        "".join(
+            json.dumps({"question_id": i, "category": "writing", "turns": [f"t{i}", "follow-up"]}) + "\n"
+            for i in (81, 82)
+        )
+    )
     rows = mtbench(mt)
     assert [r["id"] for r in rows] == ["mtbench-81", "mtbench-82"] and rows[0]["messages"][0]["content"] == "t81"
     he = tmp_path / "he.jsonl.gz"
@@ -70,8 +83,8 @@ def test_gsm_symbolic_is_seeded():
 
 
 def test_cl_task_prompts_never_repeat_the_evaluation_suite():
-    from draftguide.training.datasources import load_source
     from draftguide.experiments.tasks import load_builtin_tasks
+    from draftguide.training.datasources import load_source
 
     train = load_source("cltasks:2")
     assert len(train) == 32 and all(r["source"] == "cltasks" for r in train)

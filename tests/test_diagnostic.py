@@ -10,9 +10,10 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_draft, tiny_target
 
+from conftest import char_tokenizer, tiny_draft, tiny_target
 from draftguide.app.cli import main
+from draftguide.decode.speculative import speculative_generate
 from draftguide.experiments.diagnostic import (
     TaskBootstrap,
     answer_frame,
@@ -27,24 +28,29 @@ from draftguide.experiments.diagnostic import (
     score_sequence,
     shuffle_index,
     summarize,
-    target_pass,
 )
 from draftguide.modeling.draft import DraftCache, resolve_draft
-from draftguide.decode.speculative import speculative_generate
 from draftguide.modeling.targets import extract_features
 
 
 def _task(tid, answer=None, cat="A", sub="a", context="The code word is tulip.", question="Code word?"):
-    row = {"messages": [{"role": "system", "content": context}, {"role": "user", "content": question}],
-           "rubrics": ["r"], "checks": [{"type": "regex", "value": "."}],
-           "metadata": {"task_id": tid, "context_id": f"c-{tid}", "context_category": cat, "sub_category": sub}}
+    row = {
+        "messages": [{"role": "system", "content": context}, {"role": "user", "content": question}],
+        "rubrics": ["r"],
+        "checks": [{"type": "regex", "value": "."}],
+        "metadata": {"task_id": tid, "context_id": f"c-{tid}", "context_category": cat, "sub_category": sub},
+    }
     if answer is not None:
         row["reference_answer"] = answer
     return row
 
 
-TASKS = [_task("t0", "tulip"), _task("t1", "12 apples and 3 pears", "B", "b"), _task("t2", "xyz", "B", "c"),
-         _task("t3", "Lyon, not Paris", "A", "a")]
+TASKS = [
+    _task("t0", "tulip"),
+    _task("t1", "12 apples and 3 pears", "B", "b"),
+    _task("t2", "xyz", "B", "c"),
+    _task("t3", "Lyon, not Paris", "A", "a"),
+]
 
 
 class CopyTargetDraft(torch.nn.Module):
@@ -104,7 +110,9 @@ def test_task_bootstrap_equals_explicit_task_resampling():
         order = np.argsort(x, kind="stable")
         cum = bs.w[b, order].cumsum()
         half = cum[-1] / 2
-        assert (x[order][(cum < half).sum()] + x[order][min((cum <= half).sum(), x.size - 1)]) / 2 == pytest.approx(np.median(pooled))
+        assert (x[order][(cum < half).sum()] + x[order][min((cum <= half).sum(), x.size - 1)]) / 2 == pytest.approx(
+            np.median(pooled)
+        )
     assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
 
 
@@ -176,7 +184,9 @@ def test_block_mode_equals_speculative_decoding_blocks():
     draft = tiny_draft(target, mask_token_id=11, seed=11, block_size=4)
     prompt = torch.randint(0, 11, (1, 10), generator=torch.Generator().manual_seed(0))
     seen = []
-    hook = draft.register_forward_hook(lambda m, args, out: seen.append((int(args[2][0, -args[0].shape[1]]), args[0].shape[1], out)))
+    hook = draft.register_forward_hook(
+        lambda m, args, out: seen.append((int(args[2][0, -args[0].shape[1]]), args[0].shape[1], out))
+    )
     tokens, stats = speculative_generate(target, draft, prompt, 30)
     hook.remove()
     full = [(s, out) for s, n, out in seen if n == draft.block_size and s > prompt.shape[1]]
@@ -187,7 +197,9 @@ def test_block_mode_equals_speculative_decoding_blocks():
         ids = tokens[:, : s + 1 + n_ans]
         res = score_sequence(target, draft, ids, s + 1, modes=["block"])["block"]["draft"]
         with torch.no_grad():
-            ref = gold_scores(draft.logits(out[:, :n_ans], target)[0], ids[0, s + 1 :])  # decoding reads offsets 1.. only
+            ref = gold_scores(
+                draft.logits(out[:, :n_ans], target)[0], ids[0, s + 1 :]
+            )  # decoding reads offsets 1.. only
         assert res["k"].tolist() == list(range(1, n_ans + 1))
         assert res["rank"].tolist() == ref["rank"].tolist()
         np.testing.assert_allclose(res["logp"], ref["logp"], atol=1e-4)
@@ -247,9 +259,18 @@ def _bpe_tokenizer():
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    text = ["The answer is: tulip", "The answer is tulip.", "the code word is tulip", "answers: 12 apples and 3 pears"] * 50
-    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    text = [
+        "The answer is: tulip",
+        "The answer is tulip.",
+        "the code word is tulip",
+        "answers: 12 apples and 3 pears",
+    ] * 50
+    tk.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tk)
 
 
@@ -270,7 +291,9 @@ def test_framed_answer_span_is_the_reference_tokens(frame):
     assert tok.decode(ids[n_frame:]).strip() == ref and tok.decode(ids[:n_frame]) == frame.rstrip(" ")
     assert spans[0][0] == 0 and spans[-1][1] == len(ref)
     if frame.endswith(" "):  # the merge is visible: the space travels with the word
-        assert tok.decode(ids[n_frame:]) == " " + ref and len(ids[n_frame:]) == len(tok(" " + ref, add_special_tokens=False)["input_ids"])
+        assert tok.decode(ids[n_frame:]) == " " + ref and len(ids[n_frame:]) == len(
+            tok(" " + ref, add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_framed_prepare_puts_the_reference_after_the_response_prefix(pair):
@@ -279,7 +302,9 @@ def test_framed_prepare_puts_the_reference_after_the_response_prefix(pair):
     p = prepare_tasks([row], tok, responses={"a": "So: rose."})
     t = p.tasks[0]
     assert t.frame == "distractor" and t.frame_text == "So: " and t.n_frame == len("So: ")
-    assert "".join(tok.decode([i]) for i in t.prompt_ids[-t.n_frame:]) == "So: " and "".join(t.answer_tokens) == "tulip"
+    assert (
+        "".join(tok.decode([i]) for i in t.prompt_ids[-t.n_frame :]) == "So: " and "".join(t.answer_tokens) == "tulip"
+    )
     bare = prepare_tasks([row], tok, responses={"a": "So: rose."}, frame="bare").tasks[0]
     assert bare.answer_ids == t.answer_ids and bare.prompt_ids == t.prompt_ids[: -t.n_frame] and bare.frame == "bare"
 
@@ -315,8 +340,13 @@ class FeatureFreeReadout:
 def test_shuffle_control_differs_when_features_matter_and_equals_when_ignored(pair):
     target, _, tok = pair
     prepared = prepare_tasks(TASKS, tok, frame="bare")
-    recs = diagnose(target, {"copy": CopyTargetDraft(target), "blind": FeatureFreeReadout()}, prepared,
-                    modes=["next"], controls=("shuffle", "gauss"))
+    recs = diagnose(
+        target,
+        {"copy": CopyTargetDraft(target), "blind": FeatureFreeReadout()},
+        prepared,
+        modes=["next"],
+        controls=("shuffle", "gauss"),
+    )
     copy = np.array([r["next"]["copy"]["logp"] for r in recs])
     copy_sh = np.array([r["next"]["copy.shuffle"]["logp"] for r in recs])
     assert np.abs(copy - copy_sh).max() > 0.5 and (np.abs(copy - copy_sh) > 1e-4).mean() > 0.8
@@ -350,7 +380,9 @@ def _greedy_tasks(target, tok, n=10, n_greedy=5, n_random=3):
     rand = lambda k: "".join(chr(97 + int(x)) for x in torch.randint(0, 26, (k,), generator=gen))  # noqa: E731
     for i in range(n):
         words, head = rand(12), rand(n_random)
-        row = _task(f"g{i}", None, context=f"Rule {i}: {words[:6]} means {words[6:]}.", question=f"What is {words[:3]}?")
+        row = _task(
+            f"g{i}", None, context=f"Rule {i}: {words[:6]} means {words[6:]}.", question=f"What is {words[:3]}?"
+        )
         ids = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
         ids = torch.tensor([ids + tok(head, add_special_tokens=False)["input_ids"]])
         for _ in range(n_greedy):
@@ -372,19 +404,30 @@ def greedy_tasks(pair):
 @pytest.mark.parametrize("bonus,want", [(0.0, "equivalent"), (1.0, "draft_better"), (-1.0, "draft_worse")])
 def test_synthetic_readouts_get_the_verdict_their_construction_implies(pair, greedy_tasks, bonus, want):
     target, _, _ = pair
-    recs = diagnose(target, TargetLogitsReadout(target, bonus), greedy_tasks, modes=["next", "block"], controls=("shuffle", "gauss", "noise"))
+    recs = diagnose(
+        target,
+        TargetLogitsReadout(target, bonus),
+        greedy_tasks,
+        modes=["next", "block"],
+        controls=("shuffle", "gauss", "noise"),
+    )
     v = summarize(recs, ["next", "block"], n_boot=300)["verdict"]
     assert v["gate_passed"] and all(g["ci95"][0] > 0 for g in v["vs_controls"].values())  # it reads the features
     assert v["verdict"] == want, v["because"]
     if want == "equivalent":
         assert v["mean_per_task_logp_diff"] == pytest.approx(0, abs=1e-5) and -0.1 < v["ci90"][0] <= v["ci90"][1] < 0.1
     b = v["beside"]
-    assert b["first"]["n_tokens"] == len(greedy_tasks.tasks) and b["later"]["n_tokens"] == len(recs) - len(greedy_tasks.tasks)
-    assert b["failed"]["n_tasks"] == 5 and b["solved"]["n_tasks"] == 5 and b["interaction_failed_minus_solved"] is not None
+    assert b["first"]["n_tokens"] == len(greedy_tasks.tasks) and b["later"]["n_tokens"] == len(recs) - len(
+        greedy_tasks.tasks
+    )
+    assert (
+        b["failed"]["n_tasks"] == 5 and b["solved"]["n_tasks"] == 5 and b["interaction_failed_minus_solved"] is not None
+    )
 
 
 def test_a_readout_that_does_not_beat_its_controls_is_inconclusive(pair, greedy_tasks):
     target, _, _ = pair
+
     # target logits with a bonus, but computed from features it never reads: better than the target, yet no
     # better than itself fed garbage
     class Blind(TargetLogitsReadout):
@@ -395,7 +438,9 @@ def test_a_readout_that_does_not_beat_its_controls_is_inconclusive(pair, greedy_
     recs = diagnose(target, Blind(target, 3.0), greedy_tasks, modes=["next"], controls=("shuffle", "gauss"))
     v = summarize(recs, ["next"], n_boot=300)["verdict"]
     assert v["mean_per_task_logp_diff"] > 1 and v["ci95"][0] > 0  # it would have been draft_better
-    assert v["verdict"] == "inconclusive" and not v["gate_passed"] and "does not use the target features" in v["because"]
+    assert (
+        v["verdict"] == "inconclusive" and not v["gate_passed"] and "does not use the target features" in v["because"]
+    )
     assert summarize(recs, ["next"], n_boot=300, margin=0.1)["verdict"]["rule"].startswith("per task")
 
 
@@ -435,10 +480,27 @@ def test_several_readouts_share_the_target_pass_and_score_as_alone(pair, greedy_
 # -- the command --------------------------------------------------------------------------------------
 def test_cli_writes_tokens_summary_report_and_figures(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(r) + "\n" for r in [_task("t0", "tulip"), _task("t1", "12 and 3", "B", "b"), _task("t2")]))
+    tasks.write_text(
+        "".join(json.dumps(r) + "\n" for r in [_task("t0", "tulip"), _task("t1", "12 and 3", "B", "b"), _task("t2")])
+    )
     out = tmp_path / "out"
-    argv = ["diagnose", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
-            "--out", str(out), "--solve-max-new-tokens", "4", "--n-boot", "100", "--controls", "shuffle,gauss,noise,random"]
+    argv = [
+        "diagnose",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--tasks",
+        str(tasks),
+        "--out",
+        str(out),
+        "--solve-max-new-tokens",
+        "4",
+        "--n-boot",
+        "100",
+        "--controls",
+        "shuffle,gauss,noise,random",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert s["n_tasks"] == 2 and s["n_skipped"] == 1 and s["n_tokens"] == len("tulip") + len("12 and 3")
@@ -450,22 +512,50 @@ def test_cli_writes_tokens_summary_report_and_figures(tmp_path, tiny_target_dir,
     pathways = {"draft", "draft.shuffle", "draft.gauss", "draft.noise", "draft.random"}
     assert set(a["mean_logp"]) == {"target"} | pathways and len(a["mean_logp"]["draft"]["ci95"]) == 2
     assert "offset:1" in s["modes"]["block"] and "all|first" in s["modes"]["next"] and "all|later" in s["modes"]["next"]
-    assert set(s["verdict_detail"]["vs_controls"]) == {"shuffle", "gauss", "noise"}  # random: a sanity row no rule reads
+    assert set(s["verdict_detail"]["vs_controls"]) == {
+        "shuffle",
+        "gauss",
+        "noise",
+    }  # random: a sanity row no rule reads
     rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     assert len(rows) == s["n_tokens"] * 11  # target + 5 pathways x {next, block}
     assert {r["pathway"] for r in rows} == {"target"} | {f"{p}_{m}" for p in pathways for m in ("next", "block")}
     assert all(r["rank"] >= 1 and r["logp"] <= 0 for r in rows)
     report = (out / "report.md").read_text()
-    assert f"Command: `{shlex.join(['draftguide', *argv])}`" in report and s["verdict"] in report and "Because:" in report
+    assert (
+        f"Command: `{shlex.join(['draftguide', *argv])}`" in report and s["verdict"] in report and "Because:" in report
+    )
     for png in ("heatmap.png", "rank_by_offset.png", "by_bucket_next.png", "by_category_block.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
 
     # a second run: references and solve status from the first run's greedy eval; next mode only, no controls
     res = out / "solve" / "results.jsonl"
     out2 = tmp_path / "out2"
-    assert main(["diagnose", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
-                 "--out", str(out2), "--modes", "next", "--no-controls", "--reference-from", str(res),
-                 "--solved-from", str(res), "--n-boot", "50"]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                "--target",
+                str(tiny_target_dir),
+                "--draft",
+                str(tiny_draft_dir),
+                "--tasks",
+                str(tasks),
+                "--out",
+                str(out2),
+                "--modes",
+                "next",
+                "--no-controls",
+                "--reference-from",
+                str(res),
+                "--solved-from",
+                str(res),
+                "--n-boot",
+                "50",
+            ]
+        )
+        == 0
+    )
     s2 = json.loads((out2 / "summary.json").read_text())
     eval_rows = {r["task_id"]: r for r in map(json.loads, res.read_text().splitlines())}
     assert s2["n_tasks"] + s2["n_skipped"] == 3 and set(s2["modes"]) == {"next"}
@@ -480,14 +570,45 @@ def test_cli_records_exactly_the_argv_it_ran(tmp_path, tiny_target_dir, tiny_dra
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in [_task("t0", "tulip"), _task("t1", "12 and 3", "B", "b")]))
     out = tmp_path / "out"
-    argv = ["diagnose", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
-            "--out", str(out), "--no-solve", "--dtype", "fp32", "--draft-dtype", "bf16", "--device", "cpu", "--n-boot", "37",
-            "--seed", "5", "--modes", "next", "--answer-frame", "bare", "--margin", "0.25", "--controls", "gauss"]
+    argv = [
+        "diagnose",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--tasks",
+        str(tasks),
+        "--out",
+        str(out),
+        "--no-solve",
+        "--dtype",
+        "fp32",
+        "--draft-dtype",
+        "bf16",
+        "--device",
+        "cpu",
+        "--n-boot",
+        "37",
+        "--seed",
+        "5",
+        "--modes",
+        "next",
+        "--answer-frame",
+        "bare",
+        "--margin",
+        "0.25",
+        "--controls",
+        "gauss",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert s["argv"] == ["draftguide", *argv] and s["command"] == shlex.join(["draftguide", *argv])
     assert (out / "command.txt").read_text().strip() == s["command"]
-    assert s["bootstrap"] == {"n_boot": 37, "seed": 5, "unit": "task"} and s["margin"] == 0.25 and s["controls"] == ["gauss"]
+    assert (
+        s["bootstrap"] == {"n_boot": 37, "seed": 5, "unit": "task"}
+        and s["margin"] == 0.25
+        and s["controls"] == ["gauss"]
+    )
     assert s["settings"]["draft_dtype"] == "bf16" and s["answer_frame"]["mode"] == "bare"
     report = (out / "report.md").read_text()
     assert report.count(f"`{s['command']}`") >= 1 + len(list(out.glob("*.png")))  # the header and every figure caption
@@ -503,19 +624,51 @@ def test_cli_several_readouts_side_by_side(tmp_path, tiny_target_dir, tiny_draft
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in [_task("t0", "tulip"), _task("t1", "12 and 3", "B", "b")]))
     out = tmp_path / "out"
-    assert main(["diagnose", "--target", str(tiny_target_dir), "--drafts", f"{tiny_draft_dir},{other}", "--tasks", str(tasks),
-                 "--out", str(out), "--no-solve", "--n-boot", "30"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "diagnose",
+                "--target",
+                str(tiny_target_dir),
+                "--drafts",
+                f"{tiny_draft_dir},{other}",
+                "--tasks",
+                str(tasks),
+                "--out",
+                str(out),
+                "--no-solve",
+                "--n-boot",
+                "30",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     names = [tiny_draft_dir.name, "other-draft"]
     assert s["readouts"] == names and set(s["verdicts"]) == set(names)
     rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     assert sum(r["pathway"] == "target" for r in rows) == s["n_tokens"]  # one target pass for both
-    assert {r["pathway"] for r in rows} == {"target"} | {f"{n}{c}_{m}" for n in names for c in ("", ".shuffle", ".gauss")
-                                                         for m in ("next", "block")}
+    assert {r["pathway"] for r in rows} == {"target"} | {
+        f"{n}{c}_{m}" for n in names for c in ("", ".shuffle", ".gauss") for m in ("next", "block")
+    }
     report = (out / "report.md").read_text()
     assert all(f"### `{n}`: **{s['verdicts'][n]}**" in report for n in names)
-    assert main(["diagnose", "--target", str(tiny_target_dir), "--draft", str(other), "--drafts", str(other),
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "diagnose",
+                "--target",
+                str(tiny_target_dir),
+                "--draft",
+                str(other),
+                "--drafts",
+                str(other),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_cli_rejects_bad_modes(tmp_path, capsys):

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_draft, tiny_target
 
+from conftest import tiny_draft, tiny_target
+from draftguide.errors import DraftGuideError
 from draftguide.modeling.draft import (
     DFlashDraft,
     DraftCache,
@@ -14,7 +15,6 @@ from draftguide.modeling.draft import (
     load_draft,
     multi_block_hidden,
 )
-from draftguide.errors import DraftGuideError
 from draftguide.modeling.targets import extract_features
 
 
@@ -108,7 +108,12 @@ def test_bf16_save_loads_in_bf16(tmp_path, qwen3_pair):
 )
 def test_check_target_rejects_mismatch(change, message):
     target = tiny_target()
-    kw = dict(num_layers=1, block_size=4, mask_token_id=change.get("mask_token_id", 5), target_layer_ids=change.get("target_layer_ids", [1, 2]))
+    kw = dict(
+        num_layers=1,
+        block_size=4,
+        mask_token_id=change.get("mask_token_id", 5),
+        target_layer_ids=change.get("target_layer_ids", [1, 2]),
+    )
     draft = DFlashDraft.for_target(target, **kw)
     with pytest.raises(DraftGuideError, match=message):
         draft.check_target(target)
@@ -170,7 +175,12 @@ def test_blockwise_attention_equals_dense_block_mask(qwen3_pair):
         fast = multi_block_hidden(draft, target, feats, ids, anchors)
         bids, pos = block_inputs(ids, anchors, draft.block_size, draft.mask_token_id)
         dense_mask = block_attention_mask(anchors, 30, draft.block_size)
-        dense = draft(draft.embed(target, bids), feats, torch.cat([torch.arange(30).expand(2, 30), pos], 1), attention_mask=dense_mask)
+        dense = draft(
+            draft.embed(target, bids),
+            feats,
+            torch.cat([torch.arange(30).expand(2, 30), pos], 1),
+            attention_mask=dense_mask,
+        )
     torch.testing.assert_close(fast, dense.view_as(fast), atol=1e-5, rtol=1e-5)
 
 
@@ -189,7 +199,9 @@ def test_rows_return_the_same_states_for_fewer_queries(qwen3_pair):
         pos = torch.arange(20 + B)[None]
         full = draft(draft.embed(target, block), feats[:1, :20], pos, cache=DraftCache(len(draft.layers)))
         for rows in (slice(1, 2), slice(1, B), slice(2, 4)):
-            part = draft(draft.embed(target, block), feats[:1, :20], pos, cache=DraftCache(len(draft.layers)), rows=rows)
+            part = draft(
+                draft.embed(target, block), feats[:1, :20], pos, cache=DraftCache(len(draft.layers)), rows=rows
+            )
             assert part.shape[1] == len(range(B)[rows])
             torch.testing.assert_close(part, full[:, rows], atol=1e-5, rtol=1e-5)
 
@@ -198,9 +210,19 @@ def test_rows_return_the_same_states_for_fewer_queries(qwen3_pair):
         bids, bpos = block_inputs(ids, anchors, B, draft.mask_token_id)
         blk = torch.arange(3).repeat_interleave(B)
         mask = BlockMask((torch.arange(30)[None, None, :] < anchors[:, blk, None])[:, None], B)
-        k1 = draft(draft.embed(target, bids), feats, torch.cat([torch.arange(30).expand(2, 30), bpos], 1),
-                   attention_mask=mask, rows=slice(1, 2))  # [2, 3, d]
+        k1 = draft(
+            draft.embed(target, bids),
+            feats,
+            torch.cat([torch.arange(30).expand(2, 30), bpos], 1),
+            attention_mask=mask,
+            rows=slice(1, 2),
+        )  # [2, 3, d]
         torch.testing.assert_close(k1, multi[:, :, 1], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="rows"):
-            draft(draft.embed(target, bids), feats, torch.cat([torch.arange(30).expand(2, 30), bpos], 1),
-                  attention_mask=block_attention_mask(anchors, 30, B), rows=slice(1, 2))
+            draft(
+                draft.embed(target, bids),
+                feats,
+                torch.cat([torch.arange(30).expand(2, 30), bpos], 1),
+                attention_mask=block_attention_mask(anchors, 30, B),
+                rows=slice(1, 2),
+            )

@@ -19,9 +19,11 @@ from draftguide.experiments.judge import JudgeUnavailable, LLMJudge, parse_verdi
 
 
 def _task(tid, question, checks=None, rubrics=("The response is an answer.",), sub="A"):
-    row = {"messages": [{"role": "system", "content": f"context of {tid}"}, {"role": "user", "content": question}],
-           "rubrics": list(rubrics), "metadata": {"task_id": tid, "context_id": f"c-{tid}", "context_category": "Cat",
-                                                  "sub_category": sub}}
+    row = {
+        "messages": [{"role": "system", "content": f"context of {tid}"}, {"role": "user", "content": question}],
+        "rubrics": list(rubrics),
+        "metadata": {"task_id": tid, "context_id": f"c-{tid}", "context_category": "Cat", "sub_category": sub},
+    }
     if checks is not None:
         row["checks"] = checks
     return row
@@ -42,18 +44,30 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.fixture
 def tasks_file(tmp_path):
-    return _write(tmp_path / "tasks.jsonl", [_task("t0", "q0", ANY), _task("t1", "q1", NEVER, sub="B"),
-                                             _task("t2", "q2", ANY, sub="B"), _task("t3", "q3", NEVER)])
+    return _write(
+        tmp_path / "tasks.jsonl",
+        [
+            _task("t0", "q0", ANY),
+            _task("t1", "q1", NEVER, sub="B"),
+            _task("t2", "q2", ANY, sub="B"),
+            _task("t3", "q3", NEVER),
+        ],
+    )
 
 
 def _eval(target_dir, tasks, out, *extra) -> int:
-    return main(["eval", "--target", str(target_dir), "--tasks", str(tasks), "--out", str(out), "--max-new-tokens", "6", *extra])
+    return main(
+        ["eval", "--target", str(target_dir), "--tasks", str(tasks), "--out", str(out), "--max-new-tokens", "6", *extra]
+    )
 
 
 # -- scoring --------------------------------------------------------------------------------------
 def test_score_checks():
-    checks = [{"type": "contains", "value": "Lyon"}, {"type": "not_contains", "value": "paris"},
-              {"type": "regex", "value": r"(?<!\d)21(?!\d)"}]
+    checks = [
+        {"type": "contains", "value": "Lyon"},
+        {"type": "not_contains", "value": "paris"},
+        {"type": "regex", "value": r"(?<!\d)21(?!\d)"},
+    ]
     ok, details = score_checks("LYON, 21", checks)
     assert ok and [d["passed"] for d in details] == [True, True, True]
     ok, details = score_checks("Lyon, not Paris, 210", checks)
@@ -82,7 +96,16 @@ def test_eval_outputs_and_resume(tmp_path, tiny_target_dir, tasks_file, monkeypa
     rows = _rows(out)
     assert [r["task_id"] for r in rows] == ["t0", "t1", "t2", "t3"] and [r["score"] for r in rows] == [1, 0, 1, 0]
     r = rows[0]
-    for key in ("context_category", "sub_category", "method", "response", "checks", "gen_s", "new_tokens", "prompt_tokens"):
+    for key in (
+        "context_category",
+        "sub_category",
+        "method",
+        "response",
+        "checks",
+        "gen_s",
+        "new_tokens",
+        "prompt_tokens",
+    ):
         assert key in r, key
     assert r["method"] == "greedy" and r["judge"] == "rules" and r["checks"][0]["passed"] is True
     s = json.loads((out / "summary.json").read_text())
@@ -117,15 +140,20 @@ def test_failing_task_is_recorded_and_retried(tmp_path, tiny_target_dir, tasks_f
 
 
 def test_malformed_rows(tmp_path, tiny_target_dir, capsys):
-    bad = _write(tmp_path / "bad.jsonl", [_task("t0", "q0", ANY), "{oops", {"messages": [{"role": "user", "content": "x"}]},
-                                          _task("t3", "q3", NEVER)])
+    bad = _write(
+        tmp_path / "bad.jsonl",
+        [_task("t0", "q0", ANY), "{oops", {"messages": [{"role": "user", "content": "x"}]}, _task("t3", "q3", NEVER)],
+    )
     assert _eval(tiny_target_dir, bad, tmp_path / "o") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("draftguide: error:") and "bad.jsonl:2: not valid JSON" in err and len(err.splitlines()) == 1
     bad.write_text(bad.read_text().replace("{oops\n", ""))  # now line 2 lacks metadata
     assert _eval(tiny_target_dir, bad, tmp_path / "o") == 2
     assert "bad.jsonl:2: 'metadata'" in capsys.readouterr().err
-    _write(bad, [_task("t0", "q0", ANY), "{oops", {"messages": [{"role": "user", "content": "x"}]}, _task("t3", "q3", NEVER)])
+    _write(
+        bad,
+        [_task("t0", "q0", ANY), "{oops", {"messages": [{"role": "user", "content": "x"}]}, _task("t3", "q3", NEVER)],
+    )
     assert _eval(tiny_target_dir, bad, tmp_path / "o", "--skip-bad") == 0
     rows = _rows(tmp_path / "o")
     assert [r["task_id"] for r in rows] == ["t0", "t3", None, None]
@@ -157,12 +185,25 @@ class _Judge(BaseHTTPRequestHandler):
         if self.mode == "malformed":
             content = "Sure! The verdict is {rationale: fine, yes"
         elif self.mode == "fenced_mixed":
-            content = "```json\n" + json.dumps({"rationale": "r", "rubric_results": ["yes"] + ["no"] * (n - 1), "overall_score": 1}) + "\n```"
+            content = (
+                "```json\n"
+                + json.dumps({"rationale": "r", "rubric_results": ["yes"] + ["no"] * (n - 1), "overall_score": 1})
+                + "\n```"
+            )
         else:
             content = json.dumps({"rationale": "all met", "rubric_results": ["yes"] * n, "overall_score": 1})
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        data = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        ).encode()
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -229,14 +270,21 @@ def test_eval_with_llm_judge(tmp_path, tiny_target_dir, judge_server, monkeypatc
 def test_eval_with_llm_judge_batched(tmp_path, tiny_target_dir, judge_server, monkeypatch):
     """--batch-size with the LLM judge: judge calls run beside the decoding; rows equal the batch-1 run's."""
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    f = _write(tmp_path / "t.jsonl", [_task(f"t{i}", f"question {i}" * (i + 1), rubrics=["r1"]) for i in range(4)]
-               + [_task("t4", "q4", NEVER)])
+    f = _write(
+        tmp_path / "t.jsonl",
+        [_task(f"t{i}", f"question {i}" * (i + 1), rubrics=["r1"]) for i in range(4)] + [_task("t4", "q4", NEVER)],
+    )
     one, many = tmp_path / "one", tmp_path / "many"
     assert _eval(tiny_target_dir, f, one, "--judge-model", "jm", "--judge-base-url", judge_server) == 0
-    assert _eval(tiny_target_dir, f, many, "--judge-model", "jm", "--judge-base-url", judge_server, "--batch-size", "3") == 0
+    assert (
+        _eval(tiny_target_dir, f, many, "--judge-model", "jm", "--judge-base-url", judge_server, "--batch-size", "3")
+        == 0
+    )
     keys = ("task_id", "judge", "score", "response", "new_tokens")
     assert [{k: r[k] for k in keys} for r in _rows(many)] == [{k: r[k] for k in keys} for r in _rows(one)]
-    assert [r["judge"] for r in _rows(many)] == ["llm"] * 4 + ["rules"] and all(r["batch_size"] == 3 for r in _rows(many))
+    assert [r["judge"] for r in _rows(many)] == ["llm"] * 4 + ["rules"] and all(
+        r["batch_size"] == 3 for r in _rows(many)
+    )
 
 
 def test_llm_judge_needs_a_key(tmp_path, tiny_target_dir, monkeypatch, capsys):
@@ -247,8 +295,20 @@ def test_llm_judge_needs_a_key(tmp_path, tiny_target_dir, monkeypatch, capsys):
 
 
 def test_format_table():
-    s = {"n": 2, "solve_rate": 0.5, "ci95": [0.0, 1.0], "n_errors": 1, "categories": {
-        "Cat": {"n": 2, "solve_rate": 0.5, "ci95": [0.0, 1.0], "subcategories": {"A": {"n": 2, "solve_rate": 0.5, "ci95": [0.0, 1.0]}}}}}
+    s = {
+        "n": 2,
+        "solve_rate": 0.5,
+        "ci95": [0.0, 1.0],
+        "n_errors": 1,
+        "categories": {
+            "Cat": {
+                "n": 2,
+                "solve_rate": 0.5,
+                "ci95": [0.0, 1.0],
+                "subcategories": {"A": {"n": 2, "solve_rate": 0.5, "ci95": [0.0, 1.0]}},
+            }
+        },
+    }
     t = format_table(s)
     assert "  A" in t and "overall" in t and "1 errors" in t
 
@@ -267,10 +327,30 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_target_dir):
     assert _eval(tiny_target_dir, f, single) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "draftguide.app.cli", "eval", "--target", str(tiny_target_dir), "--tasks", str(f), "--out", str(multi),
-         "--max-new-tokens", "6"],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "draftguide.app.cli",
+            "eval",
+            "--target",
+            str(tiny_target_dir),
+            "--tasks",
+            str(f),
+            "--out",
+            str(multi),
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("overall") == 1  # rank 0 prints the table
@@ -278,6 +358,13 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_target_dir):
     key = lambda r: (r["task_id"], r["score"], r["response"], r["sub_category"])  # noqa: E731
     assert [key(r) for r in a] == [key(r) for r in b]
     assert sorted(r["rank"] for r in b) == [0, 0, 0, 1, 1]
-    assert sorted(p.name for p in multi.iterdir()) == ["command.txt", "results.jsonl", "run.json", "summary.json"]  # rank files merged
+    assert sorted(p.name for p in multi.iterdir()) == [
+        "command.txt",
+        "results.jsonl",
+        "run.json",
+        "summary.json",
+    ]  # rank files merged
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (single, multi))
-    assert {k: sa[k] for k in ("n", "solve_rate", "ci95", "categories")} == {k: sb[k] for k in ("n", "solve_rate", "ci95", "categories")}
+    assert {k: sa[k] for k in ("n", "solve_rate", "ci95", "categories")} == {
+        k: sb[k] for k in ("n", "solve_rate", "ci95", "categories")
+    }

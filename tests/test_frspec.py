@@ -1,8 +1,8 @@
 """FR-Spec proposal head and the device default of verification: output never changes."""
 
 import torch
-from conftest import mixed_acceptance_pair
 
+from conftest import mixed_acceptance_pair
 from draftguide.decode.speculative import (
     SubsetHead,
     default_verify_len,
@@ -31,12 +31,14 @@ def test_frspec_leaves_greedy_output_identical():
     ref, _ = greedy_generate(target, ids, 40)
     full, st_full = speculative_generate(target, draft, ids, 40)
     for subset in ([0, 1, 2, 3, 4, 5], [2, 9], list(range(12))):
-        out, st = speculative_generate(target, draft, ids, 40, draft_head=SubsetHead(draft, target, torch.tensor(subset)))
+        out, st = speculative_generate(
+            target, draft, ids, 40, draft_head=SubsetHead(draft, target, torch.tensor(subset))
+        )
         assert out.tolist() == ref.tolist() == full.tolist()
         if len(subset) == 12:
             assert st.acceptance_lengths == st_full.acceptance_lengths  # the whole vocabulary: same proposals
     narrow = speculative_generate(target, draft, ids, 40, draft_head=SubsetHead(draft, target, torch.tensor([2, 9])))
-    proposed_outside = [t for t in ref[0, ids.shape[1]:].tolist() if t not in (2, 9)]
+    proposed_outside = [t for t in ref[0, ids.shape[1] :].tolist() if t not in (2, 9)]
     assert proposed_outside and narrow[0].tolist() == ref.tolist()  # tokens the draft could never propose still come
 
 
@@ -44,8 +46,15 @@ def test_frspec_sampling_stays_a_valid_rejection_sampler():
     """At temperature > 0, q is zero outside the subset, so the proposals are always in it and generation runs."""
     target, draft, ids = mixed_acceptance_pair()
     g = torch.Generator().manual_seed(0)
-    out, st = speculative_generate(target, draft, ids, 30, temperature=1.0, generator=g,
-                                   draft_head=SubsetHead(draft, target, torch.tensor([0, 1, 2, 3])))
+    out, st = speculative_generate(
+        target,
+        draft,
+        ids,
+        30,
+        temperature=1.0,
+        generator=g,
+        draft_head=SubsetHead(draft, target, torch.tensor([0, 1, 2, 3])),
+    )
     assert out.shape[1] == ids.shape[1] + 30 and st.tau >= 1
 
 

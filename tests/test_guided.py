@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from conftest import mixed_acceptance_pair
 
-from draftguide.modeling.draft import multi_block_hidden
-from draftguide.errors import DraftGuideError
+from conftest import mixed_acceptance_pair
 from draftguide.decode.guided import guide, guided_generate, js_divergence, noise_logits
 from draftguide.decode.speculative import greedy_generate
+from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import multi_block_hidden
 from draftguide.modeling.targets import extract_features
 
 
@@ -162,8 +162,18 @@ def test_noise_control_statistics_and_seeding(qwen3_pair):
     assert not torch.equal(z, noise_logits(d, torch.tensor([5, 6]), seed=1))
     target, draft = qwen3_pair
     ids = _prompt(8, seed=2)
-    run = lambda seed: guided_generate(target, draft, ids, beta=0.9, max_new_tokens=24, control="noise",  # noqa: E731
-                                       generator=torch.Generator().manual_seed(seed))[0].tolist()
+
+    def run(seed):
+        return guided_generate(
+            target,
+            draft,
+            ids,
+            beta=0.9,
+            max_new_tokens=24,
+            control="noise",
+            generator=torch.Generator().manual_seed(seed),
+        )[0].tolist()
+
     guided, _ = guided_generate(target, draft, ids, beta=0.9, max_new_tokens=24)
     assert run(3) == run(3) != run(4)
     assert run(3) != guided.tolist()
@@ -174,23 +184,42 @@ def test_streaming_and_sampling(qwen3_pair):
     ids = _prompt(7, seed=4)
     for spec in (False, True):
         seen = []
-        out, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=18, speculative=spec, on_token=seen.append)
+        out, _ = guided_generate(
+            target, draft, ids, beta=0.5, max_new_tokens=18, speculative=spec, on_token=seen.append
+        )
         assert seen == out[0, 7:].tolist()
     greedy, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=18)
     top1, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=18, temperature=1.0, top_k=1)
     assert top1.tolist() == greedy.tolist()
-    draw = lambda: guided_generate(target, draft, ids, beta=0.5, max_new_tokens=18, temperature=1.5,  # noqa: E731
-                                   generator=torch.Generator().manual_seed(0))[0].tolist()
+
+    def draw():
+        return guided_generate(
+            target,
+            draft,
+            ids,
+            beta=0.5,
+            max_new_tokens=18,
+            temperature=1.5,
+            generator=torch.Generator().manual_seed(0),
+        )[0].tolist()
+
     assert draw() == draw() != greedy.tolist()
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(beta=1.5), "beta must be in"), (dict(beta=float("nan")), "beta must be in"),
-    (dict(beta=0.5, mix="logprobs"), "decoded exactly like mix 'logits'.*use mix 'probs'"),
-    (dict(beta=0.5, mix="mean"), "mix must be"), (dict(beta=0.5, beta_schedule="cosine"), "beta_schedule"),
-    (dict(beta=0.5, guard_top_k=0), "guard_top_k"), (dict(beta=0.5, control="zeros"), "control must be"),
-    (dict(beta=0.5, speculative=True, temperature=0.7), "greedy decoding only"), (dict(beta=0.5, max_new_tokens=0), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(beta=1.5), "beta must be in"),
+        (dict(beta=float("nan")), "beta must be in"),
+        (dict(beta=0.5, mix="logprobs"), "decoded exactly like mix 'logits'.*use mix 'probs'"),
+        (dict(beta=0.5, mix="mean"), "mix must be"),
+        (dict(beta=0.5, beta_schedule="cosine"), "beta_schedule"),
+        (dict(beta=0.5, guard_top_k=0), "guard_top_k"),
+        (dict(beta=0.5, control="zeros"), "control must be"),
+        (dict(beta=0.5, speculative=True, temperature=0.7), "greedy decoding only"),
+        (dict(beta=0.5, max_new_tokens=0), "max_new_tokens"),
+    ],
+)
 def test_bad_input(qwen3_pair, kw, msg):
     target, draft = qwen3_pair
     kw = {"max_new_tokens": 4} | kw
@@ -219,8 +248,8 @@ def test_adapted_draft_from_ttt(qwen3_pair):
 def test_default_pair_end_to_end():
     """SmolLM2-135M with its shipped draft on two built-in tasks: beta 0 is greedy, the speculative path is
     exact at beta 0.5, and guidance flips some tokens at beta 1."""
-    from draftguide.modeling.draft import resolve_draft
     from draftguide.experiments.evaluate import load_tasks
+    from draftguide.modeling.draft import resolve_draft
     from draftguide.modeling.prompts import encode_prompt, stop_token_ids
     from draftguide.modeling.targets import load_target
 
@@ -233,7 +262,9 @@ def test_default_pair_end_to_end():
         out, _ = guided_generate(target, draft, ids, beta=0.0, max_new_tokens=24, stop_token_ids=stop)
         assert out.tolist() == ref.tolist()
         tbt, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=24, stop_token_ids=stop)
-        spec, _ = guided_generate(target, draft, ids, beta=0.5, max_new_tokens=24, stop_token_ids=stop, speculative=True)
+        spec, _ = guided_generate(
+            target, draft, ids, beta=0.5, max_new_tokens=24, stop_token_ids=stop, speculative=True
+        )
         assert spec.tolist() == tbt.tolist()
         _, st = guided_generate(target, draft, ids, beta=1.0, max_new_tokens=24, stop_token_ids=stop)
         assert st.flips
@@ -251,8 +282,11 @@ def test_speculative_verify_len_changes_speed_not_tokens():
         longest[v] = max(st.acceptance_lengths)
         assert longest[v] <= v + 1
     assert longest[1] == 2 and longest[draft.block_size - 1] > 2  # both bounds are reached: the check has power
-    for kw, msg in ((dict(verify_len=2), "speculative"), (dict(verify_len=0, speculative=True), "verify_len"),
-                    (dict(verify_len=draft.block_size, speculative=True), "verify_len")):
+    for kw, msg in (
+        (dict(verify_len=2), "speculative"),
+        (dict(verify_len=0, speculative=True), "verify_len"),
+        (dict(verify_len=draft.block_size, speculative=True), "verify_len"),
+    ):
         with pytest.raises(DraftGuideError, match=msg):
             guided_generate(target, draft, ids, beta=0.5, max_new_tokens=4, **kw)
 

@@ -12,8 +12,14 @@ NEVER = [{"type": "contains", "value": "no tiny model says this"}]
 
 
 def _task(tid, question, checks):
-    return {"messages": [{"role": "system", "content": f"context of {tid}: abc xyz"}, {"role": "user", "content": question}],
-            "checks": checks, "metadata": {"task_id": tid, "context_category": "Cat", "sub_category": "A"}}
+    return {
+        "messages": [
+            {"role": "system", "content": f"context of {tid}: abc xyz"},
+            {"role": "user", "content": question},
+        ],
+        "checks": checks,
+        "metadata": {"task_id": tid, "context_category": "Cat", "sub_category": "A"},
+    }
 
 
 @pytest.fixture
@@ -29,43 +35,118 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _eval(target, draft, tasks, out, *extra) -> int:
-    return main(["eval", "--target", str(target), "--draft", str(draft), "--tasks", str(tasks), "--out", str(out),
-                 "--max-new-tokens", "8", "--judge", "rules", *extra])
+    return main(
+        [
+            "eval",
+            "--target",
+            str(target),
+            "--draft",
+            str(draft),
+            "--tasks",
+            str(tasks),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "8",
+            "--judge",
+            "rules",
+            *extra,
+        ]
+    )
 
 
 def test_eval_guided_methods(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file):
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "greedy") == 0
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "b0", "--method", "guided", "--beta", "0") == 0
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "b1", "--method", "guided", "--beta", "1",
-                 "--speculative") == 0
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "n1", "--method", "guided-noise", "--beta", "1",
-                 "--seed", "3") == 0
+    assert (
+        _eval(
+            tiny_target_dir,
+            tiny_draft_dir,
+            tasks_file,
+            tmp_path / "b1",
+            "--method",
+            "guided",
+            "--beta",
+            "1",
+            "--speculative",
+        )
+        == 0
+    )
+    assert (
+        _eval(
+            tiny_target_dir,
+            tiny_draft_dir,
+            tasks_file,
+            tmp_path / "n1",
+            "--method",
+            "guided-noise",
+            "--beta",
+            "1",
+            "--seed",
+            "3",
+        )
+        == 0
+    )
     greedy, b0, b1, n1 = (_rows(tmp_path / d) for d in ("greedy", "b0", "b1", "n1"))
     assert [r["response"] for r in b0] == [r["response"] for r in greedy] and all(r["flips"] == [] for r in b0)
     assert any(r["flips"] for r in b1) and any(r["flips"] for r in n1)
     f = next(f for r in b1 for f in r["flips"])
-    assert set(f) >= {"i", "target", "guided", "target_text", "guided_text", "guided_in_context", "guided_id_in_context"}
+    assert set(f) >= {
+        "i",
+        "target",
+        "guided",
+        "target_text",
+        "guided_text",
+        "guided_in_context",
+        "guided_id_in_context",
+    }
     run = json.loads((tmp_path / "b1" / "run.json").read_text())
     assert run["method_options"]["beta"] == 1.0 and run["method_options"]["speculative"] is True
     assert Path(run["method_options"]["draft"]) == Path(tiny_draft_dir).resolve()
 
 
 def test_eval_baseline_methods(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file):
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "power", "--power-preset", "cpu",
-                 "--mcmc-steps", "3") == 0
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "d", "--method", "dola", "--dola-layers", "0,2") == 0
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "s", "--method", "sample", "--temperature", "0.7") == 0
-    assert all(r["status"] == "ok" and r["tokens_per_output_token"] > 1 for r in _rows(tmp_path / "p"))  # MCMC resamples
-    assert all(r["power"] == {"preset": "cpu", "alpha": 4.0, "block_num": 4, "mcmc_steps": 3} for r in _rows(tmp_path / "p"))
+    assert (
+        _eval(
+            tiny_target_dir,
+            tiny_draft_dir,
+            tasks_file,
+            tmp_path / "p",
+            "--method",
+            "power",
+            "--power-preset",
+            "cpu",
+            "--mcmc-steps",
+            "3",
+        )
+        == 0
+    )
+    assert (
+        _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "d", "--method", "dola", "--dola-layers", "0,2")
+        == 0
+    )
+    assert (
+        _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "s", "--method", "sample", "--temperature", "0.7")
+        == 0
+    )
+    assert all(
+        r["status"] == "ok" and r["tokens_per_output_token"] > 1 for r in _rows(tmp_path / "p")
+    )  # MCMC resamples
+    assert all(
+        r["power"] == {"preset": "cpu", "alpha": 4.0, "block_num": 4, "mcmc_steps": 3} for r in _rows(tmp_path / "p")
+    )
     assert all(set(r["premature_layers"]) <= {0, 2} for r in _rows(tmp_path / "d"))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--method", "guided"], "needs option(s) ['beta']"),
-    (["--method", "guided", "--beta", "0.5", "--alpha", "2"], "--alpha does not apply to method 'guided'"),
-    (["--beta", "0.5"], "--beta does not apply to method 'greedy'"),
-    (["--method", "dola", "--speculative"], "--speculative does not apply"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "guided"], "needs option(s) ['beta']"),
+        (["--method", "guided", "--beta", "0.5", "--alpha", "2"], "--alpha does not apply to method 'guided'"),
+        (["--beta", "0.5"], "--beta does not apply to method 'greedy'"),
+        (["--method", "dola", "--speculative"], "--speculative does not apply"),
+    ],
+)
 def test_eval_bad_options(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys, extra, message):
     assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", *extra) == 2
     err = capsys.readouterr().err.strip()
@@ -73,7 +154,9 @@ def test_eval_bad_options(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file,
 
 
 @pytest.mark.parametrize("flag, pointer", [("--n-mcmc", "use --mcmc-steps"), ("--power-block-size", "use --block-num")])
-def test_renamed_power_flags_point_to_the_new_ones(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys, flag, pointer):
+def test_renamed_power_flags_point_to_the_new_ones(
+    tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys, flag, pointer
+):
     with pytest.raises(SystemExit):
         _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", "--method", "power", flag, "2")
     assert pointer in capsys.readouterr().err
@@ -81,18 +164,61 @@ def test_renamed_power_flags_point_to_the_new_ones(tmp_path, tiny_target_dir, ti
 
 def test_removed_mix_is_refused_with_a_pointer(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
     with pytest.raises(SystemExit) as e:  # an argparse error, before any model is loaded
-        _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "x", "--method", "guided", "--beta", "0.5",
-              "--mix", "logprobs")
+        _eval(
+            tiny_target_dir,
+            tiny_draft_dir,
+            tasks_file,
+            tmp_path / "x",
+            "--method",
+            "guided",
+            "--beta",
+            "0.5",
+            "--mix",
+            "logprobs",
+        )
     assert e.value.code == 2 and "use mix 'probs'" in capsys.readouterr().err
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "p", "--method", "guided", "--beta", "0.5",
-                 "--mix", "probs") == 0
+    assert (
+        _eval(
+            tiny_target_dir,
+            tiny_draft_dir,
+            tasks_file,
+            tmp_path / "p",
+            "--method",
+            "guided",
+            "--beta",
+            "0.5",
+            "--mix",
+            "probs",
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "p" / "run.json").read_text())["method_options"]["mix"] == "probs"
 
 
 def test_sweep_beta_outputs(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
     out = tmp_path / "sweep"
-    code = main(["sweep", "beta", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks_file),
-                 "--out", str(out), "--betas", "0,0.5,1", "--max-new-tokens", "6", "--power-preset", "cpu", "--mcmc-steps", "1"])
+    code = main(
+        [
+            "sweep",
+            "beta",
+            "--target",
+            str(tiny_target_dir),
+            "--draft",
+            str(tiny_draft_dir),
+            "--tasks",
+            str(tasks_file),
+            "--out",
+            str(out),
+            "--betas",
+            "0,0.5,1",
+            "--max-new-tokens",
+            "6",
+            "--power-preset",
+            "cpu",
+            "--mcmc-steps",
+            "1",
+        ]
+    )
     assert code == 0
     for f in ("summary.json", "report.md", "beta_sweep.png", "flips.jsonl"):
         assert (out / f).is_file(), f
@@ -100,8 +226,24 @@ def test_sweep_beta_outputs(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_fil
     assert [p["beta"] for p in s["curves"]["guided"]] == [0, 0.5, 1] == [p["beta"] for p in s["curves"]["noise"]]
     assert s["curves"]["noise"][0]["run"] == "guided_b0"  # beta 0 is greedy for both curves: run once
     assert set(s["baselines"]) == {"greedy", "power", "dola"}
-    assert main(["eval", "--target", str(tiny_target_dir), "--tasks", str(tasks_file), "--out", str(tmp_path / "greedy"),
-                 "--max-new-tokens", "6", "--judge", "rules"]) == 0  # an independent greedy run agrees with beta 0
+    assert (
+        main(
+            [
+                "eval",
+                "--target",
+                str(tiny_target_dir),
+                "--tasks",
+                str(tasks_file),
+                "--out",
+                str(tmp_path / "greedy"),
+                "--max-new-tokens",
+                "6",
+                "--judge",
+                "rules",
+            ]
+        )
+        == 0
+    )  # an independent greedy run agrees with beta 0
     greedy = [int(r["score"]) for r in _rows(tmp_path / "greedy")]
     assert s["curves"]["guided"][0]["solve_rate"] == s["baselines"]["greedy"]["solve_rate"] == sum(greedy) / len(greedy)
     assert s["curves"]["guided"][2]["flips"]["flips_per_token"] > 0
@@ -110,7 +252,17 @@ def test_sweep_beta_outputs(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_fil
 
 
 def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):
-    base = ["generate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--prompt", "hello", "--max-new-tokens", "12"]
+    base = [
+        "generate",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "12",
+    ]
     assert main(base + ["--beta", "0.5"]) == 0
     guided = capsys.readouterr()
     assert main(base + ["--beta", "0.5", "--speculative"]) == 0
@@ -127,8 +279,24 @@ def test_generate_streams(tiny_target_dir, tiny_draft_dir, capsys):
 
 
 def test_eval_guided_with_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, tasks_file, capsys):
-    assert _eval(tiny_target_dir, tiny_draft_dir, tasks_file, tmp_path / "t", "--method", "guided", "--beta", "1", "--ttt",
-                 "--ttt-steps", "2", "--ttt-anchors", "4") == 0
+    assert (
+        _eval(
+            tiny_target_dir,
+            tiny_draft_dir,
+            tasks_file,
+            tmp_path / "t",
+            "--method",
+            "guided",
+            "--beta",
+            "1",
+            "--ttt",
+            "--ttt-steps",
+            "2",
+            "--ttt-anchors",
+            "4",
+        )
+        == 0
+    )
     rows = _rows(tmp_path / "t")
     assert all(r["status"] == "ok" and r["ttt"]["loss_after"] < r["ttt"]["loss_before"] for r in rows)
     run = json.loads((tmp_path / "t" / "run.json").read_text())

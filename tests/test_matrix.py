@@ -5,26 +5,36 @@ import json
 import pytest
 import torch
 
-from draftguide.app.cli import main
-from draftguide.modeling.draft import DFlashDraft, check_speculative_spec, is_aligned_readout, shipped_draft
-from draftguide.errors import DraftGuideError
-from draftguide.decode.guided import guided_generate, readout_trajectory
-
 from conftest import tiny_draft, tiny_target
+from draftguide.app.cli import main
+from draftguide.decode.guided import guided_generate, readout_trajectory
+from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import DFlashDraft, check_speculative_spec, is_aligned_readout, shipped_draft
 
 ANY = [{"type": "regex", "value": "."}]
 NEVER = [{"type": "contains", "value": "no tiny model says this"}]
 
 
 def _task(tid, question, checks, cat="Cat"):
-    return {"messages": [{"role": "system", "content": f"context of {tid}: abc xyz"}, {"role": "user", "content": question}],
-            "checks": checks, "metadata": {"task_id": tid, "context_category": cat, "sub_category": "A"}}
+    return {
+        "messages": [
+            {"role": "system", "content": f"context of {tid}: abc xyz"},
+            {"role": "user", "content": question},
+        ],
+        "checks": checks,
+        "metadata": {"task_id": tid, "context_category": cat, "sub_category": "A"},
+    }
 
 
 @pytest.fixture
 def tasks_file(tmp_path):
     path = tmp_path / "tasks.jsonl"
-    rows = [_task("t0", "q0 abc", ANY), _task("t1", "q1 xyz", NEVER, "Dog"), _task("t2", "q2", ANY), _task("t3", "q3", NEVER, "Dog")]
+    rows = [
+        _task("t0", "q0 abc", ANY),
+        _task("t1", "q1 xyz", NEVER, "Dog"),
+        _task("t2", "q2", ANY),
+        _task("t3", "q3", NEVER, "Dog"),
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -32,14 +42,25 @@ def tasks_file(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_readout_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-readout")
-    d = DFlashDraft.for_target(tiny_target("qwen3"), num_layers=2, block_size=8, mask_token_id=3, target_layer_ids=[1, 3, 4],
-                               seed=5, context_includes_anchor=True)
+    d = DFlashDraft.for_target(
+        tiny_target("qwen3"),
+        num_layers=2,
+        block_size=8,
+        mask_token_id=3,
+        target_layer_ids=[1, 3, 4],
+        seed=5,
+        context_includes_anchor=True,
+    )
     d.save_pretrained(path)
     return path
 
 
 def test_aligned_readout_is_known_from_its_config(tiny_readout_dir, tiny_draft_dir):
-    assert is_aligned_readout(tiny_readout_dir) and not is_aligned_readout(tiny_draft_dir) and not is_aligned_readout("init")
+    assert (
+        is_aligned_readout(tiny_readout_dir)
+        and not is_aligned_readout(tiny_draft_dir)
+        and not is_aligned_readout("init")
+    )
     with pytest.raises(DraftGuideError, match="aligned readout"):
         check_speculative_spec(tiny_readout_dir)
     check_speculative_spec(tiny_draft_dir)
@@ -60,12 +81,40 @@ def test_guidance_default_falls_back_with_a_notice(monkeypatch, tmp_path):
     assert shipped_draft("t", "speculative") == spec
 
 
-def test_cli_speculative_refuses_an_aligned_readout_in_one_line(tmp_path, tiny_target_dir, tiny_readout_dir, tasks_file, capsys):
+def test_cli_speculative_refuses_an_aligned_readout_in_one_line(
+    tmp_path, tiny_target_dir, tiny_readout_dir, tasks_file, capsys
+):
     base = ["--target", str(tiny_target_dir), "--draft", str(tiny_readout_dir)]
-    ev = ["eval", *base, "--tasks", str(tasks_file), "--max-new-tokens", "4", "--judge", "rules", "--method", "guided", "--beta", "0.5"]
-    for argv in (ev + ["--out", str(tmp_path / "x"), "--speculative"],
-                 ["generate", *base, "--prompt", "hi", "--beta", "0.5", "--speculative", "--max-new-tokens", "4"],
-                 ["speculate", *base, "--prompts", "builtin", "--limit", "1", "--out", str(tmp_path / "s"), "--max-new-tokens", "4"]):
+    ev = [
+        "eval",
+        *base,
+        "--tasks",
+        str(tasks_file),
+        "--max-new-tokens",
+        "4",
+        "--judge",
+        "rules",
+        "--method",
+        "guided",
+        "--beta",
+        "0.5",
+    ]
+    for argv in (
+        ev + ["--out", str(tmp_path / "x"), "--speculative"],
+        ["generate", *base, "--prompt", "hi", "--beta", "0.5", "--speculative", "--max-new-tokens", "4"],
+        [
+            "speculate",
+            *base,
+            "--prompts",
+            "builtin",
+            "--limit",
+            "1",
+            "--out",
+            str(tmp_path / "s"),
+            "--max-new-tokens",
+            "4",
+        ],
+    ):
         assert main(argv) == 2, argv[0]
         err = capsys.readouterr().err.strip()
         assert "aligned readout" in err and len(err.splitlines()) == 1
@@ -90,7 +139,9 @@ def test_shuffle_null_uses_the_donor_readout():
     donor = readout_trajectory(t, d, b, [5, 6, 7])
     sh, st = guided_generate(t, d, a, beta=1.0, max_new_tokens=5, control="shuffle", donor_logits=donor)
     assert sh[0, 12:].tolist() == [int(donor[i % 3].argmax()) for i in range(5)]
-    spec, _ = guided_generate(t, d, a, beta=1.0, max_new_tokens=5, control="shuffle", donor_logits=donor, speculative=True)
+    spec, _ = guided_generate(
+        t, d, a, beta=1.0, max_new_tokens=5, control="shuffle", donor_logits=donor, speculative=True
+    )
     assert spec.tolist() == sh.tolist()
     with pytest.raises(DraftGuideError, match="donor_logits"):
         guided_generate(t, d, a, beta=0.5, max_new_tokens=2, control="shuffle")
@@ -101,16 +152,49 @@ def test_shuffle_null_uses_the_donor_readout():
 
 def test_matrix_writes_every_row(tmp_path, tiny_target_dir, tiny_draft_dir, tiny_readout_dir, tasks_file, capsys):
     out = tmp_path / "m"
-    argv = ["matrix", "--target", str(tiny_target_dir), "--readouts", f"{tiny_readout_dir},{tiny_draft_dir}",
-            "--tasks", str(tasks_file), "--out", str(out), "--betas", "0.5,1", "--max-new-tokens", "5",
-            "--ttt-steps", "1", "--ttt-anchors", "4", "--n-boot", "200"]
+    argv = [
+        "matrix",
+        "--target",
+        str(tiny_target_dir),
+        "--readouts",
+        f"{tiny_readout_dir},{tiny_draft_dir}",
+        "--tasks",
+        str(tasks_file),
+        "--out",
+        str(out),
+        "--betas",
+        "0.5,1",
+        "--max-new-tokens",
+        "5",
+        "--ttt-steps",
+        "1",
+        "--ttt-anchors",
+        "4",
+        "--n-boot",
+        "200",
+    ]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["kind"] == "matrix" and list(s["config"]["readouts"]) == ["aligned", "speculative"]
     names = [e["row"] for e in s["rows"]]
-    expected = {"greedy", "sample", "power", "dola", "guided aligned b0.5", "guided aligned b1", "guided speculative b0.5",
-                "guided speculative b1", "ttt+guided aligned b0.5", "ttt+guided aligned b1", "noise null b0.5", "noise null b1",
-                "shuffle null b0.5", "shuffle null b1", "adaptive aligned b0.5", "adaptive aligned b1"}
+    expected = {
+        "greedy",
+        "sample",
+        "power",
+        "dola",
+        "guided aligned b0.5",
+        "guided aligned b1",
+        "guided speculative b0.5",
+        "guided speculative b1",
+        "ttt+guided aligned b0.5",
+        "ttt+guided aligned b1",
+        "noise null b0.5",
+        "noise null b1",
+        "shuffle null b0.5",
+        "shuffle null b1",
+        "adaptive aligned b0.5",
+        "adaptive aligned b1",
+    }
     assert set(names) == expected
     for e in s["rows"]:
         assert e["n"] == 4 and len(e["ci95"]) == 2 and 0 <= e["solve_rate"] <= 1, e["row"]
@@ -121,7 +205,9 @@ def test_matrix_writes_every_row(tmp_path, tiny_target_dir, tiny_draft_dir, tiny
     assert s["best_2_2"]["family_size"] == 4 and s["best_2_3"]["family_size"] == 2
     flips = next(e for e in s["rows"] if e["row"] == "guided aligned b1")["flips"]
     assert flips["n_flips"] > 0 and flips["all"]["n"] == flips["n_flips"]
-    shuffle_rows = [json.loads(x) for x in (out / "sweep_aligned" / "shuffle_b1" / "results.jsonl").read_text().splitlines()]
+    shuffle_rows = [
+        json.loads(x) for x in (out / "sweep_aligned" / "shuffle_b1" / "results.jsonl").read_text().splitlines()
+    ]
     assert [r["donor_task_id"] for r in shuffle_rows] == ["t1", "t2", "t3", "t0"]
     report = (out / "report.md").read_text()
     assert "Which row of the decision matrix holds" in report and "| 2.3 | ttt+guided aligned b1 | 4 |" in report
@@ -134,12 +220,11 @@ def test_matrix_writes_every_row(tmp_path, tiny_target_dir, tiny_draft_dir, tiny
 
 
 def test_flip_words_and_context_tags():
-    from conftest import char_tokenizer
+    from tokenizers import decoders
 
+    from conftest import char_tokenizer
     from draftguide.experiments.evaluate import token_word
     from draftguide.experiments.matrix import flip_tags, starts_word
-
-    from tokenizers import decoders
 
     tok = char_tokenizer()
     tok.backend_tokenizer.decoder = decoders.Fuse()  # decode as BPE tokenizers do: pieces joined as they are
@@ -149,10 +234,20 @@ def test_flip_words_and_context_tags():
     assert token_word(tok, new[:3], new[3], new[4:]) is None  # a space holds no word
     assert token_word(tok, new[:5], ids("r")[0]) == "tr"  # the target side: known up to the token's end
     assert starts_word("The tree grows", "tr") and not starts_word("The street", "tr")
-    task = {"messages": [{"role": "system", "content": "The code word is tulip."}, {"role": "user", "content": "Word?"}],
-            "metadata": {"task_id": "t"}}
-    rows = [{"task_id": "t", "new_tokens": 13, "flips": [{"i": 5, "guided_word": "tulip", "target_word": "tr"},
-                                                        {"i": 9, "guided_word": "now", "target_word": "wo"}]}]
+    task = {
+        "messages": [{"role": "system", "content": "The code word is tulip."}, {"role": "user", "content": "Word?"}],
+        "metadata": {"task_id": "t"},
+    }
+    rows = [
+        {
+            "task_id": "t",
+            "new_tokens": 13,
+            "flips": [
+                {"i": 5, "guided_word": "tulip", "target_word": "tr"},
+                {"i": 9, "guided_word": "now", "target_word": "wo"},
+            ],
+        }
+    ]
     f = flip_tags(rows, {"t": task}, {"t": "say tree"}, {"t": 1})
     assert f["n_flips"] == 2 and f["all"]["context_word"] == 0.5 and f["first"]["context_word"] == 1.0
     assert f["first"]["missed_context_word"] == 1.0 and f["fixed"]["n"] == 2 and f["broken"]["n"] == 0

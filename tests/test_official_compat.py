@@ -4,13 +4,13 @@ import json
 import time
 from pathlib import Path
 
+import dflash.model as official
 import pytest
 import torch
-from conftest import mixed_acceptance_pair
 
-import dflash.model as official
-from draftguide.modeling.draft import DFlashDraft, _config_from_dict
+from conftest import mixed_acceptance_pair
 from draftguide.decode.speculative import speculative_generate
+from draftguide.modeling.draft import DFlashDraft, _config_from_dict
 from draftguide.modeling.targets import extract_features
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -85,12 +85,19 @@ def test_cached_outputs_equal_official(qwen3_pair):
     first = torch.full((1, draft.block_size), draft.mask_token_id)
     femb = draft.embed(target, first)
     draft(femb, feats[:, :12], torch.arange(12 + draft.block_size)[None], cache=cache)
-    ref(position_ids=torch.arange(12 + draft.block_size)[None], noise_embedding=femb, target_hidden=feats[:, :12],
-        past_key_values=rcache, use_cache=True)
+    ref(
+        position_ids=torch.arange(12 + draft.block_size)[None],
+        noise_embedding=femb,
+        target_hidden=feats[:, :12],
+        past_key_values=rcache,
+        use_cache=True,
+    )
     official._crop_to(rcache, 12)
     pos = torch.arange(12, 20 + draft.block_size)[None]
     ours = draft(emb, feats[:, 12:], pos, cache=cache)
-    theirs = ref(position_ids=pos, noise_embedding=emb, target_hidden=feats[:, 12:], past_key_values=rcache, use_cache=True)
+    theirs = ref(
+        position_ids=pos, noise_embedding=emb, target_hidden=feats[:, 12:], past_key_values=rcache, use_cache=True
+    )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -121,7 +128,7 @@ def test_greedy_tokens_and_acceptance_equal_dflash_generate(max_new_tokens, use_
     ours_tokens, st = speculative_generate(target, draft, ids, max_new_tokens)
     stop = None
     if use_stop:  # stop on the token whose first appearance comes last, so the stop falls mid-generation
-        new = ours_tokens[0, ids.shape[1]:].tolist()
+        new = ours_tokens[0, ids.shape[1] :].tolist()
         j = max(new.index(t) for t in set(new))
         assert j > 3
         stop = [new[j]]

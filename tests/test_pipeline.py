@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_draft, tiny_target
 
+from conftest import char_tokenizer, tiny_draft, tiny_target
 from draftguide import DraftGuide, DraftGuideError
 from draftguide.app.pipeline import TextStream
 from draftguide.decode.speculative import greedy_generate, speculative_generate
@@ -24,7 +24,7 @@ def test_generate_equals_the_library_functions(dg):
     ids = dg.encode("hello")
     ref, _ = greedy_generate(dg.target, ids, 12)
     g = dg.generate("hello", max_new_tokens=12)
-    assert g.tokens == ref[0, ids.shape[1]:].tolist() and g.method == "greedy" and g.finish_reason == "length"
+    assert g.tokens == ref[0, ids.shape[1] :].tolist() and g.method == "greedy" and g.finish_reason == "length"
     s = dg.generate("hello", max_new_tokens=12, speculative=True)
     sref, st = speculative_generate(dg.target, dg.draft, ids, 12)
     assert s.tokens == g.tokens and s.method == "speculative" and s.stats["tau"] == st.tau
@@ -58,18 +58,25 @@ def test_stream_closed_early_stops_decoding(dg):
 
 def test_prompt_forms(dg):
     msgs = [{"role": "user", "content": "hello"}]
-    assert torch.equal(dg.encode("hello"), dg.encode(msgs)) and torch.equal(dg.encode({"messages": msgs}), dg.encode(msgs))
+    assert torch.equal(dg.encode("hello"), dg.encode(msgs)) and torch.equal(
+        dg.encode({"messages": msgs}), dg.encode(msgs)
+    )
     raw = dg.encode({"prompt": "hello"})
     assert raw.shape[1] == 5 and torch.equal(dg.encode(raw), raw)
     with pytest.raises(DraftGuideError):
         dg.encode(3)
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(method="nope"), "unknown method"), (dict(beta=0.5, method="speculative"), "needs method 'guided'"),
-    (dict(beta=1.5, method="guided"), "beta must be"), (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=-1), "temperature"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(method="nope"), "unknown method"),
+        (dict(beta=0.5, method="speculative"), "needs method 'guided'"),
+        (dict(beta=1.5, method="guided"), "beta must be"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1), "temperature"),
+    ],
+)
 def test_bad_options(dg, kw, msg):
     with pytest.raises(DraftGuideError, match=msg):
         dg.generate("hello", **kw)
@@ -102,13 +109,24 @@ def test_text_stream_stops_at_the_stop_token_and_waits_for_whole_characters():
 
 
 def test_diagnose_writes_the_run_folder(dg, tmp_path):
-    tasks = [{"messages": [{"role": "user", "content": "Say tulip."}], "reference_answer": "tulip",
-              "metadata": {"task_id": "t0"}}, {"messages": [{"role": "user", "content": "Say rose."}],
-                                                "reference_answer": "rose", "metadata": {"task_id": "t1"}}]
+    tasks = [
+        {
+            "messages": [{"role": "user", "content": "Say tulip."}],
+            "reference_answer": "tulip",
+            "metadata": {"task_id": "t0"},
+        },
+        {
+            "messages": [{"role": "user", "content": "Say rose."}],
+            "reference_answer": "rose",
+            "metadata": {"task_id": "t1"},
+        },
+    ]
     s = dg.diagnose(tasks, out=tmp_path / "d", controls=False, n_boot=20, progress=False)
     assert s["n_tasks"] == 2 and s["n_tokens"] == len("tulip") + len("rose")
     assert (tmp_path / "d" / "report.md").is_file() and "DraftGuide.from_pretrained('tiny')" in s["command"]
-    s = dg.diagnose(tasks, out=tmp_path / "t", controls=False, ttt={"steps": 1, "anchors_per_step": 2}, n_boot=20, progress=False)
+    s = dg.diagnose(
+        tasks, out=tmp_path / "t", controls=False, ttt={"steps": 1, "anchors_per_step": 2}, n_boot=20, progress=False
+    )
     assert "ttt" in s["modes"]["next"]["all"]["mean_logp"] and (tmp_path / "t" / "ttt.jsonl").is_file()
 
 
@@ -120,8 +138,10 @@ def _readme_example() -> str:
 
 
 def test_readme_example_on_tiny_models(tiny_target_dir, tiny_draft_dir, tmp_path, monkeypatch):
-    code = _readme_example().replace('DraftGuide.from_pretrained("smollm2-135m")',
-                                     f'DraftGuide.from_pretrained({str(tiny_target_dir)!r}, draft={str(tiny_draft_dir)!r})')
+    code = _readme_example().replace(
+        'DraftGuide.from_pretrained("smollm2-135m")',
+        f"DraftGuide.from_pretrained({str(tiny_target_dir)!r}, draft={str(tiny_draft_dir)!r})",
+    )
     assert str(tiny_target_dir) in code
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
@@ -156,5 +176,7 @@ def test_adapt_and_reset(dg):
         dg.generate("hello", max_new_tokens=4, ttt=True)
     dg.reset()
     assert dg.draft is base and all(torch.equal(before[k], v) for k, v in base.state_dict().items())
-    g = dg.generate("hello", max_new_tokens=4, speculative=True, ttt={"steps": 1, "anchors_per_step": 2, "eval_anchors": 2})
+    g = dg.generate(
+        "hello", max_new_tokens=4, speculative=True, ttt={"steps": 1, "anchors_per_step": 2, "eval_anchors": 2}
+    )
     assert g.ttt["steps"] == 1 and dg.draft is base

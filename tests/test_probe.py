@@ -16,7 +16,11 @@ def _linear(n=150, d=16, seed=0, pairs=True):
     X = rng.normal(size=(n, d))
     if pairs:  # the probe's own layout: (x, 1) and (-x, 0) per context
         X = X * np.sign(X @ w)[:, None]  # x @ w > 0: label 1
-        return np.concatenate([X, -X])[np.argsort(np.r_[np.arange(n), np.arange(n)], kind="stable")], np.tile([1, 0], n), np.repeat(np.arange(n), 2)
+        return (
+            np.concatenate([X, -X])[np.argsort(np.r_[np.arange(n), np.arange(n)], kind="stable")],
+            np.tile([1, 0], n),
+            np.repeat(np.arange(n), 2),
+        )
     return X, (X @ w > 0).astype(int), np.arange(n) // 3
 
 
@@ -57,8 +61,28 @@ def test_answer_split():
 
 def test_probe_command_on_tiny_models(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     out = tmp_path / "probe"
-    assert main(["probe", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--limit", "16", "--out", str(out),
-                 "--folds", "4", "--shuffles", "2", "--n-boot", "200"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--target",
+                str(tiny_target_dir),
+                "--draft",
+                str(tiny_draft_dir),
+                "--limit",
+                "16",
+                "--out",
+                str(out),
+                "--folds",
+                "4",
+                "--shuffles",
+                "2",
+                "--n-boot",
+                "200",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert set(s["representations"]) == {"target_last", "layer_1", "layer_3", "layer_4", "draft"}
     assert s["n_tasks"] + s["n_skipped"] == 16 and s["n_tasks"] >= 12
@@ -67,7 +91,9 @@ def test_probe_command_on_tiny_models(tmp_path, tiny_target_dir, tiny_draft_dir,
         assert r["n_groups"] == s["n_tasks"] and r["n_examples"] == 2 * s["n_tasks"] and "shuffled" in r
     rows = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
     f = np.load(out / "features.npz")
-    assert (f["groups"][::2] == np.array([r["context_id"] for r in rows])).all() and (f["groups"][1::2] == f["groups"][::2]).all()
+    assert (f["groups"][::2] == np.array([r["context_id"] for r in rows])).all() and (
+        f["groups"][1::2] == f["groups"][::2]
+    ).all()
     # the unfitted probe on the target's last state is the target's own logit difference (reference - distractor)
     diffs = np.array([r["zero_shot_logit_diff"]["target_last"] for r in rows])
     np.testing.assert_allclose(f["X_target_last"][::2].sum(1), diffs, rtol=1e-3, atol=1e-3)

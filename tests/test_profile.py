@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import char_tokenizer, tiny_draft, tiny_target
 
+from conftest import char_tokenizer, tiny_draft, tiny_target
 from draftguide.app.cli import main
 from draftguide.experiments.profiling import run_profile, weight_bytes_per_token
 
@@ -13,8 +13,19 @@ from draftguide.experiments.profiling import run_profile, weight_bytes_per_token
 def profile(tmp_path_factory):
     t = tiny_target()
     out = tmp_path_factory.mktemp("profile")
-    s = run_profile(t, char_tokenizer(), tiny_draft(t, mask_token_id=3), out, context_lens=(16, 64, 10_000), repeats=2,
-                    new_tokens=6, anchors=4, ttt_steps=1, copy_megabytes=4, progress=False)
+    s = run_profile(
+        t,
+        char_tokenizer(),
+        tiny_draft(t, mask_token_id=3),
+        out,
+        context_lens=(16, 64, 10_000),
+        repeats=2,
+        new_tokens=6,
+        anchors=4,
+        ttt_steps=1,
+        copy_megabytes=4,
+        progress=False,
+    )
     return s, out
 
 
@@ -43,7 +54,9 @@ def test_ttt_and_guided_costs(profile):
     t, g = s["ttt"], s["guided"]
     assert t["available"] and t["steps"] == 1 and t["context_len"] == 64 and t["step_s"] > 0
     assert t["ttt16_over_prefill"] == pytest.approx(16 * t["step_s"] / s["prefill"][1]["median_s"])
-    assert g["available"] and g["token_over_greedy"] == pytest.approx(g["token_s_per_token"] / s["decode"]["greedy_s_per_token"])
+    assert g["available"] and g["token_over_greedy"] == pytest.approx(
+        g["token_s_per_token"] / s["decode"]["greedy_s_per_token"]
+    )
     assert g["speculative_s_per_token"] > 0 and g["speculative_v1_s_per_token"] > 0
 
 
@@ -64,8 +77,25 @@ def test_weight_bytes_counts_an_untied_embedding_as_one_row():
 
 def test_cli_profile_records_its_command(tmp_path, tiny_target_dir, tiny_draft_dir):
     out = tmp_path / "p"
-    argv = ["profile", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--out", str(out),
-            "--context-lens", "16,32", "--repeats", "1", "--new-tokens", "4", "--anchors", "2", "--copy-mb", "1"]
+    argv = [
+        "profile",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--out",
+        str(out),
+        "--context-lens",
+        "16,32",
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "4",
+        "--anchors",
+        "2",
+        "--copy-mb",
+        "1",
+    ]
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["command"].startswith("draftguide profile --target")
     assert (out / "command.txt").read_text().split() == ["draftguide", *argv]

@@ -3,22 +3,34 @@ so its k=1 prediction reads what `lm_head` reads; everything that cannot use it 
 
 import json
 
+import dflash.model as official
 import pytest
 import torch
-from conftest import tiny_draft, tiny_target
 
-import dflash.model as official
+from conftest import tiny_draft, tiny_target
 from draftguide.app.cli import main
-from draftguide.modeling.draft import DFlashDraft, load_draft, multi_block_hidden
-from draftguide.errors import DraftGuideError
 from draftguide.decode.guided import guided_generate
 from draftguide.decode.speculative import greedy_generate, speculative_generate
+from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import DFlashDraft, load_draft, multi_block_hidden
 from draftguide.modeling.targets import extract_features
 
 
 def aligned(target, seed=1, **kw):
-    return DFlashDraft.for_target(target, num_layers=2, block_size=4, mask_token_id=3, target_layer_ids=[1, 3, 4],
-                                  context_includes_anchor=True, seed=seed, **kw).eval().requires_grad_(False)
+    return (
+        DFlashDraft.for_target(
+            target,
+            num_layers=2,
+            block_size=4,
+            mask_token_id=3,
+            target_layer_ids=[1, 3, 4],
+            context_includes_anchor=True,
+            seed=seed,
+            **kw,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 def _k1(draft, target, feats, ids, anchor):
@@ -70,7 +82,9 @@ def test_speculative_decoding_refuses_the_aligned_readout():
 def test_speculate_command_refuses_it_with_one_line_and_exit_2(tmp_path, tiny_target_dir, capsys):
     target = tiny_target()
     aligned(target).save_pretrained(tmp_path / "ro")
-    code = main(["speculate", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "ro"), "--out", str(tmp_path / "o")])
+    code = main(
+        ["speculate", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "ro"), "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "aligned readout" in err[0] and err[0].startswith("draftguide: error:")
 

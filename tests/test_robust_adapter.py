@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_draft, tiny_target
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_draft, tiny_target
 from draftguide.errors import DraftGuideError
 from draftguide.training.ttt import load_adapter, ttt_adapt
 
@@ -38,7 +38,9 @@ def test_matching_adapter_loads_and_changes_the_draft(saved):
 
 def test_renamed_keys_are_named(saved, tmp_path):
     t, d, path = saved
-    bad = _rewrite(path, tmp_path / "renamed", rename=lambda k: k.replace("base_model.model.", "base_model.model.draft."))
+    bad = _rewrite(
+        path, tmp_path / "renamed", rename=lambda k: k.replace("base_model.model.", "base_model.model.draft.")
+    )
     with pytest.raises(DraftGuideError) as e:
         load_adapter(d, bad)
     msg = str(e.value)

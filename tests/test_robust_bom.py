@@ -23,8 +23,8 @@ def test_read_jsonl_skips_bom(tmp_path):
 
 def test_bom_prompts_and_tasks(tmp_path):
     from draftguide.experiments.evaluate import load_tasks
-    from draftguide.modeling.prompts import load_prompts
     from draftguide.experiments.tasks import builtin_tasks_path
+    from draftguide.modeling.prompts import load_prompts
 
     assert load_prompts(str(_write(tmp_path / "p.jsonl", [{"prompt": "hello"}])))[0]["prompt"] == "hello"
     src = builtin_tasks_path().read_text(encoding="utf-8").splitlines()[:2]
@@ -35,8 +35,8 @@ def test_bom_prompts_and_tasks(tmp_path):
 
 
 def test_bom_results_and_samples(tmp_path):
-    from draftguide.training.data import read_samples
     from draftguide.experiments.diagnose import results_field
+    from draftguide.training.data import read_samples
 
     _write(tmp_path / "results.jsonl", [{"task_id": "a", "status": "ok", "response": "r"}])
     assert results_field(tmp_path / "results.jsonl", "response") == {"a": "r"}
@@ -68,7 +68,10 @@ def test_cli_eval_rows_with_bom_are_read(tmp_path, bom):
     """The CLI's own task reader path (load_tasks -> read_jsonl): a BOM at line 1 is no error."""
     from draftguide.experiments.evaluate import load_tasks
 
-    row = {"messages": [{"role": "user", "content": "Say hi"}], "metadata": {"task_id": "t1"},
-           "checks": [{"type": "contains", "value": "hi"}]}
+    row = {
+        "messages": [{"role": "user", "content": "Say hi"}],
+        "metadata": {"task_id": "t1"},
+        "checks": [{"type": "contains", "value": "hi"}],
+    }
     tasks, _ = load_tasks(str(_write(tmp_path / "t.jsonl", [row], bom=bom)))
     assert tasks[0]["metadata"]["task_id"] == "t1"

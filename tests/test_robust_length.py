@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_draft, tiny_target
 
-from draftguide.errors import DraftGuideError
+from conftest import char_tokenizer, tiny_draft, tiny_target
 from draftguide.app.pipeline import DraftGuide
+from draftguide.errors import DraftGuideError
 
 LIMIT = 64
 LONG = "Tell me about " + "the colour of the sea and the sky " * 5  # ~180 characters, one token each
@@ -71,7 +71,10 @@ def test_cli_generate(dirs, capsys):
     from draftguide.app.cli import main
 
     target, draft = dirs
-    assert main(["generate", "--target", str(target), "--draft", str(draft), "--prompt", LONG, "--max-new-tokens", "4"]) == 2
+    assert (
+        main(["generate", "--target", str(target), "--draft", str(draft), "--prompt", LONG, "--max-new-tokens", "4"])
+        == 2
+    )
     _one_error_line(capsys, "max_position_embeddings", f"{LIMIT} positions")
 
 
@@ -81,14 +84,34 @@ def test_cli_speculate(dirs, tmp_path, capsys):
     target, draft = dirs
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"id": "short", "prompt": "hi"}) + "\n" + json.dumps({"id": "long", "prompt": LONG}) + "\n")
-    assert main(["speculate", "--target", str(target), "--draft", str(draft), "--prompts", str(p), "--out",
-                 str(tmp_path / "o"), "--max-new-tokens", "4"]) == 2
+    assert (
+        main(
+            [
+                "speculate",
+                "--target",
+                str(target),
+                "--draft",
+                str(draft),
+                "--prompts",
+                str(p),
+                "--out",
+                str(tmp_path / "o"),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 2
+    )
     _one_error_line(capsys, "line 2, prompt 'long'", "max_position_embeddings")
 
 
 def _task(tid, text):
-    return {"messages": [{"role": "user", "content": text}], "metadata": {"task_id": tid},
-            "checks": [{"type": "contains", "value": "x"}], "reference_answer": "blue"}
+    return {
+        "messages": [{"role": "user", "content": text}],
+        "metadata": {"task_id": tid},
+        "checks": [{"type": "contains", "value": "x"}],
+        "reference_answer": "blue",
+    }
 
 
 def test_cli_eval_and_diagnose(dirs, tmp_path, capsys):
@@ -97,10 +120,33 @@ def test_cli_eval_and_diagnose(dirs, tmp_path, capsys):
     target, draft = dirs
     f = tmp_path / "t.jsonl"
     f.write_text("".join(json.dumps(_task(tid, text)) + "\n" for tid, text in (("ok", "hi"), ("too-long", LONG))))
-    assert main(["eval", "--tasks", str(f), "--target", str(target), "--out", str(tmp_path / "e"), "--max-new-tokens", "4"]) == 2
+    assert (
+        main(
+            ["eval", "--tasks", str(f), "--target", str(target), "--out", str(tmp_path / "e"), "--max-new-tokens", "4"]
+        )
+        == 2
+    )
     _one_error_line(capsys, "line 2, task 'too-long'", "max_position_embeddings")
-    assert main(["diagnose", "--tasks", str(f), "--target", str(target), "--draft", str(draft), "--out", str(tmp_path / "d"),
-                 "--no-solve", "--no-controls", "--n-boot", "10"]) == 2
+    assert (
+        main(
+            [
+                "diagnose",
+                "--tasks",
+                str(f),
+                "--target",
+                str(target),
+                "--draft",
+                str(draft),
+                "--out",
+                str(tmp_path / "d"),
+                "--no-solve",
+                "--no-controls",
+                "--n-boot",
+                "10",
+            ]
+        )
+        == 2
+    )
     _one_error_line(capsys, "task 'too-long'", "prompt with its reference answer")
 
 
@@ -110,16 +156,33 @@ def test_cli_ttt_tau(dirs, tmp_path, capsys):
     target, draft = dirs
     p = tmp_path / "ctx.jsonl"
     p.write_text(json.dumps({"id": "c1", "prompt": LONG}) + "\n")
-    assert main(["ttt-tau", "--target", str(target), "--draft", str(draft), "--sets", str(p), "--out", str(tmp_path / "o"),
-                 "--max-new-tokens", "4", "--ttt-steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "ttt-tau",
+                "--target",
+                str(target),
+                "--draft",
+                str(draft),
+                "--sets",
+                str(p),
+                "--out",
+                str(tmp_path / "o"),
+                "--max-new-tokens",
+                "4",
+                "--ttt-steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     _one_error_line(capsys, "ctx context 'c1'", "max_position_embeddings")
 
 
 def test_server(short_pair):
+    from draftguide.app.server import create_app
     from test_robust_sampling import _post
     from test_server import running
-
-    from draftguide.app.server import create_app
 
     t, d = short_pair
     dg = DraftGuide(t, char_tokenizer(), d)
@@ -128,5 +191,7 @@ def test_server(short_pair):
         assert status == 400 and "max_position_embeddings" in r["error"]["message"]
         status, r = _post(url, json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60}))
         assert status == 400 and "ask for at most" in r["error"]["message"]
-        status, r = _post(url, json.dumps({"messages": [{"role": "user", "content": "hi"}]}))  # default 512 shrinks to fit
+        status, r = _post(
+            url, json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        )  # default 512 shrinks to fit
         assert status == 200 and r["usage"]["total_tokens"] <= LIMIT

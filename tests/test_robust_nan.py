@@ -18,9 +18,22 @@ def strict_load(text: str):
 def test_shared_writers_map_non_finite_to_null(tmp_path):
     from draftguide.reporting.runs import JsonlWriter, dumps, finite, write_json
 
-    obj = {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": np.float32("nan"), "d": (np.float64(2.0),),
-           "e": {"f": torch.tensor(float("nan"))}, "g": np.array([1.0, np.nan])}
-    assert strict_load(dumps(obj)) == {"a": None, "b": [None, None, 1.5], "c": None, "d": [2.0], "e": {"f": None}, "g": [1.0, None]}
+    obj = {
+        "a": float("nan"),
+        "b": [float("inf"), -float("inf"), 1.5],
+        "c": np.float32("nan"),
+        "d": (np.float64(2.0),),
+        "e": {"f": torch.tensor(float("nan"))},
+        "g": np.array([1.0, np.nan]),
+    }
+    assert strict_load(dumps(obj)) == {
+        "a": None,
+        "b": [None, None, 1.5],
+        "c": None,
+        "d": [2.0],
+        "e": {"f": None},
+        "g": [1.0, None],
+    }
     write_json(tmp_path / "s.json", obj)
     assert strict_load((tmp_path / "s.json").read_text())["a"] is None
     with JsonlWriter(tmp_path / "r.jsonl") as w:
@@ -37,13 +50,13 @@ def test_fmt_marks_missing():
 
 def test_speculate_one_token_writes_no_nan(tmp_path, qwen3_pair):
     """`speculate --max-new-tokens 1`: tau is undefined (no verify step); the files say null, the summary why."""
+    from conftest import char_tokenizer
     from draftguide.decode.speculative import TAU_MISSING, run_speculate
 
-    from conftest import char_tokenizer
-
     t, d = qwen3_pair
-    s = run_speculate(t, char_tokenizer(), d, [{"id": "p", "prompt": "hello there"}], tmp_path, max_new_tokens=1,
-                      progress=False)
+    s = run_speculate(
+        t, char_tokenizer(), d, [{"id": "p", "prompt": "hello there"}], tmp_path, max_new_tokens=1, progress=False
+    )
     assert math.isnan(s["tau"])
     summary = strict_load((tmp_path / "summary.json").read_text())
     assert summary["tau"] is None and summary["tau_missing"] == TAU_MISSING
@@ -55,8 +68,24 @@ def test_speculate_table_says_why(tmp_path, tiny_target_dir, tiny_draft_dir, cap
     from draftguide.app.cli import main
 
     out = tmp_path / "run"
-    rc = main(["speculate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--prompts", "builtin",
-               "--limit", "1", "--max-new-tokens", "1", "--out", str(out), "--no-baseline"])
+    rc = main(
+        [
+            "speculate",
+            "--target",
+            str(tiny_target_dir),
+            "--draft",
+            str(tiny_draft_dir),
+            "--prompts",
+            "builtin",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "1",
+            "--out",
+            str(out),
+            "--no-baseline",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "nan" not in text.lower() and "tau -: no verify step ran" in text
@@ -80,10 +109,23 @@ def test_report_reads_null_figures(tmp_path):
     from draftguide.reporting.runs import write_json
 
     run = tmp_path / "spec"
-    write_json(run / "summary.json", {"n_prompts": 1, "new_tokens": 1, "block_size": 8, "verify_len": 7, "tau": float("nan"),
-                                      "tau_ci95_over_prompts": [float("nan"), float("nan")], "tokens_per_s": 3.0,
-                                      "temperature": 0.0, "acceptance_histogram": [], "tau_missing": "why",
-                                      "max_new_tokens": 1, "environment": {}})
+    write_json(
+        run / "summary.json",
+        {
+            "n_prompts": 1,
+            "new_tokens": 1,
+            "block_size": 8,
+            "verify_len": 7,
+            "tau": float("nan"),
+            "tau_ci95_over_prompts": [float("nan"), float("nan")],
+            "tokens_per_s": 3.0,
+            "temperature": 0.0,
+            "acceptance_histogram": [],
+            "tau_missing": "why",
+            "max_new_tokens": 1,
+            "environment": {},
+        },
+    )
     (run / "results.jsonl").write_text("")
     path = write_report([str(run)], tmp_path / "report")
     text = path.read_text()

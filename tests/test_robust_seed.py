@@ -4,8 +4,8 @@ seed used is recorded (Generation.seed, the server's `draftguide.seed`, speculat
 import json
 
 import pytest
-from conftest import char_tokenizer, tiny_draft, tiny_target
 
+from conftest import char_tokenizer, tiny_draft, tiny_target
 from draftguide.app.pipeline import DraftGuide
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -32,10 +32,9 @@ def test_library_unseeded_differs_seeded_reproduces(dg):
 
 
 def test_server_unseeded_requests_differ(dg):
+    from draftguide.app.server import create_app
     from test_robust_sampling import _post
     from test_server import running
-
-    from draftguide.app.server import create_app
 
     body = {"messages": MSG, "max_tokens": 24, "temperature": 1.0}
     with running(create_app(dg)) as url:
@@ -46,7 +45,10 @@ def test_server_unseeded_requests_differ(dg):
         again = _post(url, json.dumps(body | {"seed": seeds[0]}))[1]
         assert again["choices"][0]["message"]["content"] == texts[0] and again["draftguide"]["seed"] == seeds[0]
         s1, s2 = (_post(url, json.dumps(body | {"seed": 0}))[1] for _ in range(2))  # seed 0 is a seed, not "none"
-        assert s1["choices"][0]["message"]["content"] == s2["choices"][0]["message"]["content"] and s1["draftguide"]["seed"] == 0
+        assert (
+            s1["choices"][0]["message"]["content"] == s2["choices"][0]["message"]["content"]
+            and s1["draftguide"]["seed"] == 0
+        )
 
 
 def test_speculate_records_a_fresh_seed(tmp_path, qwen3_pair):
@@ -59,7 +61,7 @@ def test_speculate_records_a_fresh_seed(tmp_path, qwen3_pair):
     b = run_speculate(t, char_tokenizer(), d, rows, tmp_path / "b", **kw)
     assert a["seed"] != b["seed"]
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["seed"] == a["seed"]
-    c = run_speculate(t, char_tokenizer(), d, rows, tmp_path / "c", seed=a["seed"], **kw)
+    run_speculate(t, char_tokenizer(), d, rows, tmp_path / "c", seed=a["seed"], **kw)
     text = lambda p: json.loads((p / "results.jsonl").read_text().splitlines()[0])["tokens"]  # noqa: E731
     assert text(tmp_path / "c") == text(tmp_path / "a")
 
@@ -67,8 +69,19 @@ def test_speculate_records_a_fresh_seed(tmp_path, qwen3_pair):
 def test_cli_generate_prints_the_seed(tiny_target_dir, tiny_draft_dir, capsys):
     from draftguide.app.cli import main
 
-    base = ["generate", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--prompt", "hi",
-            "--max-new-tokens", "12", "--temperature", "1"]
+    base = [
+        "generate",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1",
+    ]
     assert main(base) == 0
     err = capsys.readouterr().err
     seed = int(err.split("seed ")[1].split(",")[0])
@@ -84,9 +97,27 @@ def test_cli_eval_sampling_draws_and_records_a_seed(tmp_path, tiny_target_dir):
     from draftguide.app.cli import main
 
     tasks = tmp_path / "t.jsonl"
-    tasks.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "metadata": {"task_id": "a"},
-                                 "checks": [{"type": "contains", "value": "x"}]}) + "\n")
-    base = ["eval", "--tasks", str(tasks), "--target", str(tiny_target_dir), "--method", "sample", "--max-new-tokens", "4"]
+    tasks.write_text(
+        json.dumps(
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "metadata": {"task_id": "a"},
+                "checks": [{"type": "contains", "value": "x"}],
+            }
+        )
+        + "\n"
+    )
+    base = [
+        "eval",
+        "--tasks",
+        str(tasks),
+        "--target",
+        str(tiny_target_dir),
+        "--method",
+        "sample",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
     assert main(base + ["--out", str(tmp_path / "b")]) == 0
     seed = lambda d: json.loads((tmp_path / d / "summary.json").read_text())["settings"]["method_options"]["seed"]  # noqa: E731

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_draft, tiny_target
 from openai import BadRequestError, OpenAI
 
+from conftest import char_tokenizer, tiny_draft, tiny_target
 from draftguide.app.pipeline import DraftGuide
 from draftguide.app.server import SUPPORTED_FIELDS, create_app
 
@@ -36,10 +36,17 @@ def client(url):
 
 
 def test_include_usage_gives_a_final_usage_chunk(client):
-    chunks = list(client.chat.completions.create(model="tiny", messages=MSG, max_tokens=7, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=MSG, max_tokens=7, stream=True, stream_options={"include_usage": True}
+        )
+    )
     last = chunks[-1]
-    assert last.choices == [] and last.usage.completion_tokens == 7 and last.usage.total_tokens == last.usage.prompt_tokens + 7
+    assert (
+        last.choices == []
+        and last.usage.completion_tokens == 7
+        and last.usage.total_tokens == last.usage.prompt_tokens + 7
+    )
     assert all(c.usage is None for c in chunks[:-1])
     plain = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=7)
     assert last.usage.prompt_tokens == plain.usage.prompt_tokens
@@ -57,8 +64,9 @@ def _reference_logprobs(dg, g):
 
 @pytest.mark.parametrize("extra", [{}, {"beta": 0.5}])
 def test_logprobs_are_the_targets(client, dg, extra):
-    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, logprobs=True, top_logprobs=5,
-                                       extra_body=extra)
+    r = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=6, logprobs=True, top_logprobs=5, extra_body=extra
+    )
     content = r.choices[0].logprobs.content
     g = dg.generate(MSG, max_new_tokens=6, **extra)
     ref = _reference_logprobs(dg, g)
@@ -84,29 +92,40 @@ def _post(url, body):
     return post(url, json.dumps(body))
 
 
-@pytest.mark.parametrize("extra, what", [
-    ({"frobnicate": 1}, "frobnicate: unsupported field"),
-    ({"functions": []}, "functions: unsupported field"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"presence_penalty": -1}, "presence_penalty"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
-    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ({"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true"),
-    ({"stream": True, "logprobs": True}, "logprobs are not supported with stream"),
-    ({"stream": True, "stream_options": {"include_usage": True, "other": 1}}, "stream_options.other"),
-])
+@pytest.mark.parametrize(
+    "extra, what",
+    [
+        ({"frobnicate": 1}, "frobnicate: unsupported field"),
+        ({"functions": []}, "functions: unsupported field"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true"),
+        ({"stream": True, "logprobs": True}, "logprobs are not supported with stream"),
+        ({"stream": True, "stream_options": {"include_usage": True, "other": 1}}, "stream_options.other"),
+    ],
+)
 def test_unsupported_fields_are_a_400(url, extra, what):
     status, err = _post(url, {"messages": MSG, "max_tokens": 2} | extra)
     assert status == 400 and err["error"]["type"] == "invalid_request_error"
     assert what in err["error"]["message"], err
 
 
-@pytest.mark.parametrize("extra", [{"user": "u1"}, {"frequency_penalty": 0, "presence_penalty": 0}, {"logit_bias": {}},
-                                   {"response_format": {"type": "text"}}, {"tools": [], "tool_choice": "none"},
-                                   {"temperature": None, "top_p": None, "n": None, "seed": None, "stop": None}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"user": "u1"},
+        {"frequency_penalty": 0, "presence_penalty": 0},
+        {"logit_bias": {}},
+        {"response_format": {"type": "text"}},
+        {"tools": [], "tool_choice": "none"},
+        {"temperature": None, "top_p": None, "n": None, "seed": None, "stop": None},
+    ],
+)
 def test_neutral_values_are_accepted(url, extra):
     status, r = _post(url, {"messages": MSG, "max_tokens": 2} | extra)
     assert status == 200, r

@@ -4,8 +4,8 @@ and hold no U+FFFD from the cut (library, server, eval and speculate text)."""
 import json
 
 import pytest
-from conftest import tiny_draft, tiny_target
 
+from conftest import tiny_draft, tiny_target
 from draftguide.app.pipeline import DraftGuide, TextStream, decode_text
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<mask>"]
@@ -24,7 +24,9 @@ def byte_tokenizer():
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     return tok
 
@@ -71,21 +73,25 @@ def test_decode_text_and_textstream():
 
 
 def test_server_stream_and_plain_agree(dg):
-    from test_robust_sampling import _post
-    from test_server import running
+    from openai import OpenAI
 
     from draftguide.app.server import create_app
-    from openai import OpenAI
+    from test_robust_sampling import _post
+    from test_server import running
 
     with running(create_app(dg)) as url:
         c = OpenAI(base_url=url, api_key="none", timeout=30, max_retries=0)
         for n in (4, 5, 6, 8, 9):  # cut inside the first and the second emoji
             msg = [{"role": "user", "content": "emoji please"}]
             plain = c.chat.completions.create(model="bytes", messages=msg, max_tokens=n).choices[0].message.content
-            streamed = "".join(ch.choices[0].delta.content or "" for ch in
-                               c.chat.completions.create(model="bytes", messages=msg, max_tokens=n, stream=True))
+            streamed = "".join(
+                ch.choices[0].delta.content or ""
+                for ch in c.chat.completions.create(model="bytes", messages=msg, max_tokens=n, stream=True)
+            )
             assert plain == streamed and "\ufffd" not in plain, n
-        status, r = _post(url, json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "logprobs": True}))
+        status, r = _post(
+            url, json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "logprobs": True})
+        )
         assert status == 200
         lp = r["choices"][0]["logprobs"]["content"]
         assert bytes(b for e in lp for b in e["bytes"]) == REPLY.encode()[:5]  # bytes hold what the cut text does not
@@ -98,8 +104,12 @@ def test_eval_response_has_no_replacement_char(tmp_path):
     target = tiny_target(vocab=264)
     METHODS["scripted-bytes"] = lambda t, k, ids, n, stop, **o: ids_of(REPLY)[:n]
     try:
-        task = {"messages": [{"role": "user", "content": "x"}], "metadata": {"task_id": "a"},
-                "checks": [{"type": "contains", "value": "ok"}], "_line": 1}
+        task = {
+            "messages": [{"role": "user", "content": "x"}],
+            "metadata": {"task_id": "a"},
+            "checks": [{"type": "contains", "value": "ok"}],
+            "_line": 1,
+        }
         rec = evaluate_task(target, tok, task, "scripted-bytes", 5, [], "rules")
         assert rec["response"] == "ok" and "\ufffd" not in json.dumps(rec, ensure_ascii=False)
     finally:

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
 pytest.importorskip("fastapi")
@@ -39,7 +40,9 @@ class Boom(DraftGuide):
             self.decoded[-1] += len(new)
             on_token(new)
 
-        return super()._decode(method, ids, n, beta, speculative, temperature, top_p, top_k, stop_ids, seed, counting, options)
+        return super()._decode(
+            method, ids, n, beta, speculative, temperature, top_p, top_k, stop_ids, seed, counting, options
+        )
 
 
 def _free_port() -> int:
@@ -107,7 +110,9 @@ def test_completion_matches_the_library(client, dg):
 
 def test_speculative_is_lossless_through_the_server(client):
     plain = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=16)
-    spec = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=16, extra_body={"method": "speculative"})
+    spec = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=16, extra_body={"method": "speculative"}
+    )
     assert spec.choices[0].message.content == plain.choices[0].message.content
     assert spec.model_extra["draftguide"]["method"] == "speculative"
     assert spec.model_extra["draftguide"]["tau"] >= 1.0
@@ -133,18 +138,24 @@ def test_stop_string(client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == full[: full.find(stop)]
 
 
-@pytest.mark.parametrize("body, what", [
-    (b"{not json", "JSON"),
-    (json.dumps({"messages": []}).encode(), "messages"),
-    (json.dumps({"messages": [{"role": "user"}], "max_tokens": 0}).encode(), "max_tokens"),
-    (json.dumps({"messages": MSG, "temperature": -1}).encode(), "temperature"),
-    (json.dumps({"messages": MSG, "method": "nope"}).encode(), "unknown method"),
-    (json.dumps({"messages": MSG, "beta": 0.5, "method": "greedy"}).encode(), "needs method 'guided'"),
-    (json.dumps({"messages": MSG, "beta": 2}).encode(), "beta"),
-    (json.dumps({"messages": MSG, "mix": "logits", "method": "greedy"}).encode(), "not an option of method 'greedy'"),
-    (json.dumps({"messages": MSG, "beta": 0.5, "beta_schedule": "sometimes"}).encode(), "beta_schedule"),
-    (json.dumps({"messages": MSG, "beta": 0.5, "mix": "logprobs"}).encode(), "use mix 'probs'"),
-])
+@pytest.mark.parametrize(
+    "body, what",
+    [
+        (b"{not json", "JSON"),
+        (json.dumps({"messages": []}).encode(), "messages"),
+        (json.dumps({"messages": [{"role": "user"}], "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({"messages": MSG, "temperature": -1}).encode(), "temperature"),
+        (json.dumps({"messages": MSG, "method": "nope"}).encode(), "unknown method"),
+        (json.dumps({"messages": MSG, "beta": 0.5, "method": "greedy"}).encode(), "needs method 'guided'"),
+        (json.dumps({"messages": MSG, "beta": 2}).encode(), "beta"),
+        (
+            json.dumps({"messages": MSG, "mix": "logits", "method": "greedy"}).encode(),
+            "not an option of method 'greedy'",
+        ),
+        (json.dumps({"messages": MSG, "beta": 0.5, "beta_schedule": "sometimes"}).encode(), "beta_schedule"),
+        (json.dumps({"messages": MSG, "beta": 0.5, "mix": "logprobs"}).encode(), "use mix 'probs'"),
+    ],
+)
 def test_malformed_request_is_a_400_json_error(server, body, what):
     status, err = _post(server, body)
     assert status == 400
@@ -173,11 +184,18 @@ def test_fifty_concurrent_requests(server, dg):
 
     async def go():
         c = AsyncOpenAI(base_url=server, api_key="none", timeout=60, max_retries=0)
+
         async def one(i):
             kw = dict(model="tiny", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=6)
             if i % 2:
-                return "".join([ch.choices[0].delta.content or "" async for ch in await c.chat.completions.create(stream=True, **kw)])
+                return "".join(
+                    [
+                        ch.choices[0].delta.content or ""
+                        async for ch in await c.chat.completions.create(stream=True, **kw)
+                    ]
+                )
             return (await c.chat.completions.create(**kw)).choices[0].message.content
+
         try:
             return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(50))), timeout=120)
         finally:
@@ -214,16 +232,28 @@ def test_cli_serve_rejects_contradictory_defaults_before_loading(capsys):
 def test_guided_and_ttt_body_fields(client, dg):
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, extra_body={"beta": 0.5})
     assert r.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5).text
-    r2 = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8,
-                                        extra_body={"beta": 0.5, "beta_schedule": "adaptive", "guard_top_k": 2, "mix": "probs"})
-    assert r2.choices[0].message.content == dg.generate(MSG, max_new_tokens=8, beta=0.5, beta_schedule="adaptive",
-                                                        guard_top_k=2, mix="probs").text
+    r2 = client.chat.completions.create(
+        model="tiny",
+        messages=MSG,
+        max_tokens=8,
+        extra_body={"beta": 0.5, "beta_schedule": "adaptive", "guard_top_k": 2, "mix": "probs"},
+    )
+    assert (
+        r2.choices[0].message.content
+        == dg.generate(MSG, max_new_tokens=8, beta=0.5, beta_schedule="adaptive", guard_top_k=2, mix="probs").text
+    )
     assert r.model_extra["draftguide"]["method"] == "guided" and r.model_extra["draftguide"]["n_flips"] is not None
     base = dg.draft
-    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, extra_body={
-        "method": "speculative", "ttt": {"steps": 1, "anchors_per_step": 2, "eval_anchors": 2}})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=MSG,
+        max_tokens=4,
+        extra_body={"method": "speculative", "ttt": {"steps": 1, "anchors_per_step": 2, "eval_anchors": 2}},
+    )
     assert r.model_extra["draftguide"]["ttt"]["steps"] == 1 and dg.draft is base  # adapted for the request, then reset
-    status, err = _post(client.base_url.__str__().rstrip("/"), json.dumps({"messages": MSG, "ttt": {"steps": -1}}).encode())
+    status, err = _post(
+        client.base_url.__str__().rstrip("/"), json.dumps({"messages": MSG, "ttt": {"steps": -1}}).encode()
+    )
     assert status == 400 and "steps" in err["error"]["message"]
 
 
@@ -243,9 +273,26 @@ def test_cli_serve_in_a_subprocess(tiny_target_dir, tiny_draft_dir):
 
     port = _free_port()
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "draftguide.app.cli", "serve", "--target", str(tiny_target_dir), "--draft",
-                             str(tiny_draft_dir), "--port", str(port), "--model-name", "tiny-cli"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "draftguide.app.cli",
+            "serve",
+            "--target",
+            str(tiny_target_dir),
+            "--draft",
+            str(tiny_draft_dir),
+            "--port",
+            str(port),
+            "--model-name",
+            "tiny-cli",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=10, max_retries=0)
         deadline = time.time() + 60
@@ -256,7 +303,9 @@ def test_cli_serve_in_a_subprocess(tiny_target_dir, tiny_draft_dir):
                 break
             except APIError:
                 time.sleep(0.2)
-        r = c.chat.completions.create(model="tiny-cli", messages=MSG, max_tokens=5, extra_body={"method": "speculative"})
+        r = c.chat.completions.create(
+            model="tiny-cli", messages=MSG, max_tokens=5, extra_body={"method": "speculative"}
+        )
         assert r.usage.completion_tokens == 5
     finally:
         proc.terminate()

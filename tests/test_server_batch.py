@@ -7,14 +7,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from conftest import char_tokenizer, tiny_draft, tiny_target
 
 pytest.importorskip("fastapi")
 from openai import OpenAI  # noqa: E402
-from test_server import running  # noqa: E402
 
 from draftguide.app.pipeline import DraftGuide  # noqa: E402
 from draftguide.app.server import create_app  # noqa: E402
+from test_server import running  # noqa: E402
 
 
 class Gated(DraftGuide):
@@ -38,7 +39,12 @@ REQUESTS = [
 def _ask(client, r, stream=False):
     if not stream:
         c = client.chat.completions.create(model="tiny", **r)
-        return c.choices[0].message.content, c.choices[0].finish_reason, c.usage.completion_tokens, c.model_extra["draftguide"]
+        return (
+            c.choices[0].message.content,
+            c.choices[0].finish_reason,
+            c.usage.completion_tokens,
+            c.model_extra["draftguide"],
+        )
     parts, finish = [], None
     for ch in client.chat.completions.create(model="tiny", stream=True, **r):
         if ch.choices:
@@ -82,8 +88,15 @@ def test_chat_template_kwargs_per_request():
     dg = DraftGuide(t, thinking_tokenizer(), tiny_draft(t, mask_token_id=3), name="tiny")
     with running(create_app(dg)) as url:
         client = OpenAI(base_url=url, api_key="x")
-        ask = lambda **kw: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],  # noqa: E731
-                                                          max_tokens=2, **kw).usage.prompt_tokens
+
+        def ask(**kw):
+            return client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=2,
+                **kw,
+            ).usage.prompt_tokens
+
         on, off = ask(), ask(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert off == on + 4  # "</t>" closes the thinking block: 4 more characters
         with pytest.raises(Exception, match="may not set add_generation_prompt"):

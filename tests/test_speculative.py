@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import mixed_acceptance_pair, tiny_target
 
+from conftest import mixed_acceptance_pair, tiny_target
+from draftguide.decode.speculative import greedy_generate, hf_generate, speculative_generate
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.sampling import probs_from_logits, rejection_sample
-from draftguide.decode.speculative import greedy_generate, hf_generate, speculative_generate
 
 
 @pytest.mark.parametrize("pair", ["llama_pair", "qwen3_pair"])
@@ -142,11 +142,17 @@ def test_adaptive_verify_counts_the_price_of_reading_the_draft():
     target, draft, ids = mixed_acceptance_pair()
     ref, _ = hf_generate(target, ids, 60)
     flat = [1.0] * (draft.block_size + 1)
-    out, st = speculative_generate(target, draft, ids, 60, verify_costs=flat, read_costs=[10.0 * n for n in range(1, 8)])
+    out, st = speculative_generate(
+        target, draft, ids, 60, verify_costs=flat, read_costs=[10.0 * n for n in range(1, 8)]
+    )
     assert out.tolist() == ref.tolist() and max(st.acceptance_lengths) == 2
     out, free = speculative_generate(target, draft, ids, 60, verify_costs=flat, read_costs=[0.0] * 7)
     _, old = speculative_generate(target, draft, ids, 60, verify_costs=flat)
-    assert out.tolist() == ref.tolist() and free.acceptance_lengths == old.acceptance_lengths and max(free.acceptance_lengths) > 2
+    assert (
+        out.tolist() == ref.tolist()
+        and free.acceptance_lengths == old.acceptance_lengths
+        and max(free.acceptance_lengths) > 2
+    )
 
     costs, read = [1.0 + 0.1 * n for n in range(9)], [0.05 * n for n in range(1, 8)]
     rates = AcceptanceRates(7)

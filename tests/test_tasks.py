@@ -10,8 +10,12 @@ from draftguide.app.cli import main
 from draftguide.experiments.evaluate import load_tasks, score_checks
 from draftguide.experiments.tasks import BUILTIN_PARAMS, CATEGORIES, build_tasks, builtin_tasks_path, load_builtin_tasks
 
-CL_BENCH_CATEGORIES = {"Domain Knowledge Reasoning", "Rule System Application", "Procedural Task Execution",
-                       "Empirical Discovery & Simulation"}
+CL_BENCH_CATEGORIES = {
+    "Domain Knowledge Reasoning",
+    "Rule System Application",
+    "Procedural Task Execution",
+    "Empirical Discovery & Simulation",
+}
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_target
 
-from draftguide.training.data import make_data, read_samples
+from conftest import char_tokenizer, tiny_target
 from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
 from draftguide.modeling.targets import extract_features
+from draftguide.training.data import make_data, read_samples
 from draftguide.training.train import (
     IGNORE,
     FeatureScale,
@@ -86,7 +86,10 @@ def tiny_data(tmp_path_factory):
     target, tok = tiny_target(), char_tokenizer()
     target.save_pretrained(root / "target")
     tok.save_pretrained(root / "target")
-    prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(["hello world", "abc", "the cat sat", "tiny model", "xyz xyz", "qrs"])]
+    prompts = [
+        {"id": f"p{i}", "prompt": p}
+        for i, p in enumerate(["hello world", "abc", "the cat sat", "tiny model", "xyz xyz", "qrs"])
+    ]
     meta = make_data(target, tok, prompts, root / "data", max_new_tokens=24, batch_size=4, progress=False)
     return root, meta
 
@@ -97,14 +100,30 @@ def test_make_data_rows_and_resume(tiny_data):
     assert meta["n_samples"] == 6 == len(rows)
     assert all(len(r["input_ids"]) > r["prompt_len"] for r in rows)
     target, tok = tiny_target(), char_tokenizer()
-    again = make_data(target, tok, [{"id": "p0", "prompt": "hello world"}], root / "data", max_new_tokens=24, progress=False)
+    again = make_data(
+        target, tok, [{"id": "p0", "prompt": "hello world"}], root / "data", max_new_tokens=24, progress=False
+    )
     assert again["new_this_run"] == 0 and again["n_samples"] == 6  # done prompts are skipped
 
 
 def _cfg(**kw):
-    return TrainConfig(**({"block_size": 4, "draft_layers": 1, "target_layer_ids": [1, 3], "anchors_per_seq": 6,
-                           "batch_size": 2, "lr": 3e-3, "vocab_subset": None, "log_every": 1, "checkpoint_every": 0,
-                           "mask_token_id": 3} | kw))
+    return TrainConfig(
+        **(
+            {
+                "block_size": 4,
+                "draft_layers": 1,
+                "target_layer_ids": [1, 3],
+                "anchors_per_seq": 6,
+                "batch_size": 2,
+                "lr": 3e-3,
+                "vocab_subset": None,
+                "log_every": 1,
+                "checkpoint_every": 0,
+                "mask_token_id": 3,
+            }
+            | kw
+        )
+    )
 
 
 def _train(root, out, cfg, **kw):
@@ -162,11 +181,16 @@ def test_ddp_two_cpu_processes_agree(tiny_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    init = DFlashDraft.for_target(tiny_target(), num_layers=1, block_size=4, mask_token_id=3, target_layer_ids=[1, 3]).state_dict()
+    init = DFlashDraft.for_target(
+        tiny_target(), num_layers=1, block_size=4, mask_token_id=3, target_layer_ids=[1, 3]
+    ).state_dict()
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # all-reduced gradients: identical weights on both ranks
     assert not torch.equal(r0["fc.weight"], init["fc.weight"])  # ...and they did train
 
@@ -178,11 +202,42 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
 
     root, _ = tiny_data
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "draftguide.app.cli", "train-draft", "--target", str(root / "target"), "--data", str(root / "data"),
-           "--out", str(out), "--steps", "100000", "--block-size", "4", "--draft-layers", "1", "--target-layer-ids", "1", "3",
-           "--anchors-per-seq", "4", "--batch-size", "2", "--vocab-subset", "0", "--mask-token-id", "3", "--log-every", "1",
-           "--checkpoint-every", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "draftguide.app.cli",
+        "train-draft",
+        "--target",
+        str(root / "target"),
+        "--data",
+        str(root / "data"),
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+        "--block-size",
+        "4",
+        "--draft-layers",
+        "1",
+        "--target-layer-ids",
+        "1",
+        "3",
+        "--anchors-per-seq",
+        "4",
+        "--batch-size",
+        "2",
+        "--vocab-subset",
+        "0",
+        "--mask-token-id",
+        "3",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
@@ -194,8 +249,13 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
     step = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["step"]
     assert 3 <= step < 100000 and (out / "draft" / "model.safetensors").is_file()
     # resume with a finite budget: continues from the checkpoint rather than from scratch
-    done = subprocess.run(cmd[:cmd.index("--steps") + 1] + [str(step + 2)] + cmd[cmd.index("--steps") + 2:] + ["--resume"],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(
+        cmd[: cmd.index("--steps") + 1] + [str(step + 2)] + cmd[cmd.index("--steps") + 2 :] + ["--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"finished at step {step + 2}/{step + 2}" in done.stdout
 

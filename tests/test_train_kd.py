@@ -3,8 +3,8 @@ positions, and training from an existing draft (into a speculative draft or an a
 
 import torch
 import torch.nn.functional as F
-from conftest import char_tokenizer, tiny_target
 
+from conftest import char_tokenizer, tiny_target
 from draftguide.modeling.draft import DFlashDraft, load_draft
 from draftguide.modeling.targets import extract_features
 from draftguide.training.train import (
@@ -55,14 +55,34 @@ def test_kd_loss_reads_the_target_distribution_at_the_teacher_positions():
     # a "draft" whose k=1 state at anchor a is exactly the target's final state at a (the teacher position)
     fake_forward = lambda emb, feats, pos, attention_mask=None, rows=None: final[:, anchors[0]].repeat_interleave(2, 1)  # noqa: E731
     feats = extract_features(out.hidden_states, d.target_layer_ids)
-    loss, acc, n, agree = block_loss(d, target, feats, ids, anchors, torch.tensor([16]), loss_weights(2),
-                                     forward=fake_forward, teacher_states=final, loss="kd")
+    loss, acc, n, agree = block_loss(
+        d,
+        target,
+        feats,
+        ids,
+        anchors,
+        torch.tensor([16]),
+        loss_weights(2),
+        forward=fake_forward,
+        teacher_states=final,
+        loss="kd",
+    )
     p = torch.softmax(out.logits[0, anchors[0]], -1)
     entropy = -(p * p.log()).sum(-1).mean()
     torch.testing.assert_close(loss, entropy, rtol=1e-4, atol=1e-5)
     assert agree.tolist() == [1.0]
-    shifted = block_loss(d, target, feats, ids, anchors, torch.tensor([16]), loss_weights(2), forward=fake_forward,
-                         teacher_states=torch.roll(final, 1, 1), loss="kd")[0]
+    shifted = block_loss(
+        d,
+        target,
+        feats,
+        ids,
+        anchors,
+        torch.tensor([16]),
+        loss_weights(2),
+        forward=fake_forward,
+        teacher_states=torch.roll(final, 1, 1),
+        loss="kd",
+    )[0]
     assert shifted > loss + 1e-3
 
 
@@ -70,9 +90,17 @@ def _text_data(root):
     from draftguide.training.data import make_text_data
 
     tok = char_tokenizer()
-    rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for i, (q, a) in enumerate([("hi", "hello there friend"), ("2+2?", "it is four, of course"),
-                                         ("colour?", "blue like the sky"), ("name?", "a tiny model")])]
+    rows = [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for i, (q, a) in enumerate(
+            [
+                ("hi", "hello there friend"),
+                ("2+2?", "it is four, of course"),
+                ("colour?", "blue like the sky"),
+                ("name?", "a tiny model"),
+            ]
+        )
+    ]
     meta = make_text_data(tok, rows, root / "data", progress=False)
     return tok, meta
 
@@ -84,7 +112,7 @@ def test_text_data_marks_the_reply_as_labels(tmp_path):
     assert meta["n_samples"] == 4 and meta["responses"].startswith("given")
     s = read_samples(tmp_path / "data")[0]
     text = lambda ids: tok.decode(ids).replace(" ", "")  # noqa: E731 (char-level: decode spaces its pieces)
-    assert text(s["input_ids"][s["prompt_len"]:]).startswith("hellotherefriend")
+    assert text(s["input_ids"][s["prompt_len"] :]).startswith("hellotherefriend")
     assert text(s["input_ids"][: s["prompt_len"]]).endswith("assistant:")
 
 
@@ -93,9 +121,19 @@ def test_train_kd_from_an_existing_draft_into_an_aligned_readout(tmp_path):
     tok, _ = _text_data(tmp_path)
     base = DFlashDraft.for_target(target, num_layers=1, block_size=4, mask_token_id=3, target_layer_ids=[1, 3])
     base.save_pretrained(tmp_path / "base")
-    cfg = TrainConfig(steps=3, batch_size=2, anchors_per_seq=8, max_len=64, vocab_subset=None, loss="mix",
-                      init_from=str(tmp_path / "base"), context_includes_anchor=True, block_size=2,
-                      checkpoint_every=0, log_every=1)
+    cfg = TrainConfig(
+        steps=3,
+        batch_size=2,
+        anchors_per_seq=8,
+        max_len=64,
+        vocab_subset=None,
+        loss="mix",
+        init_from=str(tmp_path / "base"),
+        context_includes_anchor=True,
+        block_size=2,
+        checkpoint_every=0,
+        log_every=1,
+    )
     res = train_draft(target, tok, tmp_path / "data", tmp_path / "run", cfg, progress=False)
     assert res["finished"]
     out = load_draft(res["draft"], target)

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import mixed_acceptance_pair, tiny_draft, tiny_target
 
-from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
-from draftguide.errors import DraftGuideError
+from conftest import mixed_acceptance_pair, tiny_draft, tiny_target
 from draftguide.decode.speculative import speculative_generate
+from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
 from draftguide.modeling.targets import extract_features
 from draftguide.training.ttt import AdaptedDraft, evenly_spaced_anchors, load_adapter, ttt_adapt
 
@@ -135,8 +135,14 @@ def test_a_longer_run_passes_through_the_shorter_one(pair):
     run must equal a 2-step run exactly."""
     target, draft = pair
     seen = {}
-    ttt_adapt(draft, target, _context(), steps=4, seed=1,
-              on_step=lambda step, d: seen.setdefault(step, [t.clone() for t in d.merged().state_dict().values()]))
+    ttt_adapt(
+        draft,
+        target,
+        _context(),
+        steps=4,
+        seed=1,
+        on_step=lambda step, d: seen.setdefault(step, [t.clone() for t in d.merged().state_dict().values()]),
+    )
     two = ttt_adapt(draft, target, _context(), steps=2, seed=1)
     assert all(torch.equal(a, b) for a, b in zip(seen[2], two.merged().state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(seen[2], seen[4]))
@@ -160,8 +166,12 @@ def test_merged_draft_equals_adapted_and_saves_in_official_format(pair, tmp_path
     emb = merged.embed(target, torch.full((1, merged.block_size), merged.mask_token_id))
     pos = torch.arange(ids.shape[1] + merged.block_size)[None]
     with torch.no_grad():
-        torch.testing.assert_close(ref(position_ids=pos, noise_embedding=emb, target_hidden=feats),
-                                   merged(emb, feats, pos), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ref(position_ids=pos, noise_embedding=emb, target_hidden=feats),
+            merged(emb, feats, pos),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 @torch.no_grad()
@@ -187,7 +197,9 @@ def test_fc_adapter_reads_standardised_features_and_merges_back(pair, tmp_path):
     adapted = ttt_adapt(draft, target, ids, features=feats, steps=6, lr=3e-3)
     a_in = adapted.fc.lora_A["default"]
     hook = a_in.register_forward_hook(lambda m, args, out: seen.__setitem__("a", args[0].detach().clone()))
-    base_hook = adapted.fc.base_layer.register_forward_hook(lambda m, args, out: seen.__setitem__("w", args[0].detach().clone()))
+    base_hook = adapted.fc.base_layer.register_forward_hook(
+        lambda m, args, out: seen.__setitem__("w", args[0].detach().clone())
+    )
     ours = _logits_on(adapted, target, feats, ids)
     hook.remove(), base_hook.remove()
     scale = context_feature_scale(feats)
@@ -212,7 +224,9 @@ def test_fc_adapter_reads_standardised_features_and_merges_back(pair, tmp_path):
     raw = ttt_adapt(draft, target, ids, features=feats, steps=6, lr=3e-3, standardize_fc=False)
     assert raw.fc_scale is None and not raw.report.standardize_fc and raw.report.train_losses != r.train_losses
     with ttt_adapt(draft, target, ids, features=feats, steps=0) as zero:
-        assert zero.fc_scale is not None and torch.equal(_logits_on(zero, target, feats, ids), _logits_on(draft, target, feats, ids))
+        assert zero.fc_scale is not None and torch.equal(
+            _logits_on(zero, target, feats, ids), _logits_on(draft, target, feats, ids)
+        )
     assert zero.fc_scale is None and not zero.lora_modules()
     no_fc = ttt_adapt(draft, target, ids, features=feats, steps=1, target_modules=("q_proj",))
     assert no_fc.fc_scale is None and not no_fc.report.standardize_fc
@@ -256,19 +270,22 @@ def test_on_step_sees_every_step(pair):
     assert seen == [(0, False), (1, False), (2, False), (3, False)]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"context_ids": torch.tensor([[1, 2]])}, "too short"),
-    ({"context_ids": torch.zeros(2, 10, dtype=torch.long)}, r"shape \[1, T\]"),
-    ({"context_ids": torch.zeros(1, 10)}, "integer token ids"),
-    ({"steps": -1}, "steps"),
-    ({"lr": 0.0}, "learning rate"),
-    ({"rank": 0}, "rank"),
-    ({"anchors_per_step": 0}, "anchors_per_step"),
-    ({"dropout": 1.0}, "dropout"),
-    ({"target_modules": ("nope",)}, "cannot add LoRA"),
-    ({"autocast_dtype": "fp16"}, "needs a GPU"),
-    ({"features": torch.zeros(1, 5, 3)}, "features must have shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"context_ids": torch.tensor([[1, 2]])}, "too short"),
+        ({"context_ids": torch.zeros(2, 10, dtype=torch.long)}, r"shape \[1, T\]"),
+        ({"context_ids": torch.zeros(1, 10)}, "integer token ids"),
+        ({"steps": -1}, "steps"),
+        ({"lr": 0.0}, "learning rate"),
+        ({"rank": 0}, "rank"),
+        ({"anchors_per_step": 0}, "anchors_per_step"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"target_modules": ("nope",)}, "cannot add LoRA"),
+        ({"autocast_dtype": "fp16"}, "needs a GPU"),
+        ({"features": torch.zeros(1, 5, 3)}, "features must have shape"),
+    ],
+)
 def test_bad_input_gives_clear_errors(pair, kwargs, message):
     target, draft = pair
     args = {"context_ids": _context(), "steps": 1} | kwargs
@@ -301,19 +318,27 @@ def test_lazy_exports():
 def _diag_tasks():
     from test_diagnostic import _task
 
-    return [_task("t0", "tulip", context="The code word is tulip. Say tulip when asked."),
-            _task("t1", "12 apples", "B", "b", context="Anna has 12 apples and 3 pears in her basket."),
-            _task("t2", "Lyon", "A", "a", context="In this story the capital of France is Lyon, not Paris.")]
+    return [
+        _task("t0", "tulip", context="The code word is tulip. Say tulip when asked."),
+        _task("t1", "12 apples", "B", "b", context="Anna has 12 apples and 3 pears in her basket."),
+        _task("t2", "Lyon", "A", "a", context="In this story the capital of France is Lyon, not Paris."),
+    ]
 
 
 def _ttt_numbers(records):
-    return {(r["task_id"], r["token_index"]): (r["next"]["ttt"]["logp"], r["next"]["ttt"]["rank"], r["block"]["ttt"]["logp"],
-                                                r["ttt_report"]["loss_after"]) for r in records}
+    return {
+        (r["task_id"], r["token_index"]): (
+            r["next"]["ttt"]["logp"],
+            r["next"]["ttt"]["rank"],
+            r["block"]["ttt"]["logp"],
+            r["ttt_report"]["loss_after"],
+        )
+        for r in records
+    }
 
 
 def test_diagnose_ttt_does_not_leak_across_tasks():
     from conftest import char_tokenizer
-
     from draftguide.experiments.diagnostic import diagnose, prepare_tasks
     from draftguide.training.ttt import TTTConfig
 
@@ -335,7 +360,6 @@ def test_diagnose_ttt_does_not_leak_across_tasks():
 
 def test_diagnose_ttt_zero_steps_equals_base_draft():
     from conftest import char_tokenizer
-
     from draftguide.experiments.diagnostic import diagnose, prepare_tasks
     from draftguide.training.ttt import TTTConfig
 
@@ -344,7 +368,10 @@ def test_diagnose_ttt_zero_steps_equals_base_draft():
     recs = diagnose(target, draft, prepare_tasks(_diag_tasks(), tok), controls=(), ttt=TTTConfig(steps=0))
     for r in recs:
         for mode in ("next", "block"):
-            assert r[mode]["ttt"]["logp"] == r[mode]["draft"]["logp"] and r[mode]["ttt"]["rank"] == r[mode]["draft"]["rank"]
+            assert (
+                r[mode]["ttt"]["logp"] == r[mode]["draft"]["logp"]
+                and r[mode]["ttt"]["rank"] == r[mode]["draft"]["rank"]
+            )
 
 
 def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
@@ -355,19 +382,45 @@ def test_cli_diagnose_ttt_writes_base_and_adapted_side_by_side(tmp_path, tiny_ta
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
     out = tmp_path / "out"
-    argv = ["diagnose", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
-            "--out", str(out), "--no-solve", "--n-boot", "50", "--modes", "next", "--ttt", "--ttt-steps", "3",
-            "--ttt-lr", "0.003", "--ttt-rank", "4"]
+    argv = [
+        "diagnose",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--tasks",
+        str(tasks),
+        "--out",
+        str(out),
+        "--no-solve",
+        "--n-boot",
+        "50",
+        "--modes",
+        "next",
+        "--ttt",
+        "--ttt-steps",
+        "3",
+        "--ttt-lr",
+        "0.003",
+        "--ttt-rank",
+        "4",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert set(s["modes"]["next"]["all"]["mean_logp"]) == {"target", "draft", "ttt", "draft.shuffle", "draft.gauss"}
     t = s["ttt"]
     assert t["config"]["steps"] == 3 and t["config"]["rank"] == 4 and t["n_tasks"] == 3
-    assert t["verdict"] in {"draft_better", "equivalent", "draft_worse", "inconclusive"} and t["verdict_detail"]["pathway"] == "ttt"
+    assert (
+        t["verdict"] in {"draft_better", "equivalent", "draft_worse", "inconclusive"}
+        and t["verdict_detail"]["pathway"] == "ttt"
+    )
     assert set(t["verdict_detail"]["vs_controls"]) == {"shuffle", "gauss"}  # the base draft's null controls
     assert t["mean_context_loss_after"] < t["mean_context_loss_before"]
     assert len((out / "ttt.jsonl").read_text().splitlines()) == 3
-    assert {json.loads(r)["pathway"] for r in (out / "tokens.jsonl").read_text().splitlines()} >= {"draft_next", "ttt_next"}
+    assert {json.loads(r)["pathway"] for r in (out / "tokens.jsonl").read_text().splitlines()} >= {
+        "draft_next",
+        "ttt_next",
+    }
     report = (out / "report.md").read_text()
     assert "## Test-time training" in report and "--ttt-steps 3" in report
     assert "ttt verdict" in capsys.readouterr().out
@@ -396,8 +449,24 @@ def test_tau_summary_pools_steps_and_bootstraps_deltas():
     from draftguide.experiments.ttt_measure import tau_summary
 
     rep = {"loss_before": 2.0, "loss_after": 1.0, "seconds": 1.0, "prefill_ratio": 4.0}
-    rows = [{"context_tokens": 10, "acceptance_base": [1, 1], "acceptance_ttt": [2], "delta_tau": 1.0, "identical_output": True, "ttt": rep},
-            {"context_tokens": 30, "acceptance_base": [1, 3], "acceptance_ttt": [2, 2], "delta_tau": 0.0, "identical_output": True, "ttt": rep}]
+    rows = [
+        {
+            "context_tokens": 10,
+            "acceptance_base": [1, 1],
+            "acceptance_ttt": [2],
+            "delta_tau": 1.0,
+            "identical_output": True,
+            "ttt": rep,
+        },
+        {
+            "context_tokens": 30,
+            "acceptance_base": [1, 3],
+            "acceptance_ttt": [2, 2],
+            "delta_tau": 0.0,
+            "identical_output": True,
+            "ttt": rep,
+        },
+    ]
     s = tau_summary(rows)
     assert s["tau_base"] == 6 / 4 and s["tau_ttt"] == 6 / 3 and s["delta_tau_mean"] == 0.5
     assert s["delta_tau_ci95"][0] <= 0.5 <= s["delta_tau_ci95"][1] and s["contexts_improved"] == 1
@@ -410,11 +479,34 @@ def test_cli_ttt_tau(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     from draftguide.app.cli import main
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"count: {' '.join(map(str, range(i, i + 12)))}"}) + "\n"
-                               for i in range(3)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"count: {' '.join(map(str, range(i, i + 12)))}"}) + "\n"
+            for i in range(3)
+        )
+    )
     out = tmp_path / "tau"
-    argv = ["ttt-tau", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--sets", f"suite-doc,{prompts}",
-            "--limit", "2", "--context-tokens", "40", "--max-new-tokens", "12", "--ttt-steps", "3", "--ttt-lr", "0.01", "--out", str(out)]
+    argv = [
+        "ttt-tau",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--sets",
+        f"suite-doc,{prompts}",
+        "--limit",
+        "2",
+        "--context-tokens",
+        "40",
+        "--max-new-tokens",
+        "12",
+        "--ttt-steps",
+        "3",
+        "--ttt-lr",
+        "0.01",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert set(s["sets"]) == {"suite-doc", "p"} and s["all"]["n_contexts"] == 4
@@ -434,8 +526,26 @@ def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
     out = tmp_path / "sweep"
-    argv = ["sweep", "ttt", "--target", str(tiny_target_dir), "--draft", str(tiny_draft_dir), "--tasks", str(tasks),
-            "--steps", "0,2,4", "--lr", "0.003", "--rank", "2,4", "--max-new-tokens", "10", "--out", str(out)]
+    argv = [
+        "sweep",
+        "ttt",
+        "--target",
+        str(tiny_target_dir),
+        "--draft",
+        str(tiny_draft_dir),
+        "--tasks",
+        str(tasks),
+        "--steps",
+        "0,2,4",
+        "--lr",
+        "0.003",
+        "--rank",
+        "2,4",
+        "--max-new-tokens",
+        "10",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
     assert len(s["table"]) == 6 and all(r["n_tasks"] == 3 for r in s["table"])
@@ -447,19 +557,22 @@ def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     assert len((out / "points.jsonl").read_text().splitlines()) == 3 * 6
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["diagnose", "--ttt", "--ttt-steps=-1"], "steps"),
-    (["diagnose", "--ttt", "--ttt-rank", "0"], "rank"),
-    (["diagnose", "--ttt", "--ttt-lr", "0"], "learning rate"),
-    (["diagnose", "--ttt", "--ttt-modules", ","], "at least one target module"),
-    (["ttt-tau", "--ttt-anchors", "0"], "anchors_per_step"),
-    (["ttt-tau", "--sets", ""], "--sets is empty"),
-    (["ttt-tau", "--max-new-tokens", "1"], "--max-new-tokens"),
-    (["sweep", "ttt", "--steps", "0,x"], "--steps"),
-    (["sweep", "ttt", "--steps=-4,4"], "must be >= 0"),
-    (["sweep", "ttt", "--lr", "0.1,-1"], "learning rate"),
-    (["sweep", "ttt", "--rank", "0"], "rank"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["diagnose", "--ttt", "--ttt-steps=-1"], "steps"),
+        (["diagnose", "--ttt", "--ttt-rank", "0"], "rank"),
+        (["diagnose", "--ttt", "--ttt-lr", "0"], "learning rate"),
+        (["diagnose", "--ttt", "--ttt-modules", ","], "at least one target module"),
+        (["ttt-tau", "--ttt-anchors", "0"], "anchors_per_step"),
+        (["ttt-tau", "--sets", ""], "--sets is empty"),
+        (["ttt-tau", "--max-new-tokens", "1"], "--max-new-tokens"),
+        (["sweep", "ttt", "--steps", "0,x"], "--steps"),
+        (["sweep", "ttt", "--steps=-4,4"], "must be >= 0"),
+        (["sweep", "ttt", "--lr", "0.1,-1"], "learning rate"),
+        (["sweep", "ttt", "--rank", "0"], "rank"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     from draftguide.app.cli import main
 
@@ -470,7 +583,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
 
 def test_unknown_context_set_is_a_clear_error():
     from conftest import char_tokenizer
-
     from draftguide.experiments.ttt_measure import load_contexts
 
     with pytest.raises(DraftGuideError, match="unknown context set"):
@@ -481,10 +593,10 @@ def test_unknown_context_set_is_a_clear_error():
 def test_default_pair_end_to_end():
     """SmolLM2-135M + the shipped draft: zero-step TTT changes nothing, 8 steps lower the context loss and
     speculative decoding with the adapted draft stays lossless."""
+    from draftguide.experiments.tasks import load_builtin_tasks
     from draftguide.modeling.draft import resolve_draft
     from draftguide.modeling.prompts import encode_prompt, stop_token_ids
     from draftguide.modeling.targets import load_target
-    from draftguide.experiments.tasks import load_builtin_tasks
 
     target, tok = load_target("smollm2-135m")
     draft = resolve_draft(None, target, tok, target_name="smollm2-135m")

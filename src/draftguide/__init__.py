@@ -2,22 +2,33 @@
 
 __version__ = "0.1.0"
 
-from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, load_draft, multi_block_hidden  # noqa: E402
-from draftguide.errors import DraftGuideError  # noqa: E402
 from draftguide.decode.speculative import greedy_generate, run_speculate, speculative_generate  # noqa: E402
+from draftguide.errors import DraftGuideError  # noqa: E402
+from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, load_draft, multi_block_hidden  # noqa: E402
 from draftguide.modeling.targets import extract_features, load_target  # noqa: E402
 
 # Heavier entry points (training, evaluation, the diagnostic with its plotting) load on first use.
 _LAZY = {
-    "TrainConfig": "training.train", "train_draft": "training.train", "draft_from_checkpoint": "training.train",
+    "TrainConfig": "training.train",
+    "train_draft": "training.train",
+    "draft_from_checkpoint": "training.train",
     "make_data": "training.data",
-    "build_tasks": "experiments.tasks", "load_builtin_tasks": "experiments.tasks",
-    "run_eval": "experiments.evaluate", "register_method": "experiments.evaluate",
-    "run_diagnose": "experiments.diagnose", "score_sequence": "experiments.diagnostic",
-    "DraftGuide": "app.pipeline", "run_profile": "experiments.profiling", "write_report": "reporting.report",
+    "build_tasks": "experiments.tasks",
+    "load_builtin_tasks": "experiments.tasks",
+    "run_eval": "experiments.evaluate",
+    "register_method": "experiments.evaluate",
+    "run_diagnose": "experiments.diagnose",
+    "score_sequence": "experiments.diagnostic",
+    "DraftGuide": "app.pipeline",
+    "run_profile": "experiments.profiling",
+    "write_report": "reporting.report",
     "create_app": "app.server",
-    "ttt_adapt": "training.ttt", "AdaptedDraft": "training.ttt", "TTTReport": "training.ttt",
-    "guided_generate": "decode.guided", "power_sample": "decode.baselines", "dola_generate": "decode.baselines",
+    "ttt_adapt": "training.ttt",
+    "AdaptedDraft": "training.ttt",
+    "TTTReport": "training.ttt",
+    "guided_generate": "decode.guided",
+    "power_sample": "decode.baselines",
+    "dola_generate": "decode.baselines",
 }
 
 

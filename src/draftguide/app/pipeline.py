@@ -21,11 +21,15 @@ import torch
 
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.targets import DEFAULT_TARGET
+from draftguide.modeling.text import TextStream, decode_text
 
 METHODS = ("greedy", "speculative", "guided")
 # keyword options generate() passes through to each method's function
-METHOD_OPTIONS = {"greedy": (), "speculative": ("verify_len",),
-                  "guided": ("beta_schedule", "mix", "guard_top_k", "control", "verify_len")}
+METHOD_OPTIONS = {
+    "greedy": (),
+    "speculative": ("verify_len",),
+    "guided": ("beta_schedule", "mix", "guard_top_k", "control", "verify_len"),
+}
 
 
 class Cancelled(Exception):
@@ -36,14 +40,18 @@ class _StopString(Exception):
     """Ends a generation from inside the decoding loop once a stop string has appeared."""
 
 
-def load_pair(target: str = DEFAULT_TARGET, draft: str | None = None, dtype: str | torch.dtype = "float32",
-              device: str | None = "cpu", draft_dtype: str | torch.dtype | None = None):
+def load_pair(
+    target: str = DEFAULT_TARGET,
+    draft: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = "cpu",
+    draft_dtype: str | torch.dtype | None = None,
+):
     """Target, tokenizer and a draft checked against the target (None: the draft shipped for the target,
     'init[:N]': an untrained one). Returns `(target, tokenizer, draft)`. The draft runs in the target's dtype
     unless `draft_dtype` says otherwise: e.g. bfloat16 (the shipped draft's own precision) next to an fp32
     target on a CPU, where the draft's few-row matrix products are about 1.4x faster in bf16; features and
     head inputs are cast at the boundary."""
-    from pathlib import Path
 
     from draftguide.modeling.draft import draft_path, resolve_draft
     from draftguide.modeling.targets import load_target
@@ -57,58 +65,6 @@ def load_pair(target: str = DEFAULT_TARGET, draft: str | None = None, dtype: str
     d = resolve_draft(None if draft is None else str(draft), model, tok, target_name=str(target))
     d.to(device=device, dtype=draft_dtype or dtype)
     return model, tok, d
-
-
-def complete_text(text: str) -> str:
-    """`text` without the replacement characters a decode leaves for an incomplete trailing UTF-8 sequence
-    (tokens cut inside a multi-byte character): what is final so far."""
-    return text.rstrip("\ufffd")
-
-
-def decode_text(tokenizer, ids: list[int]) -> str:
-    """The text of generated tokens, as everywhere output text is made (server, CLI, eval, speculate): special
-    tokens skipped, and a character cut by the token limit left out rather than written as U+FFFD. The same
-    string `TextStream` streams piece by piece."""
-    return complete_text(tokenizer.decode(list(ids), skip_special_tokens=True))
-
-
-class TextStream:
-    """Token ids in, printable text deltas out (an incremental detokenizer). Holds back trailing bytes of an
-    incomplete UTF-8 character and any tail that could still grow into a stop string; a stop string ends the
-    text just before it. At the end (`flush`) an incomplete character is dropped, so the streamed pieces
-    always join to `text`, which is `decode_text` of the tokens (up to a stop string)."""
-
-    def __init__(self, tokenizer, stop_token_ids: list[int], stop: list[str] = ()):
-        self.tok, self.stop_ids, self.stop = tokenizer, set(stop_token_ids), [s for s in stop if s]
-        self.ids: list[int] = []  # new tokens, stop token included
-        self.text, self.emitted = "", 0
-        self.stop_hit = False  # a stop token or stop string ended the text
-
-    def push(self, ids: list[int]) -> str:
-        for i in ids:
-            if self.stop_hit:
-                break
-            self.ids.append(int(i))
-            self.stop_hit = int(i) in self.stop_ids
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        cuts = [text.find(s) for s in self.stop if s in text]
-        if cuts:
-            self.text, self.stop_hit = complete_text(text[: min(cuts)]), True
-            return self._emit(len(self.text))
-        self.text = text
-        safe = len(complete_text(text))
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-        return self._emit(safe - hold)
-
-    def flush(self) -> str:
-        """The rest of the text, an incomplete trailing character dropped; `text` is then what was emitted."""
-        self.text = complete_text(self.text)
-        return self._emit(len(self.text))
-
-    def _emit(self, upto: int) -> str:
-        delta = self.text[self.emitted : max(upto, self.emitted)]
-        self.emitted += len(delta)
-        return delta
 
 
 @dataclass
@@ -130,7 +86,15 @@ class Generation:
 def _stats_dict(st) -> dict:
     if st is None:
         return {}
-    d = st.to_dict() if hasattr(st, "to_dict") else asdict(st) if is_dataclass(st) else dict(st) if isinstance(st, dict) else {}
+    d = (
+        st.to_dict()
+        if hasattr(st, "to_dict")
+        else asdict(st)
+        if is_dataclass(st)
+        else dict(st)
+        if isinstance(st, dict)
+        else {}
+    )
     if hasattr(st, "tau") and getattr(st, "acceptance_lengths", None):
         d["tau"] = st.tau
     if "flips" in d:
@@ -147,9 +111,15 @@ class DraftGuide:
         self._lock = threading.RLock()
 
     @classmethod
-    def from_pretrained(cls, target: str = DEFAULT_TARGET, draft: str | None = None, *,
-                        dtype: str | torch.dtype = "float32", device: str | None = "cpu",
-                        draft_dtype: str | torch.dtype | None = None) -> DraftGuide:
+    def from_pretrained(
+        cls,
+        target: str = DEFAULT_TARGET,
+        draft: str | None = None,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | None = "cpu",
+        draft_dtype: str | torch.dtype | None = None,
+    ) -> DraftGuide:
         """`target`: alias, local folder or hub id; `draft`: folder, 'init[:N]' or None (the shipped one);
         `draft_dtype`: see `load_pair`."""
         return cls(*load_pair(target, draft, dtype, device, draft_dtype), name=str(target))
@@ -175,10 +145,16 @@ class DraftGuide:
             ids = encode_prompt(self.tokenizer, {"messages": prompt}, where or "prompt", chat_template_kwargs=ctk)
         elif isinstance(prompt, str):
             chat = self.tokenizer.chat_template is not None
-            ids = encode_prompt(self.tokenizer, {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt},
-                                where or "prompt", chat_template_kwargs=ctk)
+            ids = encode_prompt(
+                self.tokenizer,
+                {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt},
+                where or "prompt",
+                chat_template_kwargs=ctk,
+            )
         else:
-            raise DraftGuideError(f"prompt must be a string, a list of messages, a row dict or token ids, got {type(prompt).__name__}")
+            raise DraftGuideError(
+                f"prompt must be a string, a list of messages, a row dict or token ids, got {type(prompt).__name__}"
+            )
         return ids.to(self.device)
 
     # -- test-time training -------------------------------------------------------------------------
@@ -188,7 +164,9 @@ class DraftGuide:
         try:
             from draftguide.training.ttt import ttt_adapt
         except ImportError as e:
-            raise DraftGuideError("test-time training is not available in this installation (draftguide.training.ttt)") from e
+            raise DraftGuideError(
+                "test-time training is not available in this installation (draftguide.training.ttt)"
+            ) from e
         from draftguide.modeling.prompts import check_length
 
         if isinstance(context, str):
@@ -209,11 +187,26 @@ class DraftGuide:
                 self.draft, self._adapted = self._adapted.reset(), None
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, prompt, *, max_new_tokens: int = 256, method: str | None = None, beta: float = 0.0,
-                 speculative: bool = False, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 stop: list[str] | str | None = None, seed: int | None = None, ttt: dict | bool | None = None,
-                 stream: bool = False, on_text: Callable[[str], None] | None = None, logprobs: bool = False,
-                 top_logprobs: int = 0, **options):
+    def generate(
+        self,
+        prompt,
+        *,
+        max_new_tokens: int = 256,
+        method: str | None = None,
+        beta: float = 0.0,
+        speculative: bool = False,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[str] | str | None = None,
+        seed: int | None = None,
+        ttt: dict | bool | None = None,
+        stream: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        **options,
+    ):
         """Decode a reply to `prompt` (see `encode`). `method`: greedy (the target alone), speculative
         (lossless, the same output faster when the draft is good), guided (target and draft logits mixed
         with weight `beta`; `speculative=True` for its exact block-verified variant); default: guided if
@@ -227,12 +220,26 @@ class DraftGuide:
         conversation) decodes them together (`batched.batch_generate`; each answer equals its batch-1 answer) and
         returns a list of `Generation`s, in order; `seed` then seeds every prompt alike. Speculative decoding and
         `ttt` run them one by one. `chat_template_kwargs`: template variables (e.g. {"enable_thinking": False})."""
-        kw = dict(max_new_tokens=max_new_tokens, method=method, beta=beta, speculative=speculative,
-                  temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, ttt=ttt,
-                  logprobs=logprobs, top_logprobs=top_logprobs, **options)
+        kw = dict(
+            max_new_tokens=max_new_tokens,
+            method=method,
+            beta=beta,
+            speculative=speculative,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=stop,
+            seed=seed,
+            ttt=ttt,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            **options,
+        )
         if is_prompt_list(prompt):
             if stream or on_text is not None:
-                raise DraftGuideError("a list of prompts returns a list of Generations: stream / on_text take one prompt")
+                raise DraftGuideError(
+                    "a list of prompts returns a list of Generations: stream / on_text take one prompt"
+                )
             out = self.generate_jobs([Job(p, dict(kw)) for p in prompt])
             for r in out:
                 if isinstance(r, BaseException):
@@ -271,15 +278,45 @@ class DraftGuide:
         finally:
             closed.set()
 
-    def _generate(self, prompt, *, max_new_tokens, method, beta, speculative, temperature, top_p, top_k, stop, seed,
-                  ttt, logprobs=False, top_logprobs=0, on_text=None, where=None, chat_template_kwargs=None,
-                  **options) -> Generation:
+    def _generate(
+        self,
+        prompt,
+        *,
+        max_new_tokens,
+        method,
+        beta,
+        speculative,
+        temperature,
+        top_p,
+        top_k,
+        stop,
+        seed,
+        ttt,
+        logprobs=False,
+        top_logprobs=0,
+        on_text=None,
+        where=None,
+        chat_template_kwargs=None,
+        **options,
+    ) -> Generation:
         from draftguide.modeling.prompts import check_length, stop_token_ids
         from draftguide.modeling.sampling import effective_temperature, resolve_seed
 
-        method = check_generate(method=method, beta=beta, speculative=speculative, temperature=temperature, top_p=top_p,
-                                top_k=top_k, max_new_tokens=max_new_tokens, stop=stop, seed=seed, logprobs=logprobs,
-                                top_logprobs=top_logprobs, chat_template_kwargs=chat_template_kwargs, **options)
+        method = check_generate(
+            method=method,
+            beta=beta,
+            speculative=speculative,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            seed=seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            chat_template_kwargs=chat_template_kwargs,
+            **options,
+        )
         temperature, seed = effective_temperature(temperature), resolve_seed(seed)
         ids = self.encode(prompt, where, chat_template_kwargs)  # [1, T]
         check_length(self.target, ids.shape[1], max_new_tokens, where or "prompt")
@@ -301,8 +338,20 @@ class DraftGuide:
                 t0 = time.perf_counter()
                 st = None
                 try:
-                    _, st = self._decode(method, ids, max_new_tokens, beta, speculative, temperature, top_p, top_k,
-                                         stop_ids, seed, on_token, options)
+                    _, st = self._decode(
+                        method,
+                        ids,
+                        max_new_tokens,
+                        beta,
+                        speculative,
+                        temperature,
+                        top_p,
+                        top_k,
+                        stop_ids,
+                        seed,
+                        on_token,
+                        options,
+                    )
                 except _StopString:
                     pass
                 seconds = time.perf_counter() - t0
@@ -319,9 +368,17 @@ class DraftGuide:
             out = [t for t in text.ids if t not in stop_ids]  # a final stop token is not part of the text
             with self._lock:
                 lp = target_logprobs(self.target, self.tokenizer, ids, out, top_logprobs)
-        return Generation(text=text.text, tokens=text.ids, prompt_tokens=ids.shape[1],
-                          finish_reason="stop" if text.stop_hit else "length", method=method, stats=stats,
-                          ttt=_stats_dict(report) if report is not None else None, seed=seed, logprobs=lp)
+        return Generation(
+            text=text.text,
+            tokens=text.ids,
+            prompt_tokens=ids.shape[1],
+            finish_reason="stop" if text.stop_hit else "length",
+            method=method,
+            stats=stats,
+            ttt=_stats_dict(report) if report is not None else None,
+            seed=seed,
+            logprobs=lp,
+        )
 
     @torch.inference_mode()
     def _decode(self, method, ids, n, beta, speculative, temperature, top_p, top_k, stop_ids, seed, on_token, options):
@@ -332,17 +389,40 @@ class DraftGuide:
         if method == "greedy" and temperature == 0:
             return greedy_generate(self.target, ids, n, stop_ids, on_token=on_token)
         if method == "speculative":
-            return speculative_generate(self.target, self.draft, ids, n, temperature, top_p, top_k, stop_ids,
-                                        generator=gen, on_token=on_token, **options)
+            return speculative_generate(
+                self.target,
+                self.draft,
+                ids,
+                n,
+                temperature,
+                top_p,
+                top_k,
+                stop_ids,
+                generator=gen,
+                on_token=on_token,
+                **options,
+            )
         try:
             from draftguide.decode.guided import guided_generate
         except ImportError as e:
             what = "guided decoding" if method == "guided" else "sampling with method 'greedy' (use 'speculative')"
             raise DraftGuideError(f"{what} is not available in this installation (draftguide.decode.guided)") from e
         # beta = 0 is the target alone: plain sampling at temperature > 0
-        return guided_generate(self.target, self.draft, ids, beta=beta, max_new_tokens=n, temperature=temperature,
-                               top_p=top_p, top_k=top_k, stop_token_ids=stop_ids, speculative=speculative,
-                               generator=gen, on_token=lambda t: on_token([t]), **options)
+        return guided_generate(
+            self.target,
+            self.draft,
+            ids,
+            beta=beta,
+            max_new_tokens=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop_token_ids=stop_ids,
+            speculative=speculative,
+            generator=gen,
+            on_token=lambda t: on_token([t]),
+            **options,
+        )
 
     # -- many prompts at once -----------------------------------------------------------------------
     def generate_jobs(self, jobs: list[Job]) -> list[Generation | BaseException]:
@@ -383,8 +463,14 @@ class DraftGuide:
         beta = float(kw.get("beta") or 0.0)
         if method == "greedy" or beta == 0:  # the target alone: plain greedy / sampling
             return ("plain",)
-        return ("guided", beta, kw.get("mix", "logits"), kw.get("beta_schedule", "fixed"), kw.get("guard_top_k"),
-                kw.get("control"))
+        return (
+            "guided",
+            beta,
+            kw.get("mix", "logits"),
+            kw.get("beta_schedule", "fixed"),
+            kw.get("guard_top_k"),
+            kw.get("control"),
+        )
 
     def _generate_batch(self, jobs: list[Job]) -> list[Generation | BaseException]:
         from draftguide.decode.batched import batch_generate
@@ -426,12 +512,19 @@ class DraftGuide:
         with self._lock:
             t0 = time.perf_counter()
             res = batch_generate(
-                self.target, [r[1] for r in rows], [jobs[r[0]].kw["max_new_tokens"] for r in rows], stop_token_ids=stop_ids,
-                temperature=[r[2] for r in rows], top_p=[jobs[r[0]].kw.get("top_p", 1.0) for r in rows],
+                self.target,
+                [r[1] for r in rows],
+                [jobs[r[0]].kw["max_new_tokens"] for r in rows],
+                stop_token_ids=stop_ids,
+                temperature=[r[2] for r in rows],
+                top_p=[jobs[r[0]].kw.get("top_p", 1.0) for r in rows],
                 top_k=[jobs[r[0]].kw.get("top_k", 0) for r in rows],
                 generators=[torch.Generator(device=r[1].device).manual_seed(r[3]) for r in rows],
-                draft=self.draft if guided else None, beta=float(k0.get("beta") or 0.0) if guided else 0.0,
-                on_token=on_token, **(opts if guided else {}))
+                draft=self.draft if guided else None,
+                beta=float(k0.get("beta") or 0.0) if guided else 0.0,
+                on_token=on_token,
+                **(opts if guided else {}),
+            )
             wall = time.perf_counter() - t0
         for ri, ((i, ids, _, seed, text), r) in enumerate(zip(rows, res)):
             kw = jobs[i].kw
@@ -443,29 +536,53 @@ class DraftGuide:
                     pass
             seconds = r.stats.total_s
             n = len(text.ids)
-            stats = {"seconds": seconds, "tokens_per_s": n / seconds if seconds > 0 else None, "batch_size": len(rows),
-                     "batch_seconds": wall, **_stats_dict(r.stats)}
+            stats = {
+                "seconds": seconds,
+                "tokens_per_s": n / seconds if seconds > 0 else None,
+                "batch_size": len(rows),
+                "batch_seconds": wall,
+                **_stats_dict(r.stats),
+            }
             lp = None
             if kw.get("logprobs"):
                 new = [t for t in text.ids if t not in stop_ids]
                 with self._lock:
                     lp = target_logprobs(self.target, self.tokenizer, ids, new, kw.get("top_logprobs", 0))
             method = resolve_method(kw.get("method"), kw.get("beta", 0.0), kw.get("speculative", False))
-            out[i] = Generation(text=text.text, tokens=text.ids, prompt_tokens=ids.shape[1],
-                                finish_reason="stop" if text.stop_hit else "length", method=method, stats=stats,
-                                seed=seed, logprobs=lp)
+            out[i] = Generation(
+                text=text.text,
+                tokens=text.ids,
+                prompt_tokens=ids.shape[1],
+                finish_reason="stop" if text.stop_hit else "length",
+                method=method,
+                stats=stats,
+                seed=seed,
+                logprobs=lp,
+            )
         return out
 
     # -- the readout diagnostic ---------------------------------------------------------------------
-    def diagnose(self, tasks="builtin", out: str = "runs/diagnose", *, modes=("next", "block"), limit: int | None = None,
-                 solved_from: str | None = None, controls: bool = True, ttt: dict | bool | None = None, n_boot: int = 1000,
-                 seed: int = 0, progress: bool = True) -> dict:
+    def diagnose(
+        self,
+        tasks="builtin",
+        out: str = "runs/diagnose",
+        *,
+        modes=("next", "block"),
+        limit: int | None = None,
+        solved_from: str | None = None,
+        controls: bool = True,
+        ttt: dict | bool | None = None,
+        n_boot: int = 1000,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> dict:
         """`draftguide diagnose` on `tasks` ('builtin', a JSONL path or a list of task rows) with the current
         draft (adapted or not); `ttt` (True or TTTConfig fields): also the draft adapted on each task's context,
         as `diagnose --ttt`. Writes the run folder `out` and returns its summary."""
+        from draftguide.experiments.diagnose import results_field, run_diagnose
+        from draftguide.experiments.diagnose import solved_from as read_solved
         from draftguide.experiments.diagnostic import DEFAULT_CONTROLS
         from draftguide.experiments.evaluate import load_tasks
-        from draftguide.experiments.diagnose import results_field, run_diagnose, solved_from as read_solved
 
         rows = load_tasks(tasks)[0] if isinstance(tasks, str) else list(tasks)
         config = None
@@ -475,14 +592,30 @@ class DraftGuide:
             config = TTTConfig(**({} if ttt is True else ttt)).validate()
         with self._lock:
             return run_diagnose(
-                self.target, self.tokenizer, self.draft, rows[:limit], out, modes=list(modes),
-                controls=DEFAULT_CONTROLS if controls else (), solved=read_solved(solved_from) if solved_from else None,
+                self.target,
+                self.tokenizer,
+                self.draft,
+                rows[:limit],
+                out,
+                modes=list(modes),
+                controls=DEFAULT_CONTROLS if controls else (),
+                solved=read_solved(solved_from) if solved_from else None,
                 responses=results_field(solved_from, "response") if solved_from else None,
-                n_boot=n_boot, seed=seed, progress=progress, ttt=config,
-                command=f"DraftGuide.from_pretrained({self.name!r}).diagnose({tasks if isinstance(tasks, str) else '<rows>'!r}, out={str(out)!r})",
-                settings={"target": self.name, "tasks": tasks if isinstance(tasks, str) else "(rows)", "modes": list(modes),
-                          "limit": limit, "solved_from": solved_from, "adapted": self._adapted is not None,
-                          "ttt": None if config is None else asdict(config)},
+                n_boot=n_boot,
+                seed=seed,
+                progress=progress,
+                ttt=config,
+                command=f"DraftGuide.from_pretrained({self.name!r}).diagnose("
+                f"{tasks if isinstance(tasks, str) else '<rows>'!r}, out={str(out)!r})",
+                settings={
+                    "target": self.name,
+                    "tasks": tasks if isinstance(tasks, str) else "(rows)",
+                    "modes": list(modes),
+                    "limit": limit,
+                    "solved_from": solved_from,
+                    "adapted": self._adapted is not None,
+                    "ttt": None if config is None else asdict(config),
+                },
             )
 
 
@@ -506,8 +639,23 @@ def is_prompt_list(prompt) -> bool:
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 
 
-def check_generate(*, method=None, beta=0.0, speculative=False, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1,
-                   stop=None, seed=None, ttt=None, logprobs=False, top_logprobs=0, chat_template_kwargs=None, **options) -> str:
+def check_generate(
+    *,
+    method=None,
+    beta=0.0,
+    speculative=False,
+    temperature=0.0,
+    top_p=1.0,
+    top_k=0,
+    max_new_tokens=1,
+    stop=None,
+    seed=None,
+    ttt=None,
+    logprobs=False,
+    top_logprobs=0,
+    chat_template_kwargs=None,
+    **options,
+) -> str:
     """Every generate() option checked before any work; returns the method that will run."""
     from draftguide.modeling.prompts import check_chat_template_kwargs
     from draftguide.modeling.sampling import check_sampling, resolve_seed
@@ -523,8 +671,10 @@ def check_generate(*, method=None, beta=0.0, speculative=False, temperature=0.0,
         raise DraftGuideError("top_logprobs needs logprobs = true")
     bad = sorted(set(options) - set(METHOD_OPTIONS[method]))
     if bad:
-        raise DraftGuideError(f"{', '.join(bad)}: not an option of method {method!r} "
-                              f"(it takes {', '.join(METHOD_OPTIONS[method]) or 'none'})")
+        raise DraftGuideError(
+            f"{', '.join(bad)}: not an option of method {method!r} "
+            f"(it takes {', '.join(METHOD_OPTIONS[method]) or 'none'})"
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DraftGuideError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     return method
@@ -560,7 +710,11 @@ _BYTE_DECODER: dict | None = None
 def _byte_decoder() -> dict:
     global _BYTE_DECODER
     if _BYTE_DECODER is None:  # GPT-2's bytes_to_unicode, inverted
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        bs = (
+            list(range(ord("!"), ord("~") + 1))
+            + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1))
+        )
         cs, n = bs[:], 0
         for b in range(256):
             if b not in bs:
@@ -612,5 +766,17 @@ def resolve_method(method: str | None, beta: float, speculative: bool) -> str:
     return method
 
 
-__all__ = ["DraftGuide", "Generation", "Job", "is_prompt_list", "METHODS", "METHOD_OPTIONS", "check_generate", "TextStream", "decode_text", "load_pair",
-           "resolve_method", "target_logprobs"]
+__all__ = [
+    "DraftGuide",
+    "Generation",
+    "Job",
+    "is_prompt_list",
+    "METHODS",
+    "METHOD_OPTIONS",
+    "check_generate",
+    "TextStream",
+    "decode_text",
+    "load_pair",
+    "resolve_method",
+    "target_logprobs",
+]

@@ -27,7 +27,8 @@ One model, one worker thread, micro-batching: requests that are waiting when the
 decoded together, up to `max_batch` (`DraftGuide.generate_jobs`: greedy, sampling and guided decoding with
 the same guidance settings share a batch, each with its own sampling parameters, seed, length, stop strings
 and stream; speculative decoding and ttt run alone; a request alone in its batch takes the batch-1 loop).
-At most `max_pending` wait (more get 503); the event loop stays free for accepting, streaming and rejecting. Malformed requests get 400, a failure inside one request 500, both
+At most `max_pending` wait (more get 503); the event loop stays free for accepting, streaming and rejecting.
+Malformed requests get 400, a failure inside one request 500, both
 as OpenAI-style JSON errors; neither stops the server.
 """
 
@@ -43,8 +44,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from draftguide.errors import DraftGuideError
 from draftguide.app.pipeline import METHODS, Cancelled, DraftGuide, Generation, Job, check_generate
+from draftguide.errors import DraftGuideError
 
 log = logging.getLogger("draftguide.app.server")
 
@@ -175,10 +176,20 @@ class ChatRequest(BaseModel):
 
     def generate_kwargs(self, defaults: dict) -> dict:
         """`DraftGuide.generate` options: the request's, and the server's `defaults` for what it leaves out."""
-        kw = dict(max_new_tokens=self.max_completion_tokens or self.max_tokens, method=self.method, beta=self.beta,
-                  speculative=self.speculative, temperature=0.0 if self.temperature is None else self.temperature,
-                  top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, stop=self.stop, seed=self.seed,
-                  ttt=self.ttt, logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0)
+        kw = dict(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens,
+            method=self.method,
+            beta=self.beta,
+            speculative=self.speculative,
+            temperature=0.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            stop=self.stop,
+            seed=self.seed,
+            ttt=self.ttt,
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs or 0,
+        )
         kw |= {k: getattr(self, k) for k in ("beta_schedule", "mix", "guard_top_k") if getattr(self, k) is not None}
         if self.chat_template_kwargs is not None:
             kw["chat_template_kwargs"] = self.chat_template_kwargs
@@ -198,7 +209,9 @@ SUPPORTED_FIELDS = tuple(ChatRequest.model_fields)
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": None}})
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": None}}
+    )
 
 
 def _json(body: dict):
@@ -212,7 +225,11 @@ def _json(body: dict):
 
 def _problem(e: dict) -> str:
     """One validation error of a request body as a line naming the field (messages[0].content, temperature)."""
-    loc = [x for x in e.get("loc", ())[1:] if not (isinstance(x, str) and x in ("str", "list[dict[str,any]]", "function-after"))]
+    loc = [
+        x
+        for x in e.get("loc", ())[1:]
+        if not (isinstance(x, str) and x in ("str", "list[dict[str,any]]", "function-after"))
+    ]
     where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "body"
     if e.get("type") == "extra_forbidden":
         return f"{where}: unsupported field (this server takes {', '.join(SUPPORTED_FIELDS)})"
@@ -276,8 +293,14 @@ def _settle(fut: asyncio.Future, r) -> None:
         fut.set_result(r)
 
 
-def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: int = 64, defaults: dict | None = None,
-               max_batch: int = 8):
+def create_app(
+    dg: DraftGuide,
+    model_name: str | None = None,
+    *,
+    max_pending: int = 64,
+    defaults: dict | None = None,
+    max_batch: int = 8,
+):
     """`defaults`: generate() options for requests that do not set them (e.g. method/beta/ttt, so that a
     client sending only model and messages gets guided decoding); max_new_tokens defaults to 512. `max_batch`:
     the most waiting requests decoded together (1: one at a time)."""
@@ -300,7 +323,9 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+        return _error(
+            exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        )
 
     @app.get("/v1/models")
     async def models():
@@ -333,7 +358,9 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(StreamJob(worker, ids, kw), cid, created, name, usage), media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(StreamJob(worker, ids, kw), cid, created, name, usage), media_type="text/event-stream"
+            )
         try:
             g: Generation = await worker.generate(ids, kw)
         except DraftGuideError as e:
@@ -347,13 +374,24 @@ def create_app(dg: DraftGuide, model_name: str | None = None, *, max_pending: in
 
 
 def _usage(g: Generation) -> dict:
-    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens), "total_tokens": g.prompt_tokens + len(g.tokens)}
+    return {
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": len(g.tokens),
+        "total_tokens": g.prompt_tokens + len(g.tokens),
+    }
 
 
 def _extras(g: Generation) -> dict:
     """The `draftguide` field: how the reply was made, the seed that reproduces it, where logprobs come from."""
-    extra = {"method": g.method, "seconds": g.stats.get("seconds"), "tau": g.stats.get("tau"),
-             "n_flips": g.stats.get("n_flips"), "ttt": g.ttt, "seed": g.seed, "batch_size": g.stats.get("batch_size", 1)}
+    extra = {
+        "method": g.method,
+        "seconds": g.stats.get("seconds"),
+        "tau": g.stats.get("tau"),
+        "n_flips": g.stats.get("n_flips"),
+        "ttt": g.ttt,
+        "seed": g.seed,
+        "batch_size": g.stats.get("batch_size", 1),
+    }
     if g.logprobs is not None:
         extra["logprobs_from"] = "target"  # the target's raw distribution, also when guidance chose the tokens
     return extra
@@ -361,17 +399,31 @@ def _extras(g: Generation) -> dict:
 
 def _completion(g: Generation, cid: str, created: int, model: str) -> dict:
     return {
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
-                     "logprobs": None if g.logprobs is None else {"content": g.logprobs, "refusal": None}}],
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": g.text},
+                "finish_reason": g.finish_reason,
+                "logprobs": None if g.logprobs is None else {"content": g.logprobs, "refusal": None},
+            }
+        ],
         "usage": _usage(g),
         "draftguide": _extras(g),
     }
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None, usage: bool = False) -> str:
-    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     if usage:
         body["usage"] = None  # OpenAI: every chunk carries usage null, the last one (no choices) the counts
     return f"data: {_dumps(body)}\n\n"
@@ -426,16 +478,32 @@ async def _sse(job: StreamJob, cid: str, created: int, model: str, usage: bool =
         else:
             yield _chunk(cid, created, model, {}, g.finish_reason if g else "stop", usage=usage)
             if usage and g is not None:
-                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                        "usage": _usage(g), "draftguide": _extras(g)}
+                body = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(g),
+                    "draftguide": _extras(g),
+                }
                 yield f"data: {_dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         job.gone = True
 
 
-def serve(dg: DraftGuide, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
-          max_pending: int = 64, defaults: dict | None = None, log_level: str = "info", max_batch: int = 8) -> None:
+def serve(
+    dg: DraftGuide,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    model_name: str | None = None,
+    max_pending: int = 64,
+    defaults: dict | None = None,
+    log_level: str = "info",
+    max_batch: int = 8,
+) -> None:
     import uvicorn
 
     app = create_app(dg, model_name, max_pending=max_pending, defaults=defaults, max_batch=max_batch)

@@ -1,1 +1,2 @@
-"""Decoding with a draft: speculative decoding, draft-guided decoding, baselines (Power Sampling, DoLa), batched generation."""
+"""Decoding with a draft: speculative decoding, draft-guided decoding, baselines (Power Sampling, DoLa),
+batched generation."""

@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from draftguide.errors import DraftGuideError
 from draftguide.decode.guided import js_divergence
 from draftguide.decode.speculative import GenStats, _check_prompt, _now, autoregressive, cache_kwarg, crop_cache
+from draftguide.errors import DraftGuideError
 
 
 # -- temperature sampling ----------------------------------------------------------------------------
@@ -120,7 +120,9 @@ class _Chain:
         for _ in range(n):
             start = self.cache.get_seq_length()
             pos = torch.arange(start, start + feed.shape[1], device=feed.device)[None]
-            logits = self.target(feed, position_ids=pos, **{self.ck: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = self.target(
+                feed, position_ids=pos, **{self.ck: self.cache}, use_cache=True, logits_to_keep=1
+            ).logits[:, -1]
             tok = torch.multinomial(torch.softmax(self.alpha * logits.float(), -1), 1, generator=self.gen)[0]  # [1]
             lp, lq = token_logprobs(logits, tok, self.alpha)
             toks.append(tok), lps.append(lp), lqs.append(lq)
@@ -193,7 +195,9 @@ def power_sample(
     gen = generator or torch.Generator(device=input_ids.device).manual_seed(0)
     rng = torch.Generator().manual_seed(int(gen.initial_seed()) + 1)  # the MH choices, on the CPU
     chain = _Chain(target, input_ids, float(alpha), set(stop_token_ids or ()), gen)
-    stats = PowerStats(num_input_tokens=input_ids.shape[1], alpha=float(alpha), block_num=block_num, mcmc_steps=mcmc_steps)
+    stats = PowerStats(
+        num_input_tokens=input_ids.shape[1], alpha=float(alpha), block_num=block_num, mcmc_steps=mcmc_steps
+    )
     t0 = _now(input_ids.device)
     for limit in tqdm(block_ends(max_new_tokens, block_num), desc="power", disable=not progress):
         chain.grow(limit)
@@ -238,15 +242,17 @@ def dola_scores(hidden_states, final_logits: torch.Tensor, head, norm, candidate
     -> scores [B, V], premature layer [B]"""
     L = len(hidden_states) - 1
     final = torch.log_softmax(final_logits.float(), -1)  # [B, V]
-    prem = torch.stack([
-        final_logits.float() if j == L else head(norm(hidden_states[j][:, -1])).float() for j in candidates
-    ])  # [C, B, V]
+    prem = torch.stack(
+        [final_logits.float() if j == L else head(norm(hidden_states[j][:, -1])).float() for j in candidates]
+    )  # [C, B, V]
     js = js_divergence(final[None].expand_as(prem), prem)  # [C, B]
     best = js.argmax(0)  # [B]
     base = torch.log_softmax(prem.gather(0, best[None, :, None].expand(1, *final.shape))[0], -1)
     is_final = (torch.tensor(candidates, device=best.device)[best] == L)[:, None]
     scores = torch.where(is_final, final, final - base)
-    return scores.masked_fill(relative_top_mask(final, relative_top), float("-inf")), torch.tensor(candidates)[best.cpu()]
+    return scores.masked_fill(relative_top_mask(final, relative_top), float("-inf")), torch.tensor(candidates)[
+        best.cpu()
+    ]
 
 
 @torch.inference_mode()
@@ -284,5 +290,15 @@ def dola_generate(
     return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, stats, hidden=True)
 
 
-__all__ = ["POWER_PRESETS", "PowerStats", "DolaStats", "block_ends", "dola_generate", "dola_scores", "mh_log_ratio", "power_sample", "sample_generate",
-           "token_logprobs"]
+__all__ = [
+    "POWER_PRESETS",
+    "PowerStats",
+    "DolaStats",
+    "block_ends",
+    "dola_generate",
+    "dola_scores",
+    "mh_log_ratio",
+    "power_sample",
+    "sample_generate",
+    "token_logprobs",
+]

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from draftguide.decode.speculative import GenStats, _now, cache_kwarg
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
-from draftguide.decode.speculative import GenStats, _now, cache_kwarg
 from draftguide.modeling.targets import extract_features
 
 # methods whose loops decode one sequence at a time; asked for with a batch size > 1 they run row by row
@@ -74,8 +74,8 @@ def left_pad(prompts: Sequence[torch.Tensor], pad_id: int = 0, device=None) -> t
     ids = torch.full((len(flat), L), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(flat), L), dtype=torch.bool, device=device)
     for i, p in enumerate(flat):
-        ids[i, L - p.numel():] = p.to(device)
-        mask[i, L - p.numel():] = True
+        ids[i, L - p.numel() :] = p.to(device)
+        mask[i, L - p.numel() :] = True
     return ids, mask
 
 
@@ -170,7 +170,7 @@ def batch_generate(
 
     while waiting or st.live:
         if waiting and len(st.live) < cap:  # fill the free slots
-            join, waiting = waiting[: cap - len(st.live)], waiting[cap - len(st.live):]
+            join, waiting = waiting[: cap - len(st.live)], waiting[cap - len(st.live) :]
             for r, t_pre in st.join(join, prompts):
                 stats[r].prefill_s = t_pre
                 started[r] = _now(dev)
@@ -184,8 +184,9 @@ def batch_generate(
             if control == "noise":
                 from draftguide.decode.guided import noise_logits
 
-                d_logits = torch.cat([noise_logits(d_logits[j : j + 1], st.nxt[j : j + 1].cpu(), seeds[r])
-                                      for j, r in enumerate(live)])
+                d_logits = torch.cat(
+                    [noise_logits(d_logits[j : j + 1], st.nxt[j : j + 1].cpu(), seeds[r]) for j, r in enumerate(live)]
+                )
             from draftguide.decode.guided import guide
 
             g, bt = guide(t_logits, d_logits, setup.beta, mix=mix, beta_schedule=beta_schedule, guard_top_k=guard_top_k)
@@ -263,8 +264,14 @@ class _State:
             ids = prompts[r].reshape(1, -1).to(dev)
             T = ids.shape[1]
             c = DynamicCache(config=target.config)
-            out = target(ids, position_ids=torch.arange(T, device=dev)[None], **{self.ck: c}, use_cache=True,
-                         output_hidden_states=hidden, logits_to_keep=1)
+            out = target(
+                ids,
+                position_ids=torch.arange(T, device=dev)[None],
+                **{self.ck: c},
+                use_cache=True,
+                output_hidden_states=hidden,
+                logits_to_keep=1,
+            )
             if hidden and not self.decided:
                 from draftguide.decode.guided import _shared_head
 
@@ -291,7 +298,7 @@ class _State:
                 lay.keys, lay.values = torch.cat([lay.keys, ks]), torch.cat([lay.values, vs])
         m = torch.zeros(len(pre), W, dtype=torch.bool, device=dev)
         for i, x in enumerate(pre):
-            m[i, W - x["T"]:] = True
+            m[i, W - x["T"] :] = True
         T_new = torch.tensor([x["T"] for x in pre], device=dev)
         self.mask = torch.cat([self.mask.reshape(b0, W), m])
         self.pads = torch.cat([self.pads, W - T_new])
@@ -314,7 +321,7 @@ class _State:
         draft, dev, a = self.draft, self.dev, self.aligned
         f = torch.zeros(len(pre), W, pre[0]["feats"].shape[-1], dtype=pre[0]["feats"].dtype, device=dev)
         for i, x in enumerate(pre):
-            f[i, W - x["T"]:] = x["feats"][0]
+            f[i, W - x["T"] :] = x["feats"][0]
         D = W - 2 + a  # context columns the cache holds
         pads = W - torch.tensor([x["T"] for x in pre], device=dev)
         pos = (torch.arange(D, device=dev)[None] - pads[:, None]).clamp_min(0)
@@ -337,14 +344,20 @@ class _State:
         if not self.live:
             return
         for lay in self.tcache.layers:
-            lay.keys, lay.values = _pad_cols(lay.keys, lay.keys.shape[2] + k), _pad_cols(lay.values, lay.values.shape[2] + k)
+            lay.keys, lay.values = (
+                _pad_cols(lay.keys, lay.keys.shape[2] + k),
+                _pad_cols(lay.values, lay.values.shape[2] + k),
+            )
         self.mask = torch.cat([self.mask.new_zeros(len(self.live), k), self.mask], 1)
         self.pads = self.pads + k
         if self.draft is not None:
             dc = self.dcache
             for j in range(len(dc.k)):
                 if dc.k[j] is not None:
-                    dc.k[j], dc.v[j] = _pad_cols(dc.k[j], dc.k[j].shape[2] + k), _pad_cols(dc.v[j], dc.v[j].shape[2] + k)
+                    dc.k[j], dc.v[j] = (
+                        _pad_cols(dc.k[j], dc.k[j].shape[2] + k),
+                        _pad_cols(dc.v[j], dc.v[j].shape[2] + k),
+                    )
 
     # -- a step ------------------------------------------------------------------------------------------
     def draft_state(self) -> torch.Tensor:
@@ -356,8 +369,14 @@ class _State:
         c0 = self.W - 2 + self.aligned  # the column `ctx` holds
         ctx_pos = (c0 - self.pads[:, None]).clamp_min(0)  # a pad column: any position (masked)
         blk_pos = (self.nxt - 1)[:, None] + torch.arange(B, device=dev)[None]
-        return d(d.embed(s.target, block), self.ctx, torch.cat([ctx_pos, blk_pos], 1), cache=self.dcache,
-                 rows=slice(1, 2), context_mask=self.mask[:, : c0 + 1])[:, 0]
+        return d(
+            d.embed(s.target, block),
+            self.ctx,
+            torch.cat([ctx_pos, blk_pos], 1),
+            cache=self.dcache,
+            rows=slice(1, 2),
+            context_mask=self.mask[:, : c0 + 1],
+        )[:, 0]
 
     def keep(self, keep: list[int]) -> None:
         """Only rows `keep` (indices into `live`) stay; columns that are padding in every live row are dropped."""
@@ -393,12 +412,24 @@ class _State:
         self.nxt = self.nxt + 1
         self.anchor = toks
         if self.draft is None:
-            out = self.target(toks[:, None], attention_mask=self.mask.long(), position_ids=pos, **{self.ck: self.tcache},
-                              use_cache=True, logits_to_keep=1)
+            out = self.target(
+                toks[:, None],
+                attention_mask=self.mask.long(),
+                position_ids=pos,
+                **{self.ck: self.tcache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
             self.t_logits = out.logits[:, -1]
             return
-        out = self.decoder(toks[:, None], attention_mask=self.mask.long(), position_ids=pos, **{self.dk: self.tcache},
-                           use_cache=True, output_hidden_states=True)
+        out = self.decoder(
+            toks[:, None],
+            attention_mask=self.mask.long(),
+            position_ids=pos,
+            **{self.dk: self.tcache},
+            use_cache=True,
+            output_hidden_states=True,
+        )
         new_ctx = extract_features(out.hidden_states, self.draft.target_layer_ids)  # [b, 1, k*d]: the fed column
         self.ctx, self.pending = (new_ctx, self.pending) if self.aligned else (self.pending, new_ctx)
         if self.head is None:

@@ -33,16 +33,18 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from draftguide.modeling.draft import BlockMask, DraftCache, block_inputs, context_end
-from draftguide.errors import DraftGuideError
-from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
 from draftguide.decode.speculative import GenStats, _check_prompt, _first_stop, _now, cache_kwarg, crop_cache
+from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import BlockMask, DraftCache, block_inputs, context_end
+from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
 from draftguide.modeling.targets import extract_features
 
 MIXES = ("logits", "probs")
-REMOVED_MIXES = {"logprobs": "mix 'logprobs' was removed: mixing log-softmaxes only subtracts a per-row constant, so it "
-                 "decoded exactly like mix 'logits'; use mix 'probs' for the probability mixture "
-                 "(1-beta) p_target + beta p_draft"}
+REMOVED_MIXES = {
+    "logprobs": "mix 'logprobs' was removed: mixing log-softmaxes only subtracts a per-row constant, so it "
+    "decoded exactly like mix 'logits'; use mix 'probs' for the probability mixture "
+    "(1-beta) p_target + beta p_draft"
+}
 SCHEDULES = ("fixed", "adaptive")
 CONTROLS = ("noise", "shuffle")
 
@@ -86,7 +88,12 @@ def noise_logits(draft_logits: torch.Tensor, positions: torch.Tensor, seed: int)
     # draft_logits: [N, V], positions: [N] -> [N, V]"""
     d = draft_logits.float()
     V = d.shape[-1]
-    z = torch.stack([torch.randn(V, generator=torch.Generator().manual_seed((seed * 1_000_003 + int(p)) % 2**64)) for p in positions.tolist()])
+    z = torch.stack(
+        [
+            torch.randn(V, generator=torch.Generator().manual_seed((seed * 1_000_003 + int(p)) % 2**64))
+            for p in positions.tolist()
+        ]
+    )
     return d.mean(-1, keepdim=True) + d.std(-1, keepdim=True) * z.to(d.device)
 
 
@@ -165,10 +172,14 @@ class _Setup:
         elif self.control == "shuffle":  # new token i gets the donor's readout at its own step i (cycled)
             idx = (positions - self.first) % self.donor_logits.shape[0]
             d_logits = self.donor_logits[idx.to(self.donor_logits.device)].to(t_logits.device)
-        return guide(t_logits, d_logits, self.beta, mix=self.mix, beta_schedule=self.beta_schedule, guard_top_k=self.guard_top_k)
+        return guide(
+            t_logits, d_logits, self.beta, mix=self.mix, beta_schedule=self.beta_schedule, guard_top_k=self.guard_top_k
+        )
 
 
-def _draft_block(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1) -> torch.Tensor:
+def _draft_block(
+    s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1
+) -> torch.Tensor:
     """Draft states [1, n, d] of block positions 1..n of the (full) block at `start`, from cached context plus
     `ctx` (positions len(dcache)..end-1, end = `context_end(start)`: start, or start+1 for an aligned readout);
     block position k predicts token start + k.
@@ -178,7 +189,9 @@ def _draft_block(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch
     block = torch.full((1, B), d.mask_token_id, dtype=torch.long, device=dev)
     block[:, :1] = anchor
     end = int(context_end(torch.tensor(start), d.context_includes_anchor))
-    pos = torch.cat([torch.arange(end - ctx.shape[1], end, device=dev), torch.arange(start, start + B, device=dev)])[None]
+    pos = torch.cat([torch.arange(end - ctx.shape[1], end, device=dev), torch.arange(start, start + B, device=dev)])[
+        None
+    ]
     return d(d.embed(s.target, block), ctx, pos, cache=dcache, rows=slice(1, n + 1))
 
 
@@ -247,21 +260,29 @@ def guided_generate(
     if speculative and temperature > 0:
         raise DraftGuideError("speculative guided decoding is exact for greedy decoding only: use temperature 0")
     if verify_len is not None and not (speculative and 1 <= verify_len < draft.block_size):
-        raise DraftGuideError(f"verify_len needs speculative=True and 1 <= verify_len < {draft.block_size}, got {verify_len}")
+        raise DraftGuideError(
+            f"verify_len needs speculative=True and 1 <= verify_len < {draft.block_size}, got {verify_len}"
+        )
     draft.check_target(target)
     if speculative:
         draft.check_speculative()
     if (control == "shuffle") != (donor_logits is not None):
-        raise DraftGuideError("control 'shuffle' takes donor_logits [A, V] (the readout on another prompt), and only it does")
+        raise DraftGuideError(
+            "control 'shuffle' takes donor_logits [A, V] (the readout on another prompt), and only it does"
+        )
     if donor_logits is not None and (donor_logits.dim() != 2 or donor_logits.shape[0] < 1):
         raise DraftGuideError(f"donor_logits must be [A >= 1, V], got {tuple(donor_logits.shape)}")
     seed = generator.initial_seed() if generator is not None else 0
-    s = _Setup(target, draft, float(beta), mix, beta_schedule, guard_top_k, control, seed, donor_logits, input_ids.shape[1])
+    s = _Setup(
+        target, draft, float(beta), mix, beta_schedule, guard_top_k, control, seed, donor_logits, input_ids.shape[1]
+    )
     args = (s, input_ids, max_new_tokens, (temperature, top_p, top_k, generator), set(stop_token_ids or ()), on_token)
     return _speculative(*args, verify_len or draft.block_size - 1) if speculative else _token_by_token(*args)
 
 
-def _finish(stats: GuidedStats, t_argmax: list[torch.Tensor], g_argmax: list[torch.Tensor], betas: list[torch.Tensor], n: int):
+def _finish(
+    stats: GuidedStats, t_argmax: list[torch.Tensor], g_argmax: list[torch.Tensor], betas: list[torch.Tensor], n: int
+):
     """Flips and the mean effective beta over the first `n` new tokens, with one sync at the end."""
     if n == 0:
         return
@@ -289,6 +310,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     t1 = _now(dev)
     stats.prefill_s = t1 - t0
     pos = T0  # the position being decoded
+    t_state = None  # [1, d]: set when the target's logits wait for the shared head call
     while True:
         h = _draft_block(s, dcache, ctx, anchor, pos - 1)[:, 0]  # [1, d]: block position 1
         if t_logits is None:  # one head call for the target's final state and the draft's k=1 state
@@ -307,8 +329,13 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
         if len(new) >= max_new_tokens or tid in stop:
             break
         anchor = tok[:, None]
-        out = decoder(anchor, position_ids=torch.tensor([[pos]], device=dev), **{dk: tcache}, use_cache=True,
-                      output_hidden_states=True)
+        out = decoder(
+            anchor,
+            position_ids=torch.tensor([[pos]], device=dev),
+            **{dk: tcache},
+            use_cache=True,
+            output_hidden_states=True,
+        )
         new_ctx = extract_features(out.hidden_states, draft.target_layer_ids)  # features of position pos
         ctx, next_ctx = (new_ctx, None) if aligned else (next_ctx, new_ctx)
         if head is None:
@@ -366,8 +393,13 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
         dlogits = _draft_k1(s, dcache, ctx, buf[:, start : start + 1], start, n=vs - 1)  # [vs-1, V]; cache now < start
         block = buf[:, start : start + vs].clone()
         block[0, 1:] = dlogits.argmax(-1)
-        out = verifier(block, position_ids=torch.arange(start, start + vs, device=dev)[None], **{vk: tcache},
-                       use_cache=True, output_hidden_states=True)
+        out = verifier(
+            block,
+            position_ids=torch.arange(start, start + vs, device=dev)[None],
+            **{vk: tcache},
+            use_cache=True,
+            output_hidden_states=True,
+        )
         feats = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, vs, n*d]: positions start..
         h = _draft_k1_many(s, dcache, feats[:, : vs - 1], block, start)  # [vs-1, d]
         if head is None:
@@ -402,8 +434,9 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
 
 
 def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torch.Tensor, start: int) -> torch.Tensor:
-    """k=1 draft states [vs-1, d] (the head not yet applied) for anchors start+1..start+vs-1 (the proposed tokens), in one masked pass
-    over cached context < start plus `ctx` (features of start..start+vs-2). Appends `ctx` to the cache.
+    """k=1 draft states [vs-1, d] (the head not yet applied) for anchors start+1..start+vs-1 (the proposed
+    tokens), in one masked pass over cached context < start plus `ctx` (features of start..start+vs-2).
+    Appends `ctx` to the cache.
     # ctx: [1, vs-1, n*d], block: [1, vs] = [anchor, proposals]"""
     d, dev = s.draft, block.device
     B, m = d.block_size, block.shape[1] - 1
@@ -413,7 +446,9 @@ def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torc
     anchors = (start + local).repeat_interleave(B, 1)  # [1, m*B] absolute anchor of each query
     mask = BlockMask(torch.arange(C, device=dev)[None, None, None, :] < anchors[:, None, :, None], B)
     position_ids = torch.cat([torch.arange(start, C, device=dev)[None], pos + start], 1)
-    return d(d.embed(s.target, ids), ctx, position_ids, cache=dcache, attention_mask=mask, rows=slice(1, 2))[0]  # [m, d]
+    return d(d.embed(s.target, ids), ctx, position_ids, cache=dcache, attention_mask=mask, rows=slice(1, 2))[
+        0
+    ]  # [m, d]
 
 
 @torch.inference_mode()

@@ -13,17 +13,22 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from draftguide.modeling.draft import DFlashDraft, DraftCache
 from draftguide.errors import DraftGuideError
-from draftguide.modeling.sampling import check_sampling, effective_temperature, probs_from_logits, rejection_sample, sample, sample_probs
+from draftguide.modeling.draft import DFlashDraft, DraftCache
+from draftguide.modeling.sampling import (
+    check_sampling,
+    effective_temperature,
+    probs_from_logits,
+    rejection_sample,
+    sample,
+    sample_probs,
+)
 from draftguide.modeling.targets import extract_features
-
 
 TAU_MISSING = "no verify step ran: every generation ended at its first token (max_new_tokens 1, or a stop token)"
 
@@ -126,7 +131,9 @@ def load_draft_vocab(folder, size: int) -> torch.Tensor:
 
     path = draft_path(folder) / RANKING_FILE
     if not path.is_file():
-        raise DraftGuideError(f"--draft-vocab needs {RANKING_FILE} in the draft folder '{folder}' (token ranking by frequency)")
+        raise DraftGuideError(
+            f"--draft-vocab needs {RANKING_FILE} in the draft folder '{folder}' (token ranking by frequency)"
+        )
     ranked = load_file(str(path))["token_ids"].long()
     if not 1 <= size <= len(ranked):
         raise DraftGuideError(f"--draft-vocab must be in [1, {len(ranked)}], got {size}")
@@ -202,8 +209,13 @@ def speculative_generate(
         read = vs  # the block offsets 1..read-1 whose proposals may be verified
         if adaptive:
             read = dlen if read_costs is None else 1 + seen.rows_worth_reading(verify_costs, read_costs, dlen - 1)
-        h = draft(draft.embed(target, block), ctx, positions[:, start - ctx.shape[1] : start + dlen], cache=dcache,
-                  rows=slice(1, read))  # [1, read-1, d]
+        h = draft(
+            draft.embed(target, block),
+            ctx,
+            positions[:, start - ctx.shape[1] : start + dlen],
+            cache=dcache,
+            rows=slice(1, read),
+        )  # [1, read-1, d]
         dlogits = (draft.logits(h, target) if draft_head is None else draft_head(h))[0]  # [read-1, V]
         if adaptive and read > 2:
             vs = best_verify_len(dlogits, verify_costs, temperature) + 1
@@ -216,8 +228,11 @@ def speculative_generate(
         else:
             block[0, 1:vs] = dlogits.argmax(-1)
         out = target(
-            block[:, :vs], position_ids=positions[:, start : start + vs],
-            **{ck: tcache}, use_cache=True, output_hidden_states=True,
+            block[:, :vs],
+            position_ids=positions[:, start : start + vs],
+            **{ck: tcache},
+            use_cache=True,
+            output_hidden_states=True,
         )
         if temperature > 0:
             p = probs_from_logits(out.logits[0], temperature, top_p, top_k)  # [vs, V]
@@ -306,7 +321,9 @@ def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, r
     return costs
 
 
-def draft_read_step(target, draft: DFlashDraft, features: torch.Tensor, draft_head: SubsetHead | None = None) -> Callable[[int], torch.Tensor]:
+def draft_read_step(
+    target, draft: DFlashDraft, features: torch.Tensor, draft_head: SubsetHead | None = None
+) -> Callable[[int], torch.Tensor]:
     """A timing unit: `step(n)` is one cached draft block step as in decoding (the last position of
     `features` is the new context, the others are cached once here) plus the output head over block offsets
     1..n; it leaves the cache as it found it. Returns the logits [1, n, V].
@@ -326,8 +343,9 @@ def draft_read_step(target, draft: DFlashDraft, features: torch.Tensor, draft_he
 
 
 @torch.inference_mode()
-def measure_read_costs(target, draft: DFlashDraft, context_len: int = 256, repeats: int = 3,
-                       draft_head: SubsetHead | None = None) -> list[float]:
+def measure_read_costs(
+    target, draft: DFlashDraft, context_len: int = 256, repeats: int = 3, draft_head: SubsetHead | None = None
+) -> list[float]:
     """Seconds to read n = 1..B-1 offsets of a drafted block: one cached draft block step after `context_len`
     cached positions plus the output head over n rows (`draft_read_step`). The price of the draft's proposals
     and confidences. Returns [r_1, ..., r_{B-1}]."""
@@ -348,7 +366,10 @@ def measure_read_costs(target, draft: DFlashDraft, context_len: int = 256, repea
 
 @torch.inference_mode()
 def greedy_generate(
-    target, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: list[int] | None = None,
+    target,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    stop_token_ids: list[int] | None = None,
     on_token: Callable[[list[int]], None] | None = None,
 ) -> tuple[torch.Tensor, GenStats]:
     """Plain autoregressive greedy decoding with a KV cache: one target forward per token. `on_token([id])`
@@ -358,8 +379,16 @@ def greedy_generate(
     return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, on_token=on_token)
 
 
-def autoregressive(target, input_ids, max_new_tokens: int, stop_token_ids, pick, stats: GenStats | None = None,
-                   hidden: bool = False, on_token: Callable[[list[int]], None] | None = None):
+def autoregressive(
+    target,
+    input_ids,
+    max_new_tokens: int,
+    stop_token_ids,
+    pick,
+    stats: GenStats | None = None,
+    hidden: bool = False,
+    on_token: Callable[[list[int]], None] | None = None,
+):
     """One target forward per token with a KV cache; `pick(model output) -> [1, 1]` chooses each token (greedy,
     sampling, DoLa...). Returns `(tokens [1, T + n], stats)` with prefill and decode times apart."""
     dev, T0, stop = input_ids.device, input_ids.shape[1], set(stop_token_ids or ())
@@ -368,7 +397,9 @@ def autoregressive(target, input_ids, max_new_tokens: int, stop_token_ids, pick,
     t0 = t1 = _now(dev)
     feed, pos, new = input_ids, torch.arange(T0, device=dev)[None], []
     while True:
-        out = target(feed, position_ids=pos, **{ck: cache}, use_cache=True, output_hidden_states=hidden, logits_to_keep=1)
+        out = target(
+            feed, position_ids=pos, **{ck: cache}, use_cache=True, output_hidden_states=hidden, logits_to_keep=1
+        )
         tok = pick(out)
         new.append(tok)
         if len(new) == 1:
@@ -394,8 +425,11 @@ def hf_generate(
     _check_prompt(input_ids, max_new_tokens, target)
     stop = list(stop_token_ids or [])
     gc = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
-        eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=stop or None,
+        pad_token_id=stop[0] if stop else 0,
     )
     t0 = _now(input_ids.device)
     out = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
@@ -439,10 +473,10 @@ def run_speculate(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from draftguide.app.pipeline import decode_text
     from draftguide.modeling.prompts import check_length, encode_prompt, place, stop_token_ids
-    from draftguide.reporting.runs import JsonlWriter, bootstrap_ci, environment, write_json
     from draftguide.modeling.sampling import resolve_seed
+    from draftguide.modeling.text import decode_text
+    from draftguide.reporting.runs import JsonlWriter, bootstrap_ci, environment, write_json
 
     check_sampling(temperature, top_p, top_k)
     seed = resolve_seed(seed)
@@ -475,15 +509,32 @@ def run_speculate(
         for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
             ids = ids.to(dev)
             tokens, st = speculative_generate(
-                target, draft, ids, max_new_tokens, temperature, top_p, top_k, stop, verify_len, gen, costs, read_costs=head,
+                target,
+                draft,
+                ids,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                stop,
+                verify_len,
+                gen,
+                costs,
+                read_costs=head,
                 draft_head=dhead,
             )
-            new = tokens[0, ids.shape[1]:].tolist()
+            new = tokens[0, ids.shape[1] :].tolist()
             rec = {
-                "id": row.get("id"), "prompt_tokens": ids.shape[1], "new_tokens": len(new),
-                "text": decode_text(tokenizer, new), "tokens": new,
-                "acceptance_lengths": st.acceptance_lengths, "tau": st.tau,
-                "prefill_s": st.prefill_s, "decode_s": st.decode_s, "tokens_per_s": len(new) / st.total_s,
+                "id": row.get("id"),
+                "prompt_tokens": ids.shape[1],
+                "new_tokens": len(new),
+                "text": decode_text(tokenizer, new),
+                "tokens": new,
+                "acceptance_lengths": st.acceptance_lengths,
+                "tau": st.tau,
+                "prefill_s": st.prefill_s,
+                "decode_s": st.decode_s,
+                "tokens_per_s": len(new) / st.total_s,
             }
             spec_tok, spec_s = spec_tok + len(new), spec_s + st.total_s
             if baseline:
@@ -493,7 +544,7 @@ def run_speculate(
                     base[name][1] += bst.total_s
                     rec[f"{name}_tokens_per_s"] = bst.num_new_tokens / bst.total_s
                     if name == "hf_generate":
-                        rec["identical_to_baseline"] = ref[0, ids.shape[1]:].tolist() == new
+                        rec["identical_to_baseline"] = ref[0, ids.shape[1] :].tolist() == new
             w.write(rec)
             rows.append(rec)
 
@@ -501,10 +552,16 @@ def run_speculate(
     tps = spec_tok / spec_s
     summary = {
         "n_prompts": len(rows),
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
-        "block_size": draft.block_size, "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "block_size": draft.block_size,
+        "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
         "draft_vocab": None if dhead is None else len(dhead.ids),
-        "verify_costs_s": costs, "read_costs_s": head,
+        "verify_costs_s": costs,
+        "read_costs_s": head,
         "tau": sum(steps) / len(steps) if steps else float("nan"),
         "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
         "acceptance_histogram": np.bincount(steps, minlength=draft.block_size + 1)[1:].tolist() if steps else [],
@@ -516,15 +573,19 @@ def run_speculate(
     if baseline:
         rates = {k: n / s for k, (n, s) in base.items()}
         best = max(rates, key=rates.get)
-        summary.update({
-            "baseline_method": best,
-            "baseline_tokens_per_s": rates[best],
-            "greedy_tokens_per_s": rates["greedy"],
-            "hf_generate_tokens_per_s": rates["hf_generate"],
-            "speedup": tps / rates[best],
-            "speedup_vs_hf_generate": tps / rates["hf_generate"],
-            "lossless": all(r["identical_to_baseline"] for r in rows) if effective_temperature(temperature) == 0 else None,
-        })
+        summary.update(
+            {
+                "baseline_method": best,
+                "baseline_tokens_per_s": rates[best],
+                "greedy_tokens_per_s": rates["greedy"],
+                "hf_generate_tokens_per_s": rates["hf_generate"],
+                "speedup": tps / rates[best],
+                "speedup_vs_hf_generate": tps / rates["hf_generate"],
+                "lossless": all(r["identical_to_baseline"] for r in rows)
+                if effective_temperature(temperature) == 0
+                else None,
+            }
+        )
     summary["environment"] = environment()
     write_json(out_dir / "summary.json", summary)
     return summary

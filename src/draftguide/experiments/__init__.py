@@ -1,1 +1,2 @@
-"""Measurements that write run folders: the readout diagnostic, fidelity, evaluation, sweeps, profiling, the decision matrix, analyses."""
+"""Measurements that write run folders: the readout diagnostic, fidelity, evaluation, sweeps, profiling,
+the decision matrix, analyses."""

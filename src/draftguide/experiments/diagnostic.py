@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
 from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
 from draftguide.modeling.targets import extract_features
 
 MODES = ("next", "block")
@@ -53,7 +53,9 @@ SANITY_CONTROLS = ("random",)  # reported beside, read by no rule
 CONTROLS = NULL_CONTROLS + SANITY_CONTROLS
 DEFAULT_CONTROLS = ("shuffle", "gauss")
 FRAMES = ("framed", "bare")
-DEFAULT_LEAD = "The answer is: "  # framed mode, when the target's response holds neither the reference nor the distractor
+DEFAULT_LEAD = (
+    "The answer is: "  # framed mode, when the target's response holds neither the reference nor the distractor
+)
 EQUIV_MARGIN = 0.1  # nats per token: |mean per-task difference| below this counts as no difference (TOST)
 BUCKETS = ((0.01, "p<0.01"), (0.1, "0.01<=p<0.1"), (0.5, "0.1<=p<0.5"), (math.inf, "p>=0.5"))
 POSITIONS = ("first", "later")  # the reference's first token, and the rest
@@ -141,7 +143,9 @@ def random_like(draft: DFlashDraft, seed: int = 0) -> DFlashDraft:
 
 
 # -- reading a readout -----------------------------------------------------------------------------------
-def block_reads(n_answer: int, block_size: int, modes: Iterable[str]) -> tuple[list[int], dict[str, tuple[list[int], list[int]]]]:
+def block_reads(
+    n_answer: int, block_size: int, modes: Iterable[str]
+) -> tuple[list[int], dict[str, tuple[list[int], list[int]]]]:
     """Which anchors one draft forward needs and, per mode, which (block, offset) to read for each answer
     token j = 0..A-1. Anchors are indices into the answer's predecessors (anchor i sits at position P-1+i).
     Returns (anchors, {mode: (block index into anchors per j, offset k per j)})."""
@@ -162,7 +166,9 @@ def block_reads(n_answer: int, block_size: int, modes: Iterable[str]) -> tuple[l
     return order, {m: ([where[a] for a in anchors], ks) for m, (anchors, ks) in reads.items()}
 
 
-def readout_logits(readout, target, features, ids, n_prompt: int, modes: Iterable[str]) -> dict[str, tuple[torch.Tensor, list[int]]]:
+def readout_logits(
+    readout, target, features, ids, n_prompt: int, modes: Iterable[str]
+) -> dict[str, tuple[torch.Tensor, list[int]]]:
     """Per mode: the readout's logits for every answer token [A, V] and the block offset k each was read at.
     A readout with `read_logits` (same arguments, same answer) is asked directly: the seam for readouts that
     are not DFlash drafts. # features: [1, T, n*d], ids: [1, T]"""
@@ -187,8 +193,10 @@ def draft_scores(draft, target, features, ids, n_prompt: int, modes: Iterable[st
     """Per mode: gold scores of the readout for every answer token and the block offset k each was read at.
     # features: [1, T, n*d], ids: [1, T]"""
     gold = ids[0, n_prompt:]
-    return {mode: gold_scores(logits, gold) | {"k": np.asarray(ks)}
-            for mode, (logits, ks) in readout_logits(draft, target, features, ids, n_prompt, modes).items()}
+    return {
+        mode: gold_scores(logits, gold) | {"k": np.asarray(ks)}
+        for mode, (logits, ks) in readout_logits(draft, target, features, ids, n_prompt, modes).items()
+    }
 
 
 @dataclass
@@ -221,9 +229,19 @@ def _as_readouts(readouts) -> dict:
 
 
 @torch.inference_mode()
-def score_sequence(target, readouts, ids: torch.Tensor, n_prompt: int, modes: Iterable[str] = MODES,
-                   controls: Iterable[str] = (), seed: int = 0, adapt=None, donor: TargetPass | None = None,
-                   random_drafts: dict | None = None, passed: TargetPass | None = None) -> dict:
+def score_sequence(
+    target,
+    readouts,
+    ids: torch.Tensor,
+    n_prompt: int,
+    modes: Iterable[str] = MODES,
+    controls: Iterable[str] = (),
+    seed: int = 0,
+    adapt=None,
+    donor: TargetPass | None = None,
+    random_drafts: dict | None = None,
+    passed: TargetPass | None = None,
+) -> dict:
     """Teacher-forced scores of the answer tokens `ids[0, n_prompt:]`: one target forward (or `passed`, its
     result), and per readout (`readouts`: {name: readout}, or one readout named `draft`) one forward per
     pathway: the readout itself (pathway `name`) and under each of `controls` (pathway `name.control`).
@@ -246,7 +264,9 @@ def score_sequence(target, readouts, ids: torch.Tensor, n_prompt: int, modes: It
         runs = {name: (readout, feats)}
         for c in controls:
             if c == "shuffle":
-                f = shuffled_features(feats, ids, n_prompt, donor.features(readout.target_layer_ids), donor.ids, donor.n_prompt)
+                f = shuffled_features(
+                    feats, ids, n_prompt, donor.features(readout.target_layer_ids), donor.ids, donor.n_prompt
+                )
             elif c == "gauss":
                 f = dim_matched_noise(feats, seed)
             elif c == "noise":
@@ -313,7 +333,9 @@ def find_word(text: str, word: str) -> int | None:
     return None if m is None else m.start()
 
 
-def answer_frame(response: str | None, reference: str, distractor: str | None = None, lead: str = DEFAULT_LEAD) -> tuple[str, str]:
+def answer_frame(
+    response: str | None, reference: str, distractor: str | None = None, lead: str = DEFAULT_LEAD
+) -> tuple[str, str]:
     """The text the reference is scored after, and where it came from: the target's greedy `response` up
     to the reference (`reference`), else up to the distractor it gave instead (`distractor`: the target's
     answer slot, filled with the reference), else `lead` (`lead`)."""
@@ -358,9 +380,16 @@ def token_words(reference: str, spans: list[tuple[int, int]]) -> list[str | None
     return [next((w for ws, we, w in words if ws < e and we > s), None) for s, e in spans]
 
 
-def prepare_tasks(tasks: list[dict], tokenizer, references: dict[str, str] | None = None,
-                  solved: dict[str, bool] | None = None, *, responses: dict[str, str] | None = None,
-                  frame: str = "framed", lead: str = DEFAULT_LEAD) -> Prepared:
+def prepare_tasks(
+    tasks: list[dict],
+    tokenizer,
+    references: dict[str, str] | None = None,
+    solved: dict[str, bool] | None = None,
+    *,
+    responses: dict[str, str] | None = None,
+    frame: str = "framed",
+    lead: str = DEFAULT_LEAD,
+) -> Prepared:
     """Token ids of prompt (chat template + frame) and reference answer per task. `references` (task_id ->
     text, e.g. another run's responses) replaces `reference_answer`; a task with no usable reference is
     skipped and counted. `responses` (task_id -> the target's greedy response) give the frame and the
@@ -386,13 +415,23 @@ def prepare_tasks(tasks: list[dict], tokenizer, references: dict[str, str] | Non
         if not answer:
             out.skipped.append({"task_id": tid, "reason": "reference answer has no tokens"})
             continue
-        out.tasks.append(TaskInput(
-            task_id=tid, prompt_ids=encode_prompt(tokenizer, t)[0].tolist() + ids[:n_frame], answer_ids=list(answer),
-            answer_tokens=[tokenizer.decode([a]) for a in answer], context=context_text(t),
-            category=meta.get("context_category") or "(none)", subcategory=meta.get("sub_category") or "(none)",
-            solved=(solved or {}).get(tid), answer_words=token_words(ref, spans), response=response, frame=how,
-            frame_text=text, n_frame=n_frame,
-        ))
+        out.tasks.append(
+            TaskInput(
+                task_id=tid,
+                prompt_ids=encode_prompt(tokenizer, t)[0].tolist() + ids[:n_frame],
+                answer_ids=list(answer),
+                answer_tokens=[tokenizer.decode([a]) for a in answer],
+                context=context_text(t),
+                category=meta.get("context_category") or "(none)",
+                subcategory=meta.get("sub_category") or "(none)",
+                solved=(solved or {}).get(tid),
+                answer_words=token_words(ref, spans),
+                response=response,
+                frame=how,
+                frame_text=text,
+                n_frame=n_frame,
+            )
+        )
     return out
 
 
@@ -403,8 +442,18 @@ def in_context(token: str, context: str) -> bool:
     return bool(key) and key in context
 
 
-def diagnose(target, readouts, prepared: Prepared, *, modes: Iterable[str] = MODES, controls: Iterable[str] = DEFAULT_CONTROLS,
-             random_drafts: dict | None = None, seed: int = 0, progress: bool = False, ttt=None) -> list[dict]:
+def diagnose(
+    target,
+    readouts,
+    prepared: Prepared,
+    *,
+    modes: Iterable[str] = MODES,
+    controls: Iterable[str] = DEFAULT_CONTROLS,
+    random_drafts: dict | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    ttt=None,
+) -> list[dict]:
     """Score every prepared task with every readout (`readouts`: {name: readout}, or one readout named
     `draft`) against one target forward per task. Returns one record per (task, answer token) holding the
     target's scores, per mode each pathway's scores and the offset k, and the tags. The `shuffle` control of
@@ -418,8 +467,12 @@ def diagnose(target, readouts, prepared: Prepared, *, modes: Iterable[str] = MOD
     from draftguide.modeling.prompts import check_length
 
     for t in prepared.tasks:  # teacher forcing reads prompt + answer in one forward: it must fit, before any work
-        check_length(target, len(t.prompt_ids) + len(t.answer_ids), where=f"task {t.task_id!r}",
-                     what="prompt with its reference answer")
+        check_length(
+            target,
+            len(t.prompt_ids) + len(t.answer_ids),
+            where=f"task {t.task_id!r}",
+            what="prompt with its reference answer",
+        )
     modes, controls, readouts = list(modes), list(controls), _as_readouts(readouts)
     if "random" in controls:
         random_drafts = dict(random_drafts or {})
@@ -434,7 +487,9 @@ def diagnose(target, readouts, prepared: Prepared, *, modes: Iterable[str] = MOD
     def pass_of(i: int) -> TargetPass:
         if i not in kept:
             t = tasks[i]
-            kept[i] = target_pass(target, torch.tensor([t.prompt_ids + t.answer_ids], device=dev), len(t.prompt_ids), layers)
+            kept[i] = target_pass(
+                target, torch.tensor([t.prompt_ids + t.answer_ids], device=dev), len(t.prompt_ids), layers
+            )
         return kept[i]
 
     records = []
@@ -444,7 +499,9 @@ def diagnose(target, readouts, prepared: Prepared, *, modes: Iterable[str] = MOD
         donor = pass_of((ti + 1) % len(tasks)) if "shuffle" in controls else None
         noise_seed = zlib.crc32(f"{seed}:{task.task_id}".encode())
         adapt = _adapter(readouts[first_name], target, ttt, task)
-        res = score_sequence(target, readouts, tp.ids, tp.n_prompt, modes, controls, noise_seed, adapt, donor, random_drafts, tp)
+        res = score_sequence(
+            target, readouts, tp.ids, tp.n_prompt, modes, controls, noise_seed, adapt, donor, random_drafts, tp
+        )
         for i in [k for k in kept if k not in (0, ti + 1)]:
             del kept[i]  # keep the first task's pass (the last task's donor) and the next one
         for j, (tok, text) in enumerate(zip(task.answer_ids, task.answer_tokens)):
@@ -453,11 +510,22 @@ def diagnose(target, readouts, prepared: Prepared, *, modes: Iterable[str] = MOD
             ctx = word is not None and find_word(task.context, word) is not None
             resp = None if task.response is None or word is None else find_word(task.response, word) is not None
             rec = {
-                "task": ti, "task_id": task.task_id, "token_index": j, "position": len(task.prompt_ids) + j,
-                "token_id": int(tok), "token": text, "word": word, "target": tgt,
-                "in_context": ctx, "in_response": resp, "missed": bool(ctx and resp is False),
-                "first": j == 0, "frame": task.frame,
-                "bucket": confidence_bucket(tgt["p"]), "category": task.category, "subcategory": task.subcategory,
+                "task": ti,
+                "task_id": task.task_id,
+                "token_index": j,
+                "position": len(task.prompt_ids) + j,
+                "token_id": int(tok),
+                "token": text,
+                "word": word,
+                "target": tgt,
+                "in_context": ctx,
+                "in_response": resp,
+                "missed": bool(ctx and resp is False),
+                "first": j == 0,
+                "frame": task.frame,
+                "bucket": confidence_bucket(tgt["p"]),
+                "category": task.category,
+                "subcategory": task.subcategory,
                 "solved": task.solved,
             }
             if "ttt_report" in res:
@@ -482,8 +550,23 @@ def _item(x):
     return int(x) if isinstance(x, (np.integer, int)) else float(x)
 
 
-TAGS = ("task_id", "token_index", "position", "token_id", "token", "word", "in_context", "in_response", "missed",
-        "first", "frame", "bucket", "category", "subcategory", "solved")
+TAGS = (
+    "task_id",
+    "token_index",
+    "position",
+    "token_id",
+    "token",
+    "word",
+    "in_context",
+    "in_response",
+    "missed",
+    "first",
+    "frame",
+    "bucket",
+    "category",
+    "subcategory",
+    "solved",
+)
 
 
 def token_rows(records: list[dict], modes: Iterable[str]) -> Iterable[dict]:
@@ -494,8 +577,11 @@ def token_rows(records: list[dict], modes: Iterable[str]) -> Iterable[dict]:
         yield base | {"pathway": "target", "mode": None, "offset": None} | r["target"]
         for mode in modes:
             for name, s in r[mode].items():
-                yield base | {"pathway": f"{name}_{mode}", "mode": mode, "offset": s["k"]} | {
-                    k: v for k, v in s.items() if k != "k"}
+                yield (
+                    base
+                    | {"pathway": f"{name}_{mode}", "mode": mode, "offset": s["k"]}
+                    | {k: v for k, v in s.items() if k != "k"}
+                )
 
 
 def readout_names(records: list[dict], mode: str) -> list[str]:
@@ -561,7 +647,10 @@ def group_stats(cols: dict[str, np.ndarray], sel: np.ndarray, n_boot: int = 1000
         out.setdefault("logp_minus_target", {})[n] = bs.mean(cols[f"{n}_logp"][sel] - t_logp)
         r = cols[f"{n}_rank"][sel]
         out.setdefault("rank_vs_target", {})[n] = {
-            "win": bs.mean(r < t_rank), "tie": bs.mean(r == t_rank), "loss": bs.mean(r > t_rank)}
+            "win": bs.mean(r < t_rank),
+            "tie": bs.mean(r == t_rank),
+            "loss": bs.mean(r > t_rank),
+        }
         out.setdefault("p_win_rate", {})[n] = bs.mean(cols[f"{n}_p"][sel] > t_p)
     return out
 
@@ -570,6 +659,7 @@ def groups(records: list[dict], mode: str) -> dict[str, np.ndarray]:
     """Token selections: all, by confidence bucket, solve status, tags (whole word in context, in the
     target's greedy response, missed = in context but not in the response), frame, category, subcategory and
     (block mode) offset; each but the subcategories also split into `|first` and `|later` tokens."""
+
     def sel(fn):
         return np.array([fn(r) for r in records], dtype=bool)
 
@@ -579,7 +669,10 @@ def groups(records: list[dict], mode: str) -> dict[str, np.ndarray]:
     for name, val in (("failed", False), ("solved", True), ("unknown", None)):
         g[f"task:{name}"] = sel(lambda r, v=val: r["solved"] is v)
     for tag in ("in_context", "in_response", "missed"):
-        g[f"{tag}:yes"], g[f"{tag}:no"] = sel(lambda r, t=tag: r.get(t) is True), sel(lambda r, t=tag: r.get(t) is False)
+        g[f"{tag}:yes"], g[f"{tag}:no"] = (
+            sel(lambda r, t=tag: r.get(t) is True),
+            sel(lambda r, t=tag: r.get(t) is False),
+        )
     for v in sorted({r.get("frame", "bare") for r in records}):
         g[f"frame:{v}"] = sel(lambda r, v=v: r.get("frame", "bare") == v)
     for v in sorted({r["category"] for r in records}):
@@ -589,8 +682,11 @@ def groups(records: list[dict], mode: str) -> dict[str, np.ndarray]:
         for k in sorted({r[mode][first]["k"] for r in records}):
             g[f"offset:{k}"] = sel(lambda r, k=k: r[mode][first]["k"] == k)
     first_tok = sel(lambda r: r["first"])
-    g = {**{k: v for k, v in g.items()}, **{f"{k}|first": v & first_tok for k, v in g.items()},
-         **{f"{k}|later": v & ~first_tok for k, v in g.items()}}
+    g = {
+        **{k: v for k, v in g.items()},
+        **{f"{k}|first": v & first_tok for k, v in g.items()},
+        **{f"{k}|later": v & ~first_tok for k, v in g.items()},
+    }
     for v in sorted({r["subcategory"] for r in records}):
         g[f"subcategory:{v}"] = sel(lambda r, v=v: r["subcategory"] == v)
     return {k: v for k, v in g.items() if v.any()}
@@ -643,8 +739,11 @@ def ttt_gain(records: list[dict], mode: str, n_boot: int = 2000, seed: int = 0, 
     from draftguide.reporting.runs import bootstrap_ci
 
     diffs = per_task_mean(records, lambda r: r[mode]["ttt"]["logp"] - r[mode][base]["logp"])
-    return {"mean_per_task_logp_gain": float(np.mean(diffs)), "ci95": list(bootstrap_ci(diffs, n_boot=n_boot, seed=seed)),
-            "n_tasks": len(diffs)}
+    return {
+        "mean_per_task_logp_gain": float(np.mean(diffs)),
+        "ci95": list(bootstrap_ci(diffs, n_boot=n_boot, seed=seed)),
+        "n_tasks": len(diffs),
+    }
 
 
 def _f(stat: dict | None, digits: int = 3) -> str:
@@ -669,8 +768,15 @@ def verdict_rule(margin: float) -> str:
     )
 
 
-def verdict(records: list[dict], mode: str = "next", n_boot: int = 2000, seed: int = 0, pathway: str = "draft",
-            margin: float = EQUIV_MARGIN, controls_of: str | None = None) -> dict:
+def verdict(
+    records: list[dict],
+    mode: str = "next",
+    n_boot: int = 2000,
+    seed: int = 0,
+    pathway: str = "draft",
+    margin: float = EQUIV_MARGIN,
+    controls_of: str | None = None,
+) -> dict:
     """The verdict of `pathway` (a readout, or `ttt`, whose controls are those of `controls_of`), by the rule
     of `verdict_rule`: a gate against the null controls, then a two-sided test and an equivalence test (TOST,
     margin `margin` nats per token) of mean per-task (log p_pathway - log p_target) over all tasks."""
@@ -680,8 +786,12 @@ def verdict(records: list[dict], mode: str = "next", n_boot: int = 2000, seed: i
     status, d_all = _per_task(records, lambda r: lp(r) - r["target"]["logp"])
     n = len(d_all)
     primary = mean_stat(d_all, n_boot, seed)
-    gate = {c: mean_stat(_per_task(records, lambda r, c=c: lp(r) - r[mode][control_pathway(base, c)]["logp"])[1], n_boot, seed)
-            for c in ctls}
+    gate = {
+        c: mean_stat(
+            _per_task(records, lambda r, c=c: lp(r) - r[mode][control_pathway(base, c)]["logp"])[1], n_boot, seed
+        )
+        for c in ctls
+    }
     strongest = min(gate, key=lambda c: gate[c]["mean"]) if gate else None
     failing = [c for c in ctls if not gate[c]["ci95"][0] > VERDICT_TOL]
     lo90, hi90 = primary["ci90"]
@@ -692,29 +802,60 @@ def verdict(records: list[dict], mode: str = "next", n_boot: int = 2000, seed: i
         call, why = "inconclusive", "no null control was run (shuffle, gauss or noise): a readout must beat one"
     elif failing:
         c = min(failing, key=lambda c: gate[c]["ci95"][0])
-        call, why = "inconclusive", (f"the readout does not beat its `{c}` null control (mean per-task log p_{pathway} - "
-                                     f"log p_{control_pathway(base, c)} = {_f(gate[c])} nats, 95% CI not above 0): it does "
-                                     "not use the target features, so nothing follows about deep vs shallow readouts")
+        call, why = (
+            "inconclusive",
+            (
+                f"the readout does not beat its `{c}` null control (mean per-task log p_{pathway} - "
+                f"log p_{control_pathway(base, c)} = {_f(gate[c])} nats, 95% CI not above 0): it does "
+                "not use the target features, so nothing follows about deep vs shallow readouts"
+            ),
+        )
     elif -margin < lo90 and hi90 < margin:
-        call, why = "equivalent", (f"mean per-task log p_{pathway} - log p_target = {primary['mean']:+.3f}, 90% CI "
-                                   f"[{lo90:+.3f}, {hi90:+.3f}] inside +-{margin:g} nats (TOST)")
+        call, why = (
+            "equivalent",
+            (
+                f"mean per-task log p_{pathway} - log p_target = {primary['mean']:+.3f}, 90% CI "
+                f"[{lo90:+.3f}, {hi90:+.3f}] inside +-{margin:g} nats (TOST)"
+            ),
+        )
     elif lo95 > VERDICT_TOL:
         call, why = "draft_better", f"mean per-task log p_{pathway} - log p_target = {_f(primary)} nats, 95% CI above 0"
     elif hi95 < -VERDICT_TOL:
         call, why = "draft_worse", f"mean per-task log p_{pathway} - log p_target = {_f(primary)} nats, 95% CI below 0"
     else:
-        call, why = "inconclusive", (f"mean per-task log p_{pathway} - log p_target = {_f(primary)} nats: the 95% CI holds 0 "
-                                     f"and the 90% CI [{lo90:+.3f}, {hi90:+.3f}] is not inside +-{margin:g} (no equivalence)")
+        call, why = (
+            "inconclusive",
+            (
+                f"mean per-task log p_{pathway} - log p_target = {_f(primary)} nats: the 95% CI holds 0 "
+                f"and the 90% CI [{lo90:+.3f}, {hi90:+.3f}] is not inside +-{margin:g} (no equivalence)"
+            ),
+        )
     if ctls and not failing and n >= 2:
         why += " (gate passed: " + "; ".join(f"beats `{c}` by {_f(gate[c])}" for c in ctls) + ")"
-    out = {"verdict": call, "pathway": pathway, "mode": mode, "margin": margin, "n_tasks": n, "n_tokens": len(records),
-           "because": why, "rule": verdict_rule(margin), "basis": "all tasks",
-           "mean_per_task_logp_diff": primary["mean"], "ci95": primary["ci95"], "ci90": primary["ci90"],
-           "vs_controls": gate, "strongest_control": strongest, "gate_passed": bool(ctls) and not failing}
+    out = {
+        "verdict": call,
+        "pathway": pathway,
+        "mode": mode,
+        "margin": margin,
+        "n_tasks": n,
+        "n_tokens": len(records),
+        "because": why,
+        "rule": verdict_rule(margin),
+        "basis": "all tasks",
+        "mean_per_task_logp_diff": primary["mean"],
+        "ci95": primary["ci95"],
+        "ci90": primary["ci90"],
+        "vs_controls": gate,
+        "strongest_control": strongest,
+        "gate_passed": bool(ctls) and not failing,
+    }
     # beside the rule: failed / solved tasks, their interaction (and a null control's, the regression to the mean
     # that selecting failed tasks brings by itself), first and later tokens
-    beside = {"failed": mean_stat(d_all[status == 1], n_boot, seed), "solved": mean_stat(d_all[status == 0], n_boot, seed),
-              "interaction_failed_minus_solved": interaction_stat(d_all, status, n_boot, seed)}
+    beside = {
+        "failed": mean_stat(d_all[status == 1], n_boot, seed),
+        "solved": mean_stat(d_all[status == 0], n_boot, seed),
+        "interaction_failed_minus_solved": interaction_stat(d_all, status, n_boot, seed),
+    }
     if strongest is not None:
         cp = control_pathway(base, strongest)
         _, d_ctl = _per_task(records, lambda r: r[mode][cp]["logp"] - r["target"]["logp"])
@@ -727,14 +868,23 @@ def verdict(records: list[dict], mode: str = "next", n_boot: int = 2000, seed: i
         if not sub:
             continue
         _, d = _per_task(sub, lambda r: lp(r) - r["target"]["logp"])
-        beside[pos] = {"vs_target": mean_stat(d, n_boot, seed), "n_tokens": len(sub),
-                       "vs_controls": {c: mean_stat(_per_task(sub, lambda r, c=c: lp(r) - r[mode][control_pathway(base, c)]["logp"])[1],
-                                                    n_boot, seed) for c in ctls}}
+        beside[pos] = {
+            "vs_target": mean_stat(d, n_boot, seed),
+            "n_tokens": len(sub),
+            "vs_controls": {
+                c: mean_stat(
+                    _per_task(sub, lambda r, c=c: lp(r) - r[mode][control_pathway(base, c)]["logp"])[1], n_boot, seed
+                )
+                for c in ctls
+            },
+        }
     out["beside"] = beside
     return out
 
 
-def summarize(records: list[dict], modes: Iterable[str], n_boot: int = 1000, seed: int = 0, margin: float = EQUIV_MARGIN) -> dict:
+def summarize(
+    records: list[dict], modes: Iterable[str], n_boot: int = 1000, seed: int = 0, margin: float = EQUIV_MARGIN
+) -> dict:
     """`summary.json` numbers: counts, per mode and group the statistics of `group_stats`, and a verdict per
     readout (`verdicts`; `verdict` is the first readout's)."""
     modes = list(modes)
@@ -744,22 +894,55 @@ def summarize(records: list[dict], modes: Iterable[str], n_boot: int = 1000, see
     for mode in modes:
         cols = _columns(records, mode)
         names = ["target", *records[0][mode]]
-        out["modes"][mode] = {name: group_stats(cols, s, n_boot, seed, names) for name, s in groups(records, mode).items()}
+        out["modes"][mode] = {
+            name: group_stats(cols, s, n_boot, seed, names) for name, s in groups(records, mode).items()
+        }
     vmode = "next" if "next" in modes else modes[0]
     readouts = readout_names(records, vmode)
     out["readouts"] = readouts
     out["verdicts"] = {r: verdict(records, vmode, seed=seed, pathway=r, margin=margin) for r in readouts}
     out["verdict"] = out["verdicts"][readouts[0]]
     if "ttt" in records[0][modes[0]]:
-        out["ttt"] = {"verdict": verdict(records, vmode, seed=seed, pathway="ttt", margin=margin, controls_of=readouts[0]),
-                      "gain_over_base": {m: ttt_gain(records, m, seed=seed, base=readouts[0]) for m in modes}}
+        out["ttt"] = {
+            "verdict": verdict(records, vmode, seed=seed, pathway="ttt", margin=margin, controls_of=readouts[0]),
+            "gain_over_base": {m: ttt_gain(records, m, seed=seed, base=readouts[0]) for m in modes},
+        }
     return out
 
 
 __all__ = [
-    "BUCKETS", "CONTROLS", "DEFAULT_CONTROLS", "EQUIV_MARGIN", "FRAMES", "MODES", "NULL_CONTROLS", "Prepared",
-    "TargetPass", "TaskBootstrap", "TaskInput", "answer_frame", "block_reads", "confidence_bucket", "diagnose",
-    "dim_matched_noise", "draft_scores", "find_word", "frame_tokens", "gold_scores", "group_stats", "in_context",
-    "norm_matched_noise", "per_task_mean", "prepare_tasks", "random_like", "readout_logits", "score_sequence",
-    "shuffled_features", "summarize", "target_pass", "token_rows", "ttt_gain", "verdict",
+    "BUCKETS",
+    "CONTROLS",
+    "DEFAULT_CONTROLS",
+    "EQUIV_MARGIN",
+    "FRAMES",
+    "MODES",
+    "NULL_CONTROLS",
+    "Prepared",
+    "TargetPass",
+    "TaskBootstrap",
+    "TaskInput",
+    "answer_frame",
+    "block_reads",
+    "confidence_bucket",
+    "diagnose",
+    "dim_matched_noise",
+    "draft_scores",
+    "find_word",
+    "frame_tokens",
+    "gold_scores",
+    "group_stats",
+    "in_context",
+    "norm_matched_noise",
+    "per_task_mean",
+    "prepare_tasks",
+    "random_like",
+    "readout_logits",
+    "score_sequence",
+    "shuffled_features",
+    "summarize",
+    "target_pass",
+    "token_rows",
+    "ttt_gain",
+    "verdict",
 ]

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
 from draftguide.errors import DraftGuideError
-from draftguide.reporting.runs import JsonlWriter, environment, write_json
+from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
 from draftguide.modeling.targets import extract_features
+from draftguide.reporting.runs import JsonlWriter, environment, write_json
 
 METRICS = ("top1_agreement", "kl", "logp")
 MAX_ANCHORS = 64  # anchors per draft forward: logits are [m, B-1, V] at a time
@@ -63,7 +63,9 @@ def readout_logits(draft: DFlashDraft, target, features: torch.Tensor, ids: torc
     return torch.cat(out)
 
 
-def offset_scores(d_logits: torch.Tensor, t_logp: torch.Tensor, ids: torch.Tensor, anchors: list[int]) -> dict[int, dict]:
+def offset_scores(
+    d_logits: torch.Tensor, t_logp: torch.Tensor, ids: torch.Tensor, anchors: list[int]
+) -> dict[int, dict]:
     """Per offset k: arrays over the anchors whose token `a + k` exists.
     # d_logits: [m, B-1, V] readout; t_logp: [T, V] target log-softmax (row t predicts token t+1); ids: [T]"""
     T = ids.shape[0]
@@ -96,7 +98,9 @@ def shuffled_features(features: list[torch.Tensor], i: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def target_pass(target, layer_ids: list[int], sample: Sample, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def target_pass(
+    target, layer_ids: list[int], sample: Sample, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One teacher-forced target forward: (ids [1, T], features [1, T, n*d], log-softmax [T, V] float32)."""
     ids = torch.tensor([sample.ids], device=device)
     out = target(ids, output_hidden_states=True)
@@ -107,8 +111,15 @@ def target_pass(target, layer_ids: list[int], sample: Sample, device) -> tuple[t
 Readout = DFlashDraft | Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
-def measure_fidelity(target, readouts: dict[str, Readout], samples: list[Sample], *, null: bool = True,
-                     layer_ids: list[int] | None = None, progress: bool = True) -> dict[str, dict]:
+def measure_fidelity(
+    target,
+    readouts: dict[str, Readout],
+    samples: list[Sample],
+    *,
+    null: bool = True,
+    layer_ids: list[int] | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
     """Per readout name (and `NAME/shuffled` for its null): per offset k, per sample, the metric arrays.
     One target forward per sample serves every readout; all drafts must read the same target layers
     (`layer_ids`, default the first draft's; features are kept per sample for the null)."""
@@ -121,7 +132,9 @@ def measure_fidelity(target, readouts: dict[str, Readout], samples: list[Sample]
         raise DraftGuideError("measure_fidelity needs layer_ids when no readout is a DFlash draft")
     if any(r.target_layer_ids != layer_ids for r in drafts):
         raise DraftGuideError("readouts measured together must read the same target layers")
-    passes = [target_pass(target, layer_ids, s, dev) for s in tqdm(samples, desc="fidelity: target", disable=not progress)]
+    passes = [
+        target_pass(target, layer_ids, s, dev) for s in tqdm(samples, desc="fidelity: target", disable=not progress)
+    ]
     feats = [p[1] for p in passes]
     res: dict[str, dict] = {}
     for name, readout in readouts.items():
@@ -131,7 +144,9 @@ def measure_fidelity(target, readouts: dict[str, Readout], samples: list[Sample]
             runs[f"{name}/shuffled"] = lambda i: shuffled_features(feats, i)
         for run, feat_of in runs.items():
             per = res.setdefault(run, {})
-            for i, (s, (ids, _, t_logp)) in enumerate(tqdm(list(zip(samples, passes)), desc=f"fidelity: {run}", disable=not progress)):
+            for i, (s, (ids, _, t_logp)) in enumerate(
+                tqdm(list(zip(samples, passes)), desc=f"fidelity: {run}", disable=not progress)
+            ):
                 anchors = anchors_of(s)
                 scores = offset_scores(read(feat_of(i), ids, anchors), t_logp, ids[0], anchors)
                 for k, arrs in scores.items():
@@ -176,10 +191,18 @@ def fidelity_table(summary: dict) -> str:
     """Markdown: one row per readout (and its null), agreement / KL / log p at each offset."""
     lines = []
     for name, r in summary["readouts"].items():
-        lines += [f"### {name}", "", "| readout | " + " | ".join(f"k={k}" for k in r["k"]) + " |",
-                  "|---|" + "---|" * len(r["k"])]
+        lines += [
+            f"### {name}",
+            "",
+            "| readout | " + " | ".join(f"k={k}" for k in r["k"]) + " |",
+            "|---|" + "---|" * len(r["k"]),
+        ]
         rows = [("real features", r)] + [(f"null: {c}", v) for c, v in r.get("controls", {}).items()]
-        for metric, label in (("top1_agreement", "top-1 agreement"), ("kl", "KL(target||readout)"), ("logp", "log p(token)")):
+        for metric, label in (
+            ("top1_agreement", "top-1 agreement"),
+            ("kl", "KL(target||readout)"),
+            ("logp", "log p(token)"),
+        ):
             for tag, v in rows:
                 lines.append(f"| {label}, {tag} | " + " | ".join(f"{x:.3f}" for x in v[metric]) + " |")
         lines.append("| target's own log p(token) | " + " | ".join(f"{x:.3f}" for x in r["target_logp"]) + " |")
@@ -195,7 +218,7 @@ def fidelity_figure(summary: dict, path: str | Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, r in summary["readouts"].items():
         for ax, m in zip(axes, ("top1_agreement", "kl")):
-            line, = ax.plot(r["k"], r[m], marker="o", label=name)
+            (line,) = ax.plot(r["k"], r[m], marker="o", label=name)
             for c, v in r.get("controls", {}).items():
                 ax.plot(v["k"], v[m], marker="x", ls="--", color=line.get_color(), label=f"{name} (null: {c})")
     axes[0].set(xlabel="block offset k", ylabel="top-1 agreement with the target", ylim=(0, 1))
@@ -207,10 +230,12 @@ def fidelity_figure(summary: dict, path: str | Path) -> None:
 
 
 # -- inputs -------------------------------------------------------------------------------------------
-def target_responses(target, tokenizer, prompts: list[dict], max_new_tokens: int, progress: bool = True) -> list[Sample]:
+def target_responses(
+    target, tokenizer, prompts: list[dict], max_new_tokens: int, progress: bool = True
+) -> list[Sample]:
     """The target's own greedy responses (KV-cached decoding, stopping at its EOS) to chat/raw prompts."""
-    from draftguide.modeling.prompts import encode_prompt, stop_token_ids
     from draftguide.decode.speculative import greedy_generate
+    from draftguide.modeling.prompts import encode_prompt, stop_token_ids
 
     dev = next(target.parameters()).device
     stop = stop_token_ids(tokenizer, target)
@@ -228,9 +253,20 @@ def samples_from_rows(rows: list[dict]) -> list[Sample]:
     return [Sample(str(r.get("id", i)), list(r["input_ids"]), int(r["prompt_len"])) for i, r in enumerate(rows)]
 
 
-def run_fidelity(target, readouts: dict[str, Readout], samples: list[Sample], out_dir: str | Path, *,
-                 null: bool = True, n_boot: int = 1000, seed: int = 0, command: str | None = None,
-                 settings: dict | None = None, layer_ids: list[int] | None = None, progress: bool = True) -> dict:
+def run_fidelity(
+    target,
+    readouts: dict[str, Readout],
+    samples: list[Sample],
+    out_dir: str | Path,
+    *,
+    null: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
+    command: str | None = None,
+    settings: dict | None = None,
+    layer_ids: list[int] | None = None,
+    progress: bool = True,
+) -> dict:
     """Measure, then write `samples.jsonl` (reusable with `--data`), `summary.json`, `fidelity.md` and
     `fidelity.png` to `out_dir`. Returns the summary."""
     out_dir = Path(out_dir)
@@ -242,9 +278,15 @@ def run_fidelity(target, readouts: dict[str, Readout], samples: list[Sample], ou
     summary = summarize_fidelity(raw, n_boot, seed)
     first = next(iter(summary["readouts"].values()))
     # the headline fields of the first readout, as the issue's contract names them
-    summary |= {"top1_agreement": first["top1_agreement"], "kl": first["kl"],
-                "controls": first.get("controls", {}), "n_sequences": len(samples),
-                "settings": settings or {}, "command": command, "environment": environment()}
+    summary |= {
+        "top1_agreement": first["top1_agreement"],
+        "kl": first["kl"],
+        "controls": first.get("controls", {}),
+        "n_sequences": len(samples),
+        "settings": settings or {},
+        "command": command,
+        "environment": environment(),
+    }
     write_json(out_dir / "summary.json", summary)
     (out_dir / "fidelity.md").write_text(fidelity_table(summary) + "\n")
     fidelity_figure(summary, out_dir / "fidelity.png")

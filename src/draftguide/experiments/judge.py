@@ -60,12 +60,32 @@ def render(template: str, rubrics: list[str], response: str) -> str:
 # verdict keys as judges write them (ours, CL-bench's official prompt, common variants), compared after
 # lowercasing and dropping everything but letters and digits
 RATIONALE_KEYS = ("rationale", "gradingrationale", "reasoning", "reason", "explanation", "analysis")
-RESULTS_KEYS = ("rubricresults", "listofrequirementsatisfactionstatus", "requirementsatisfactionstatus",
-                "requirementstatus", "rubricstatus", "results", "satisfactionstatus")
+RESULTS_KEYS = (
+    "rubricresults",
+    "listofrequirementsatisfactionstatus",
+    "requirementsatisfactionstatus",
+    "requirementstatus",
+    "rubricstatus",
+    "results",
+    "satisfactionstatus",
+)
 OVERALL_KEYS = ("overallscore", "score", "overall", "finalscore")
 YES = ("yes", "true", "1", "satisfied", "met", "pass", "passed", "fulfilled", "y")
-NO = ("no", "false", "0", "notsatisfied", "unsatisfied", "notmet", "fail", "failed", "notfulfilled", "n",
-      "partiallysatisfied", "partial", "partiallymet")
+NO = (
+    "no",
+    "false",
+    "0",
+    "notsatisfied",
+    "unsatisfied",
+    "notmet",
+    "fail",
+    "failed",
+    "notfulfilled",
+    "n",
+    "partiallysatisfied",
+    "partial",
+    "partiallymet",
+)
 
 
 def _key(k) -> str:
@@ -154,9 +174,14 @@ def parse_verdict(text: str, n_rubrics: int) -> dict:
         if score is None:
             score = all(met)
         rationale, _ = _field(obj, RATIONALE_KEYS)
-        return {"rationale": "" if rationale is None else str(rationale), "rubric_results": met,
-                "score": int(bool(score) and (met is None or all(met)))}
-    raise ValueError(problems[0] if problems else "no verdict in the judge's reply (no overall score or rubric statuses)")
+        return {
+            "rationale": "" if rationale is None else str(rationale),
+            "rubric_results": met,
+            "score": int(bool(score) and (met is None or all(met))),
+        }
+    raise ValueError(
+        problems[0] if problems else "no verdict in the judge's reply (no overall score or rubric statuses)"
+    )
 
 
 class JudgeUnavailable(Exception):
@@ -167,8 +192,16 @@ class LLMJudge:
     """`judge(rubrics, response) -> {score, rubric_results, rationale, tries, error}`; an unparseable reply
     scores 0 with `error` set; a judge that cannot be reached raises `JudgeUnavailable`."""
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
-                 prompt: str | None = None, tries: int = 3, api_retries: int = 2):
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        prompt: str | None = None,
+        tries: int = 3,
+        api_retries: int = 2,
+    ):
         from openai import OpenAI
 
         api_key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -181,8 +214,12 @@ class LLMJudge:
         self.client = OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=api_retries)
 
     def settings(self) -> dict:
-        return {"judge_model": self.model, "judge_base_url": self.base_url, "judge_timeout_s": self.timeout,
-                "judge_prompt": "default" if self.prompt == DEFAULT_PROMPT else "custom"}
+        return {
+            "judge_model": self.model,
+            "judge_base_url": self.base_url,
+            "judge_timeout_s": self.timeout,
+            "judge_prompt": "default" if self.prompt == DEFAULT_PROMPT else "custom",
+        }
 
     def __call__(self, rubrics: list[str], response: str) -> dict:
         import openai
@@ -193,13 +230,21 @@ class LLMJudge:
         for attempt in range(1, self.tries + 1):
             try:
                 reply = self.client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": content}], temperature=0)
+                    model=self.model, messages=[{"role": "user", "content": content}], temperature=0
+                )
                 text = reply.choices[0].message.content or ""
             except openai.OpenAIError as e:  # the client already retried (api_retries); no verdict: a failed task
-                raise JudgeUnavailable(f"judge API failure: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                raise JudgeUnavailable(
+                    f"judge API failure: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                ) from e
             try:
                 return parse_verdict(text, len(rubrics)) | {"tries": attempt, "error": None}
             except ValueError as e:
                 errors.append(str(e))
-        return {"score": 0, "rubric_results": None, "rationale": "", "tries": self.tries,
-                "error": f"judge output unparseable after {self.tries} tries: {errors[-1]}"}
+        return {
+            "score": 0,
+            "rubric_results": None,
+            "rationale": "",
+            "tries": self.tries,
+            "error": f"judge output unparseable after {self.tries} tries: {errors[-1]}",
+        }

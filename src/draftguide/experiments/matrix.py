@@ -60,7 +60,9 @@ class MatrixConfig:
             raise DraftGuideError("the matrix needs at least one readout")
         bad = [n for n in self.nulls if n not in NULLS] + [b for b in self.baselines if b not in SHARPENING]
         if bad:
-            raise DraftGuideError(f"unknown null(s)/baseline(s) {bad} (nulls: {', '.join(NULLS)}; baselines: {', '.join(SHARPENING)})")
+            raise DraftGuideError(
+                f"unknown null(s)/baseline(s) {bad} (nulls: {', '.join(NULLS)}; baselines: {', '.join(SHARPENING)})"
+            )
         if self.ttt is not None:
             self.ttt_readouts = self.ttt_readouts or [next(iter(self.readouts))]
             unknown = [r for r in self.ttt_readouts if r not in self.readouts]
@@ -76,25 +78,69 @@ def plan(cfg: MatrixConfig) -> list[dict]:
     """Every row of the matrix: {row, group, readout, beta, folder (relative to the matrix folder)}."""
     first = next(iter(cfg.readouts))
     rows = [{"row": "greedy", "group": "baseline", "readout": None, "beta": 0.0, "folder": f"sweep_{first}/guided_b0"}]
-    rows += [{"row": b, "group": "sharpening", "readout": None, "beta": None, "folder": f"sweep_{first}/{b}"} for b in cfg.baselines]
+    rows += [
+        {"row": b, "group": "sharpening", "readout": None, "beta": None, "folder": f"sweep_{first}/{b}"}
+        for b in cfg.baselines
+    ]
     for label in cfg.readouts:
-        rows += [{"row": f"guided {label} b{b:g}", "group": "2.2", "readout": label, "beta": b, "folder": f"sweep_{label}/guided_b{b:g}"}
-                 for b in cfg.betas]
+        rows += [
+            {
+                "row": f"guided {label} b{b:g}",
+                "group": "2.2",
+                "readout": label,
+                "beta": b,
+                "folder": f"sweep_{label}/guided_b{b:g}",
+            }
+            for b in cfg.betas
+        ]
     if cfg.ttt is not None:
         for label in cfg.ttt_readouts:
-            rows += [{"row": f"ttt+guided {label} b{b:g}", "group": "2.3", "readout": label, "beta": b,
-                      "folder": f"ttt_{label}/guided_b{b:g}"} for b in cfg.betas]
+            rows += [
+                {
+                    "row": f"ttt+guided {label} b{b:g}",
+                    "group": "2.3",
+                    "readout": label,
+                    "beta": b,
+                    "folder": f"ttt_{label}/guided_b{b:g}",
+                }
+                for b in cfg.betas
+            ]
     for null in cfg.nulls:
-        rows += [{"row": f"{null} null b{b:g}", "group": f"null-{null}", "readout": first, "beta": b,
-                  "folder": f"sweep_{first}/{null}_b{b:g}"} for b in cfg.betas]
+        rows += [
+            {
+                "row": f"{null} null b{b:g}",
+                "group": f"null-{null}",
+                "readout": first,
+                "beta": b,
+                "folder": f"sweep_{first}/{null}_b{b:g}",
+            }
+            for b in cfg.betas
+        ]
     if cfg.adaptive:
-        rows += [{"row": f"adaptive {first} b{b:g}", "group": "adaptive", "readout": first, "beta": b,
-                  "folder": f"adaptive_{first}/guided_b{b:g}"} for b in cfg.betas]
+        rows += [
+            {
+                "row": f"adaptive {first} b{b:g}",
+                "group": "adaptive",
+                "readout": first,
+                "beta": b,
+                "folder": f"adaptive_{first}/guided_b{b:g}",
+            }
+            for b in cfg.betas
+        ]
     return rows
 
 
-def run_matrix(target, tokenizer, tasks: list[dict], out_dir, cfg: MatrixConfig, *, settings: dict | None = None,
-               command: str = "", progress: bool = True) -> dict:
+def run_matrix(
+    target,
+    tokenizer,
+    tasks: list[dict],
+    out_dir,
+    cfg: MatrixConfig,
+    *,
+    settings: dict | None = None,
+    command: str = "",
+    progress: bool = True,
+) -> dict:
     """Run every sweep (resuming), then analyse and write summary.json, per_task.jsonl and report.md."""
     from draftguide.experiments.sweeps import run_beta_sweep
 
@@ -102,18 +148,55 @@ def run_matrix(target, tokenizer, tasks: list[dict], out_dir, cfg: MatrixConfig,
     out_dir = Path(out_dir)
     first = next(iter(cfg.readouts))
     common = dict(max_new_tokens=cfg.max_new_tokens, settings=settings, progress=progress)
-    sweeps = [(f"sweep_{first}", first, dict(betas=[0.0, *cfg.betas], noise="noise" in cfg.nulls, shuffle="shuffle" in cfg.nulls,
-                                             baselines=["greedy", *cfg.baselines], baseline_options=cfg.baseline_options,
-                                             guided_options=dict(cfg.guided_options)))]
-    sweeps += [(f"sweep_{label}", label, dict(betas=cfg.betas, noise=False, baselines=[], guided_options=dict(cfg.guided_options)))
-               for label in list(cfg.readouts)[1:]]
+    sweeps = [
+        (
+            f"sweep_{first}",
+            first,
+            dict(
+                betas=[0.0, *cfg.betas],
+                noise="noise" in cfg.nulls,
+                shuffle="shuffle" in cfg.nulls,
+                baselines=["greedy", *cfg.baselines],
+                baseline_options=cfg.baseline_options,
+                guided_options=dict(cfg.guided_options),
+            ),
+        )
+    ]
+    sweeps += [
+        (
+            f"sweep_{label}",
+            label,
+            dict(betas=cfg.betas, noise=False, baselines=[], guided_options=dict(cfg.guided_options)),
+        )
+        for label in list(cfg.readouts)[1:]
+    ]
     if cfg.ttt is not None:
-        sweeps += [(f"ttt_{label}", label, dict(betas=cfg.betas, noise=False, baselines=[],
-                                                guided_options=dict(cfg.guided_options) | {"ttt": cfg.ttt}))
-                   for label in cfg.ttt_readouts]
+        sweeps += [
+            (
+                f"ttt_{label}",
+                label,
+                dict(
+                    betas=cfg.betas,
+                    noise=False,
+                    baselines=[],
+                    guided_options=dict(cfg.guided_options) | {"ttt": cfg.ttt},
+                ),
+            )
+            for label in cfg.ttt_readouts
+        ]
     if cfg.adaptive:
-        sweeps.append((f"adaptive_{first}", first, dict(betas=cfg.betas, noise=False, baselines=[],
-                                                        guided_options=dict(cfg.guided_options) | {"beta_schedule": "adaptive"})))
+        sweeps.append(
+            (
+                f"adaptive_{first}",
+                first,
+                dict(
+                    betas=cfg.betas,
+                    noise=False,
+                    baselines=[],
+                    guided_options=dict(cfg.guided_options) | {"beta_schedule": "adaptive"},
+                ),
+            )
+        )
     for i, (folder, label, kw) in enumerate(sweeps, 1):
         if progress:
             print(f"== matrix [{i}/{len(sweeps)}] {folder}", flush=True)
@@ -121,10 +204,12 @@ def run_matrix(target, tokenizer, tasks: list[dict], out_dir, cfg: MatrixConfig,
     return finish_matrix(tasks, out_dir, cfg, settings=settings, command=command)
 
 
-def finish_matrix(tasks: list[dict], out_dir, cfg: MatrixConfig, *, settings: dict | None = None, command: str = "") -> dict:
+def finish_matrix(
+    tasks: list[dict], out_dir, cfg: MatrixConfig, *, settings: dict | None = None, command: str = ""
+) -> dict:
     """Analyse the finished runs of a matrix folder and write its outputs."""
-    from draftguide.reporting.runs import JsonlWriter, environment, write_json
     from draftguide.experiments.sweeps import _rows
+    from draftguide.reporting.runs import JsonlWriter, environment, write_json
 
     out_dir = Path(out_dir)
     results = {}
@@ -134,7 +219,13 @@ def finish_matrix(tasks: list[dict], out_dir, cfg: MatrixConfig, *, settings: di
             raise DraftGuideError(f"matrix row {r['row']!r}: no results in '{path.parent}'")
         results[r["row"]] = _rows(path)
     s = analyse(tasks, results, plan(cfg), cfg)
-    s |= {"kind": "matrix", "command": command, "config": asdict(cfg), "settings": settings or {}, "environment": environment()}
+    s |= {
+        "kind": "matrix",
+        "command": command,
+        "config": asdict(cfg),
+        "settings": settings or {},
+        "environment": environment(),
+    }
     with JsonlWriter(out_dir / "per_task.jsonl", mode="w") as w:
         for row in s.pop("per_task"):
             w.write(row)
@@ -151,9 +242,14 @@ def paired(rows: list[dict], ref: dict[str, int], n_boot: int, seed: int, alpha:
 
     pairs = [(r["task_id"], int(r["score"]) - ref[r["task_id"]]) for r in rows if r["task_id"] in ref]
     d = [x for _, x in pairs]
-    return {"n": len(d), "mean_diff": float(np.mean(d)) if d else float("nan"),
-            "ci": list(bootstrap_ci(d, n_boot=n_boot, alpha=alpha, seed=seed)), "level": 1 - alpha,
-            "fixed": [t for t, x in pairs if x > 0], "broken": [t for t, x in pairs if x < 0]}
+    return {
+        "n": len(d),
+        "mean_diff": float(np.mean(d)) if d else float("nan"),
+        "ci": list(bootstrap_ci(d, n_boot=n_boot, alpha=alpha, seed=seed)),
+        "level": 1 - alpha,
+        "fixed": [t for t, x in pairs if x > 0],
+        "broken": [t for t, x in pairs if x < 0],
+    }
 
 
 def _scores(rows: list[dict]) -> dict[str, int]:
@@ -172,7 +268,9 @@ def starts_word(text: str, prefix: str | None) -> bool:
     return re.search(r"(?<!\w)" + re.escape(prefix), text, re.IGNORECASE) is not None
 
 
-def flip_tags(rows: list[dict], tasks_by_id: dict[str, dict], greedy_resp: dict[str, str], outcome: dict[str, int]) -> dict:
+def flip_tags(
+    rows: list[dict], tasks_by_id: dict[str, dict], greedy_resp: dict[str, str], outcome: dict[str, int]
+) -> dict:
     """2.5: where a row's decoding left the target's argmax, with the diagnostic's whole-word tags: the guided
     token's word in the task's context (`context_text`), in context but not in greedy's response (`missed`:
     guidance brought in a context word greedy did not use), and whether the target's word (so far) starts a
@@ -186,7 +284,12 @@ def flip_tags(rows: list[dict], tasks_by_id: dict[str, dict], greedy_resp: dict[
         in_ctx = word is not None and find_word(ctx, word) is not None
         resp = greedy_resp.get(r["task_id"])
         missed = in_ctx and isinstance(resp, str) and find_word(resp, word) is None
-        return {"word": word is not None, "ctx": in_ctx, "missed": missed, "target_ctx": starts_word(ctx, f.get("target_word"))}
+        return {
+            "word": word is not None,
+            "ctx": in_ctx,
+            "missed": missed,
+            "target_ctx": starts_word(ctx, f.get("target_word")),
+        }
 
     groups = {"all": [], "first": [], "fixed": [], "broken": []}
     n_tok = sum(r.get("new_tokens", 0) for r in rows)
@@ -204,11 +307,21 @@ def flip_tags(rows: list[dict], tasks_by_id: dict[str, dict], greedy_resp: dict[
         ts = [t for t in ts if t["word"]] if key != "word" else ts
         return sum(t[key] for t in ts) / len(ts) if ts else float("nan")
 
-    return {"n_flips": len(groups["all"]), "new_tokens": n_tok,
-            "flips_per_token": len(groups["all"]) / n_tok if n_tok else float("nan"),
-            **{g: {"n": len(ts), "word_share": share(ts, "word"), "context_word": share(ts, "ctx"),
-                   "missed_context_word": share(ts, "missed"), "target_word_in_context": share(ts, "target_ctx")}
-               for g, ts in groups.items()}}
+    return {
+        "n_flips": len(groups["all"]),
+        "new_tokens": n_tok,
+        "flips_per_token": len(groups["all"]) / n_tok if n_tok else float("nan"),
+        **{
+            g: {
+                "n": len(ts),
+                "word_share": share(ts, "word"),
+                "context_word": share(ts, "ctx"),
+                "missed_context_word": share(ts, "missed"),
+                "target_word_in_context": share(ts, "target_ctx"),
+            }
+            for g, ts in groups.items()
+        },
+    }
 
 
 def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict], cfg: MatrixConfig) -> dict:
@@ -229,7 +342,9 @@ def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict],
         if r["group"] not in ("baseline", "sharpening"):
             outcome = {t: 1 for t in entry["vs_greedy"]["fixed"]} | {t: -1 for t in entry["vs_greedy"]["broken"]}
             entry["flips"] = flip_tags(rs, by_id, greedy_resp, outcome)
-            entry["mean_effective_beta"] = float(np.mean([x.get("mean_beta", r["beta"]) for x in rs])) if rs else float("nan")
+            entry["mean_effective_beta"] = (
+                float(np.mean([x.get("mean_beta", r["beta"]) for x in rs])) if rs else float("nan")
+            )
         table.append(entry)
     by_row = {e["row"]: e for e in table}
 
@@ -246,9 +361,18 @@ def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict],
                 vs_nulls[null] = paired(results[best["row"]], _scores(results[name]), cfg.n_boot, cfg.seed)
         beats_greedy = _above(adj)
         above_nulls = all(_above(p) for p in vs_nulls.values())
-        return {"row": best["row"], "readout": best["readout"], "beta": best["beta"], "family_size": len(fam),
-                "vs_greedy": best["vs_greedy"], "vs_greedy_bonferroni": adj, "vs_nulls": vs_nulls,
-                "beats_greedy": beats_greedy, "above_nulls": above_nulls, "holds": beats_greedy and above_nulls}
+        return {
+            "row": best["row"],
+            "readout": best["readout"],
+            "beta": best["beta"],
+            "family_size": len(fam),
+            "vs_greedy": best["vs_greedy"],
+            "vs_greedy_bonferroni": adj,
+            "vs_nulls": vs_nulls,
+            "beats_greedy": beats_greedy,
+            "above_nulls": above_nulls,
+            "holds": beats_greedy and above_nulls,
+        }
 
     d22, d23 = best_of("2.2"), best_of("2.3")
     ttt_over = None
@@ -269,11 +393,20 @@ def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict],
     best_sharp = max(sharp, key=lambda e: e["vs_greedy"]["mean_diff"]) if sharp else None
     vs_sharp = None
     if best_sharp is not None and d22 is not None:
-        vs_sharp = paired(results[d22["row"]], _scores(results[best_sharp["row"]]), cfg.n_boot, cfg.seed) | {"baseline": best_sharp["row"]}
-    per_task = [{"task_id": tid, "context_category": t["metadata"].get("context_category"),
-                 "sub_category": t["metadata"].get("sub_category"),
-                 "scores": {name: next((int(x["score"]) for x in rs if x["task_id"] == tid), None) for name, rs in results.items()}}
-                for tid, t in by_id.items()]
+        vs_sharp = paired(results[d22["row"]], _scores(results[best_sharp["row"]]), cfg.n_boot, cfg.seed) | {
+            "baseline": best_sharp["row"]
+        }
+    per_task = [
+        {
+            "task_id": tid,
+            "context_category": t["metadata"].get("context_category"),
+            "sub_category": t["metadata"].get("sub_category"),
+            "scores": {
+                name: next((int(x["score"]) for x in rs if x["task_id"] == tid), None) for name, rs in results.items()
+            },
+        }
+        for tid, t in by_id.items()
+    ]
     cats: dict[str, int] = {}
     for t in tasks:
         c = t["metadata"].get("context_category") or "(none)"
@@ -286,13 +419,32 @@ def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict],
             ctx = context_text(by_id[x["task_id"]])
             for f in x.get("flips", [])[:3]:
                 w = f.get("guided_word")
-                examples.append({"task_id": x["task_id"], "outcome": "fixed" if x["task_id"] in fixed else "broken" if x["task_id"] in broken else "same",
-                                 "i": f["i"], "target_text": f["target_text"], "guided_text": f["guided_text"], "guided_word": w,
-                                 "context_word": bool(w) and _find(ctx, w)})
+                examples.append(
+                    {
+                        "task_id": x["task_id"],
+                        "outcome": "fixed" if x["task_id"] in fixed else "broken" if x["task_id"] in broken else "same",
+                        "i": f["i"],
+                        "target_text": f["target_text"],
+                        "guided_text": f["guided_text"],
+                        "guided_word": w,
+                        "context_word": bool(w) and _find(ctx, w),
+                    }
+                )
         examples = examples[:MAX_EXAMPLES]
-    return {"n_tasks": len(tasks), "categories": cats, "rows": table, "best_2_2": d22, "best_2_3": d23, "ttt_over_twin": ttt_over,
-            "decision": row, "best_sharpening": best_sharp and best_sharp["row"], "best_2_2_vs_best_sharpening": vs_sharp,
-            "flip_examples": examples, "per_task": per_task, "row_names": list(by_row)}
+    return {
+        "n_tasks": len(tasks),
+        "categories": cats,
+        "rows": table,
+        "best_2_2": d22,
+        "best_2_3": d23,
+        "ttt_over_twin": ttt_over,
+        "decision": row,
+        "best_sharpening": best_sharp and best_sharp["row"],
+        "best_2_2_vs_best_sharpening": vs_sharp,
+        "flip_examples": examples,
+        "per_task": per_task,
+        "row_names": list(by_row),
+    }
 
 
 def _find(text, word) -> bool:
@@ -303,12 +455,19 @@ def _find(text, word) -> bool:
 
 # -- the report -------------------------------------------------------------------------------------------
 NEXT_STEPS = [
-    ("activation-space intervention (steer the target's residual stream with the readout instead of mixing logits)",
-     "not supported yet"),
-    ("top-k constrained guidance (guidance may only re-rank the target's top-k tokens)",
-     "supported: `--guard-top-k K` (eval / sweep beta / matrix / generate; option `guard_top_k`)"),
-    ("per-token divergence gating (guide only where target and readout disagree)",
-     "supported: `--beta-schedule adaptive` (beta_t = beta * JS / ln 2; the matrix's adaptive rows); a hard gate is not"),
+    (
+        "activation-space intervention (steer the target's residual stream with the readout instead of mixing logits)",
+        "not supported yet",
+    ),
+    (
+        "top-k constrained guidance (guidance may only re-rank the target's top-k tokens)",
+        "supported: `--guard-top-k K` (eval / sweep beta / matrix / generate; option `guard_top_k`)",
+    ),
+    (
+        "per-token divergence gating (guide only where target and readout disagree)",
+        "supported: `--beta-schedule adaptive` (beta_t = beta * JS / ln 2; the matrix's adaptive rows); a hard gate is "
+        "not",
+    ),
 ]
 
 
@@ -324,77 +483,150 @@ def _decide_text(name: str, d: dict | None) -> str:
     if d is None:
         return f"- {name}: not run."
     v, a = d["vs_greedy"], d["vs_greedy_bonferroni"]
-    nulls = "; ".join(f"vs {k} null at beta {d['beta']:g}: {p['mean_diff']:+.3f} {_ci(p['ci'])}" for k, p in d["vs_nulls"].items()) or "no null run"
-    verdict = ("beats greedy and the nulls" if d["holds"] else "beats greedy but not the nulls (not counted)" if d["beats_greedy"]
-               else "does not beat greedy")
-    return (f"- {name}: best configuration `{d['row']}` (of {d['family_size']}): paired difference to greedy {v['mean_diff']:+.3f}, "
-            f"95% CI {_ci(v['ci'])}, Bonferroni ({a['level']:.4f}) CI {_ci(a['ci'])}, fixed {len(v['fixed'])} / broken "
-            f"{len(v['broken'])} of {v['n']}; {nulls}. Verdict: {verdict}.")
+    nulls = (
+        "; ".join(
+            f"vs {k} null at beta {d['beta']:g}: {p['mean_diff']:+.3f} {_ci(p['ci'])}" for k, p in d["vs_nulls"].items()
+        )
+        or "no null run"
+    )
+    verdict = (
+        "beats greedy and the nulls"
+        if d["holds"]
+        else "beats greedy but not the nulls (not counted)"
+        if d["beats_greedy"]
+        else "does not beat greedy"
+    )
+    return (
+        f"- {name}: best configuration `{d['row']}` (of {d['family_size']}): paired difference to greedy "
+        f"{v['mean_diff']:+.3f}, "
+        f"95% CI {_ci(v['ci'])}, Bonferroni ({a['level']:.4f}) CI {_ci(a['ci'])}, fixed {len(v['fixed'])} / broken "
+        f"{len(v['broken'])} of {v['n']}; {nulls}. Verdict: {verdict}."
+    )
 
 
 def report_markdown(s: dict) -> str:
     cfg = s["config"]
-    out = ["# The decision matrix: draft guidance vs greedy decoding", "",
-           f"{s['n_tasks']} tasks ({', '.join(f'{k}: {v}' for k, v in s['categories'].items())}); readouts: "
-           + ", ".join(f"{k} = `{v}`" for k, v in cfg["readouts"].items())
-           + f"; betas {', '.join(f'{b:g}' for b in cfg['betas'])}; {cfg['max_new_tokens']} new tokens; scored by the tasks' rule checks.", "",
-           "## Rows", "", "Solve rate with its 95% bootstrap CI over tasks; the paired per-task difference to greedy (95% CI) and "
-           "the tasks fixed / broken against greedy.", "",
-           "| group | row | n | solve rate [95% CI] | vs greedy [95% CI] | fixed / broken |", "| --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "# The decision matrix: draft guidance vs greedy decoding",
+        "",
+        f"{s['n_tasks']} tasks ({', '.join(f'{k}: {v}' for k, v in s['categories'].items())}); readouts: "
+        + ", ".join(f"{k} = `{v}`" for k, v in cfg["readouts"].items())
+        + f"; betas {', '.join(f'{b:g}' for b in cfg['betas'])}; {cfg['max_new_tokens']} new tokens; scored by the "
+        "tasks' rule checks.",
+        "",
+        "## Rows",
+        "",
+        "Solve rate with its 95% bootstrap CI over tasks; the paired per-task difference to greedy (95% CI) and "
+        "the tasks fixed / broken against greedy.",
+        "",
+        "| group | row | n | solve rate [95% CI] | vs greedy [95% CI] | fixed / broken |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for e in s["rows"]:
         v = e.get("vs_greedy")
         vs = f"{v['mean_diff']:+.3f} {_ci(v['ci'])}" if v else "(reference)"
         fb = f"{len(v['fixed'])} / {len(v['broken'])}" if v else "-"
-        out.append(f"| {e['group']} | {e['row']} | {e['n']} | {e['solve_rate']:.3f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] | {vs} | {fb} |")
-    out += ["", "## Which row of the decision matrix holds", "",
-            f"**{s['decision']}.**", "",
-            "Rule: a family beats greedy when its best configuration's paired difference to greedy has a Bonferroni-widened "
-            "bootstrap CI (over the family's configurations) above 0 and its paired difference to each null at the same beta "
-            "has a 95% CI above 0; 2.3 > 2.2 when the best TTT configuration beats its no-TTT twin (95% CI above 0).", "",
-            _decide_text("2.2 guided without TTT", s["best_2_2"]), _decide_text("2.3 TTT + guided", s["best_2_3"])]
+        out.append(
+            f"| {e['group']} | {e['row']} | {e['n']} | {e['solve_rate']:.3f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] "
+            f"| {vs} | {fb} |"
+        )
+    out += [
+        "",
+        "## Which row of the decision matrix holds",
+        "",
+        f"**{s['decision']}.**",
+        "",
+        "Rule: a family beats greedy when its best configuration's paired difference to greedy has a "
+        "Bonferroni-widened "
+        "bootstrap CI (over the family's configurations) above 0 and its paired difference to each null at the same "
+        "beta "
+        "has a 95% CI above 0; 2.3 > 2.2 when the best TTT configuration beats its no-TTT twin (95% CI above 0).",
+        "",
+        _decide_text("2.2 guided without TTT", s["best_2_2"]),
+        _decide_text("2.3 TTT + guided", s["best_2_3"]),
+    ]
     t = s.get("ttt_over_twin")
     if t:
         out.append(f"- 2.3 vs 2.2: `{s['best_2_3']['row']}` minus `{t['twin']}`: {t['mean_diff']:+.3f} {_ci(t['ci'])}.")
     vs = s.get("best_2_2_vs_best_sharpening")
     if vs:
-        out.append(f"- Against the best sharpening baseline (`{vs['baseline']}`): `{s['best_2_2']['row']}` minus it "
-                   f"{vs['mean_diff']:+.3f} {_ci(vs['ci'])}.")
+        out.append(
+            f"- Against the best sharpening baseline (`{vs['baseline']}`): `{s['best_2_2']['row']}` minus it "
+            f"{vs['mean_diff']:+.3f} {_ci(vs['ci'])}."
+        )
     if s["decision"] == "all about baseline":
-        out += ["", "This is a null result: no guided configuration beats greedy decoding by more than the CIs allow (and more "
-                "than the null controls give). Next steps of the research plan, and what the project supports:", ""]
+        out += [
+            "",
+            "This is a null result: no guided configuration beats greedy decoding by more than the CIs allow (and more "
+            "than the null controls give). Next steps of the research plan, and what the project supports:",
+            "",
+        ]
     else:
         out += ["", "Next steps of the research plan, and what the project supports:", ""]
     out += [f"- {what}: {how}." for what, how in NEXT_STEPS]
-    out += ["", "## 2.5: where guidance changes the output", "",
-            "Flips: new tokens where the row's choice differs from the target's argmax. The guided token's word (a run of word "
-            "characters, as the diagnostic v2 tags) is tagged *context word* when it occurs as a whole word in the task's context "
-            "(system and user turns), *missed* when it is a context word that greedy's response does not use; the target's word "
-            "is known only up to the flipped token's end (its continuation was not decoded), tagged when a context word starts "
-            "with it. *first*: each task's first flip, the only one on greedy's own path. The null rows give the chance level.", "",
-            "| row | flips / token | flips | guided word in context (all / first / fixed / broken) | missed context word (all / first) | target word in context (all / first) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    out += [
+        "",
+        "## 2.5: where guidance changes the output",
+        "",
+        "Flips: new tokens where the row's choice differs from the target's argmax. The guided token's word (a run of "
+        "word "
+        "characters, as the diagnostic v2 tags) is tagged *context word* when it occurs as a whole word in the task's "
+        "context "
+        "(system and user turns), *missed* when it is a context word that greedy's response does not use; the target's "
+        "word "
+        "is known only up to the flipped token's end (its continuation was not decoded), tagged when a context word "
+        "starts "
+        "with it. *first*: each task's first flip, the only one on greedy's own path. The null rows give the chance "
+        "level.",
+        "",
+        "| row | flips / token | flips | guided word in context (all / first / fixed / broken) | missed context word "
+        "(all / first) | target word in context (all / first) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for e in s["rows"]:
         f = e.get("flips")
         if not f:
             continue
-        out.append(f"| {e['row']} | {_pct(f['flips_per_token'])} | {f['n_flips']} | {_pct(f['all']['context_word'])} / "
-                   f"{_pct(f['first']['context_word'])} / {_pct(f['fixed']['context_word'])} / {_pct(f['broken']['context_word'])} | "
-                   f"{_pct(f['all']['missed_context_word'])} / {_pct(f['first']['missed_context_word'])} | "
-                   f"{_pct(f['all']['target_word_in_context'])} / {_pct(f['first']['target_word_in_context'])} |")
+        out.append(
+            f"| {e['row']} | {_pct(f['flips_per_token'])} | {f['n_flips']} | {_pct(f['all']['context_word'])} / "
+            f"{_pct(f['first']['context_word'])} / {_pct(f['fixed']['context_word'])} / "
+            f"{_pct(f['broken']['context_word'])} | "
+            f"{_pct(f['all']['missed_context_word'])} / {_pct(f['first']['missed_context_word'])} | "
+            f"{_pct(f['all']['target_word_in_context'])} / {_pct(f['first']['target_word_in_context'])} |"
+        )
     if s["flip_examples"]:
-        out += ["", "Example flips of the best guided configuration (tasks fixed first, then broken):", "",
-                "| task | outcome | offset | target token | guided token | guided word | context word |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        out += [
+            "",
+            "Example flips of the best guided configuration (tasks fixed first, then broken):",
+            "",
+            "| task | outcome | offset | target token | guided token | guided word | context word |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for x in s["flip_examples"]:
             tt, gt = (repr(x[k]).replace("|", "\\|") for k in ("target_text", "guided_text"))
-            out.append(f"| {x['task_id']} | {x['outcome']} | {x['i']} | `{tt}` | `{gt}` | {x['guided_word']} | {x['context_word']} |")
-    out += ["", "## Runs this report refers to but does not run", "",
-            "The TTT diagnostic and delta-tau (plan 1.3 / 1.4) and the TTT sweep (1.5) are separate runs (CPU time): run them "
-            "and pass their folders to `draftguide report` next to this one:", "",
-            "    draftguide diagnose --drafts smollm2-135m-readout,smollm2-135m-dflash --ttt --tasks builtin --out runs/diagnose_ttt_readout",
-            "    draftguide diagnose --drafts smollm2-135m-dflash,smollm2-135m-readout --ttt --tasks builtin --out runs/diagnose_ttt_dflash",
-            "    draftguide ttt-tau --draft smollm2-135m-dflash --out runs/ttt_tau   # tau needs a speculative draft",
-            "    draftguide sweep ttt --draft smollm2-135m-dflash --steps 0,4,16,64 --lr 3e-4,1e-3,3e-3 --rank 4,8,16 --out runs/sweep_ttt",
-            "", "Per-task scores of every row: `per_task.jsonl`; each row's own run folder holds its results.jsonl.", ""]
+            out.append(
+                f"| {x['task_id']} | {x['outcome']} | {x['i']} | `{tt}` | `{gt}` | {x['guided_word']} | "
+                f"{x['context_word']} |"
+            )
+    out += [
+        "",
+        "## Runs this report refers to but does not run",
+        "",
+        "The TTT diagnostic and delta-tau (plan 1.3 / 1.4) and the TTT sweep (1.5) are separate runs (CPU time): run "
+        "them "
+        "and pass their folders to `draftguide report` next to this one:",
+        "",
+        "    draftguide diagnose --drafts smollm2-135m-readout,smollm2-135m-dflash --ttt --tasks builtin --out "
+        "runs/diagnose_ttt_readout",
+        "    draftguide diagnose --drafts smollm2-135m-dflash,smollm2-135m-readout --ttt --tasks builtin --out "
+        "runs/diagnose_ttt_dflash",
+        "    draftguide ttt-tau --draft smollm2-135m-dflash --out runs/ttt_tau   # tau needs a speculative draft",
+        "    draftguide sweep ttt --draft smollm2-135m-dflash --steps 0,4,16,64 --lr 3e-4,1e-3,3e-3 --rank 4,8,16 "
+        "--out runs/sweep_ttt",
+        "",
+        "Per-task scores of every row: `per_task.jsonl`; each row's own run folder holds its results.jsonl.",
+        "",
+    ]
     return "\n".join(out)
 
 

@@ -47,8 +47,14 @@ def _sklearn():
     return LogisticRegression, GroupKFold, make_pipeline, StandardScaler
 
 
-def cv_predictions(X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = DEFAULT_FOLDS, C: float = 1.0,
-                   intercept: bool = False) -> np.ndarray:
+def cv_predictions(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    folds: int = DEFAULT_FOLDS,
+    C: float = 1.0,
+    intercept: bool = False,
+) -> np.ndarray:
     """Out-of-fold P(y = 1) per example, folds grouped by `groups` (a group is never split across folds).
     # X: [n, d], y: [n] in {0, 1}, groups: [n] -> [n]"""
     LogisticRegression, GroupKFold, make_pipeline, StandardScaler = _sklearn()
@@ -82,14 +88,29 @@ def shuffle_labels(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator) 
     return np.where(flip == 1, 1 - y, y)
 
 
-def probe_accuracy(X: np.ndarray, y: np.ndarray, groups: np.ndarray, *, folds: int = DEFAULT_FOLDS, n_boot: int = 1000,
-                   shuffles: int = 5, seed: int = 0, C: float = 1.0, intercept: bool = False) -> dict:
+def probe_accuracy(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    n_boot: int = 1000,
+    shuffles: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    intercept: bool = False,
+) -> dict:
     """Cross-validated probe accuracy with a bootstrap CI over groups, and the same for the shuffled-label
     control (mean over `shuffles` label shufflings)."""
     X, y, groups = np.asarray(X, dtype=np.float64), np.asarray(y).astype(int), np.asarray(groups)
     correct = ((cv_predictions(X, y, groups, folds, C, intercept) > 0.5) == (y == 1)).astype(float)
-    out = {"accuracy": float(correct.mean()), "ci95": group_bootstrap(correct, groups, n_boot, seed),
-           "n_examples": int(len(y)), "n_groups": int(len(np.unique(groups))), "folds": int(min(folds, len(np.unique(groups))))}
+    out = {
+        "accuracy": float(correct.mean()),
+        "ci95": group_bootstrap(correct, groups, n_boot, seed),
+        "n_examples": int(len(y)),
+        "n_groups": int(len(np.unique(groups))),
+        "folds": int(min(folds, len(np.unique(groups)))),
+    }
     if shuffles:
         rng = np.random.default_rng(seed + 1)
         runs = []
@@ -97,8 +118,12 @@ def probe_accuracy(X: np.ndarray, y: np.ndarray, groups: np.ndarray, *, folds: i
             ys = shuffle_labels(y, groups, rng)
             runs.append(((cv_predictions(X, ys, groups, folds, C, intercept) > 0.5) == (ys == 1)).astype(float))
         pooled = np.mean(runs, 0)
-        out["shuffled"] = {"accuracy": float(pooled.mean()), "ci95": group_bootstrap(pooled, groups, n_boot, seed),
-                           "per_shuffle": [float(r.mean()) for r in runs], "n_shuffles": shuffles}
+        out["shuffled"] = {
+            "accuracy": float(pooled.mean()),
+            "ci95": group_bootstrap(pooled, groups, n_boot, seed),
+            "per_shuffle": [float(r.mean()) for r in runs],
+            "n_shuffles": shuffles,
+        }
     return out
 
 
@@ -141,9 +166,17 @@ def task_representations(target, tokenizer, draft, task: dict) -> dict | None:
     r_tok, s_tok = r_ids[common], d_ids[common]
     t_logits = out.logits[0, -1].float()
     d_logits = draft.logits(h[None, None], target)[0, 0].float()
-    return {"reps": {k: v.float().cpu() for k, v in reps.items()}, "answer_pos": a, "prompt_len": prompt.shape[1],
-            "common_prefix": common, "tokens": [r_tok, s_tok],
-            "zero_shot": {"target_last": float(t_logits[r_tok] - t_logits[s_tok]), "draft": float(d_logits[r_tok] - d_logits[s_tok])}}
+    return {
+        "reps": {k: v.float().cpu() for k, v in reps.items()},
+        "answer_pos": a,
+        "prompt_len": prompt.shape[1],
+        "common_prefix": common,
+        "tokens": [r_tok, s_tok],
+        "zero_shot": {
+            "target_last": float(t_logits[r_tok] - t_logits[s_tok]),
+            "draft": float(d_logits[r_tok] - d_logits[s_tok]),
+        },
+    }
 
 
 def pair_features(h: torch.Tensor, head: torch.Tensor, r_tok: int, s_tok: int) -> np.ndarray:
@@ -171,14 +204,29 @@ def collect(target, tokenizer, draft, tasks: list[dict], progress: bool = True) 
         ctx = m.get("context_id") or m["task_id"]
         y += [1, 0]
         groups += [ctx, ctx]
-        rows.append({"task_id": m["task_id"], "context_id": ctx, "context_category": m.get("context_category"),
-                     "sub_category": m.get("sub_category"), "reference_answer": task["reference_answer"],
-                     "distractor_answer": task["distractor_answer"], "answer_pos": got["answer_pos"],
-                     "prompt_len": got["prompt_len"], "common_prefix": got["common_prefix"],
-                     "tokens": got["tokens"], "tokens_text": [tokenizer.decode([t]) for t in got["tokens"]],
-                     "zero_shot_logit_diff": got["zero_shot"]})
-    return {"X": {k: np.stack(v) for k, v in X.items()}, "y": np.array(y), "groups": np.array(groups), "rows": rows,
-            "skipped": skipped}
+        rows.append(
+            {
+                "task_id": m["task_id"],
+                "context_id": ctx,
+                "context_category": m.get("context_category"),
+                "sub_category": m.get("sub_category"),
+                "reference_answer": task["reference_answer"],
+                "distractor_answer": task["distractor_answer"],
+                "answer_pos": got["answer_pos"],
+                "prompt_len": got["prompt_len"],
+                "common_prefix": got["common_prefix"],
+                "tokens": got["tokens"],
+                "tokens_text": [tokenizer.decode([t]) for t in got["tokens"]],
+                "zero_shot_logit_diff": got["zero_shot"],
+            }
+        )
+    return {
+        "X": {k: np.stack(v) for k, v in X.items()},
+        "y": np.array(y),
+        "groups": np.array(groups),
+        "rows": rows,
+        "skipped": skipped,
+    }
 
 
 def zero_shot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -188,19 +236,30 @@ def zero_shot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int = 10
     return {"accuracy": float(correct.mean()), "ci95": group_bootstrap(correct, groups, n_boot, seed)}
 
 
-def analyse(data: dict, *, folds: int = DEFAULT_FOLDS, n_boot: int = 1000, shuffles: int = 5, seed: int = 0, C: float = 1.0) -> dict:
+def analyse(
+    data: dict, *, folds: int = DEFAULT_FOLDS, n_boot: int = 1000, shuffles: int = 5, seed: int = 0, C: float = 1.0
+) -> dict:
     """Probe accuracy (with CI and shuffled control) and zero-shot accuracy per representation."""
     y, g = data["y"], data["groups"]
     if len(np.unique(g)) < 2:
-        raise DraftGuideError(f"probes need at least 2 usable tasks (contexts), got {len(np.unique(g))} "
-                              f"({len(data['skipped'])} skipped: answers that never differ in a token)")
+        raise DraftGuideError(
+            f"probes need at least 2 usable tasks (contexts), got {len(np.unique(g))} "
+            f"({len(data['skipped'])} skipped: answers that never differ in a token)"
+        )
     reps = {}
     for name, X in data["X"].items():
         reps[name] = probe_accuracy(X, y, g, folds=folds, n_boot=n_boot, shuffles=shuffles, seed=seed, C=C)
         reps[name]["zero_shot"] = zero_shot(X, y, g, n_boot, seed)
         reps[name]["dim"] = int(X.shape[1])
-    return {"representations": reps, "n_tasks": len(data["rows"]), "n_skipped": len(data["skipped"]),
-            "skipped": data["skipped"][:50], "folds": folds, "shuffles": shuffles, "C": C}
+    return {
+        "representations": reps,
+        "n_tasks": len(data["rows"]),
+        "n_skipped": len(data["skipped"]),
+        "skipped": data["skipped"][:50],
+        "folds": folds,
+        "shuffles": shuffles,
+        "C": C,
+    }
 
 
 # -- the run folder ---------------------------------------------------------------------------------
@@ -212,17 +271,26 @@ def order(names) -> list[str]:
 
 def probe_markdown(s: dict) -> str:
     cmd = s.get("command") or "(library call)"
-    lines = ["# Linear probes at the answer position: reference vs distractor", "", f"Command: `{cmd}`", "",
-             f"{s['n_tasks']} tasks ({s['n_skipped']} skipped: answers that never differ in a token); {s['folds']}-fold "
-             "cross-validation grouped by context; logistic regression on x = h * (u_ref - u_distractor) (standardised, "
-             f"no intercept, C = {s['C']:g}); shuffled control: labels flipped per context by a fair coin, mean of "
-             f"{s['shuffles']} shufflings; zero-shot: the unfitted probe (the sign of the logit difference). "
-             "[95% bootstrap CI over contexts.]", "",
-             "| representation | dim | probe accuracy | shuffled labels | zero-shot (logit difference) |", "|---|---|---|---|---|"]
+    lines = [
+        "# Linear probes at the answer position: reference vs distractor",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"{s['n_tasks']} tasks ({s['n_skipped']} skipped: answers that never differ in a token); {s['folds']}-fold "
+        "cross-validation grouped by context; logistic regression on x = h * (u_ref - u_distractor) (standardised, "
+        f"no intercept, C = {s['C']:g}); shuffled control: labels flipped per context by a fair coin, mean of "
+        f"{s['shuffles']} shufflings; zero-shot: the unfitted probe (the sign of the logit difference). "
+        "[95% bootstrap CI over contexts.]",
+        "",
+        "| representation | dim | probe accuracy | shuffled labels | zero-shot (logit difference) |",
+        "|---|---|---|---|---|",
+    ]
     f = lambda r: f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
     for name in order(s["representations"]):
         r = s["representations"][name]
-        lines.append(f"| {name} | {r['dim']} | {f(r)} | {f(r['shuffled']) if 'shuffled' in r else '-'} | {f(r['zero_shot'])} |")
+        lines.append(
+            f"| {name} | {r['dim']} | {f(r)} | {f(r['shuffled']) if 'shuffled' in r else '-'} | {f(r['zero_shot'])} |"
+        )
     return "\n".join(lines + ["", "![probe](probe.png)", ""])
 
 
@@ -233,8 +301,13 @@ def probe_figure(s: dict, path: str | Path) -> None:
     names = order(s["representations"])
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.8))
     x = np.arange(len(names))
-    for i, (key, label, colour) in enumerate((("probe", "probe (CV)", "#4c72b0"), ("shuffled", "shuffled labels", "#c7c7c7"),
-                                              ("zero_shot", "zero-shot logit diff", "#dd8452"))):
+    for i, (key, label, colour) in enumerate(
+        (
+            ("probe", "probe (CV)", "#4c72b0"),
+            ("shuffled", "shuffled labels", "#c7c7c7"),
+            ("zero_shot", "zero-shot logit diff", "#dd8452"),
+        )
+    ):
         vals, err = [], [[], []]
         for n in names:
             r = s["representations"][n]
@@ -254,9 +327,22 @@ def probe_figure(s: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def run_probe(target, tokenizer, draft, tasks: list[dict], out_dir: str | Path, *, folds: int = DEFAULT_FOLDS,
-              n_boot: int = 1000, shuffles: int = 5, seed: int = 0, C: float = 1.0, command: str | None = None,
-              settings: dict | None = None, progress: bool = True) -> dict:
+def run_probe(
+    target,
+    tokenizer,
+    draft,
+    tasks: list[dict],
+    out_dir: str | Path,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    n_boot: int = 1000,
+    shuffles: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    command: str | None = None,
+    settings: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Collect, probe, and write `examples.jsonl`, `features.npz`, `summary.json`, `report.md` and `probe.png`."""
     from draftguide.reporting.runs import JsonlWriter, environment, write_json
 
@@ -266,16 +352,33 @@ def run_probe(target, tokenizer, draft, tasks: list[dict], out_dir: str | Path, 
     with JsonlWriter(out_dir / "examples.jsonl", mode="w") as w:
         for r in data["rows"]:
             w.write(r)
-    np.savez_compressed(out_dir / "features.npz", y=data["y"], groups=data["groups"], **{f"X_{k}": v for k, v in data["X"].items()})
+    np.savez_compressed(
+        out_dir / "features.npz", y=data["y"], groups=data["groups"], **{f"X_{k}": v for k, v in data["X"].items()}
+    )
     s = analyse(data, folds=folds, n_boot=n_boot, shuffles=shuffles, seed=seed, C=C)
-    s |= {"kind": "probe", "target_layer_ids": list(draft.target_layer_ids),
-          "context_includes_anchor": bool(draft.context_includes_anchor), "command": command, "settings": settings or {},
-          "environment": environment()}
+    s |= {
+        "kind": "probe",
+        "target_layer_ids": list(draft.target_layer_ids),
+        "context_includes_anchor": bool(draft.context_includes_anchor),
+        "command": command,
+        "settings": settings or {},
+        "environment": environment(),
+    }
     write_json(out_dir / "summary.json", s)
     probe_figure(s, out_dir / "probe.png")
     (out_dir / "report.md").write_text(probe_markdown(s))
     return s
 
 
-__all__ = ["analyse", "answer_split", "collect", "cv_predictions", "group_bootstrap", "pair_features", "probe_accuracy",
-           "run_probe", "shuffle_labels", "task_representations"]
+__all__ = [
+    "analyse",
+    "answer_split",
+    "collect",
+    "cv_predictions",
+    "group_bootstrap",
+    "pair_features",
+    "probe_accuracy",
+    "run_probe",
+    "shuffle_labels",
+    "task_representations",
+]

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from draftguide.decode.speculative import _now, cache_kwarg, draft_read_step, greedy_generate, measure_verify_costs, speculative_generate
+from draftguide.decode.speculative import (
+    _now,
+    draft_read_step,
+    greedy_generate,
+    measure_verify_costs,
+    speculative_generate,
+)
 from draftguide.modeling.targets import extract_features
 
 CONTEXT_LENS = (256, 512, 1024, 2048, 4096)
@@ -46,7 +52,10 @@ def expert_fraction(model) -> float:
     """Share of a mixture-of-experts layer's experts one token runs (`num_experts_per_tok / num_experts`; 1 for
     a dense model)."""
     c = model.config.get_text_config()
-    n, k = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None), getattr(c, "num_experts_per_tok", None)
+    n, k = (
+        getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None),
+        getattr(c, "num_experts_per_tok", None),
+    )
     return min(1.0, k / n) if n and k else 1.0
 
 
@@ -78,20 +87,33 @@ def memory_estimate(config, dtype: torch.dtype = torch.bfloat16, context_tokens:
     weights = sum(p.numel() for p in model.parameters()) * size
     c = model.config.get_text_config()
     kv = kv_bytes_per_token(model)
-    out = {"params": sum(p.numel() for p in model.parameters()), "weight_bytes": weights,
-           "weight_bytes_read_per_token": weight_bytes_per_token(model), "expert_fraction": expert_fraction(model),
-           "kv_bytes_per_token": kv, "context_tokens": context_tokens, "kv_bytes_at_context": kv * context_tokens,
-           "dtype": str(dtype).replace("torch.", "")}
+    out = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": weights,
+        "weight_bytes_read_per_token": weight_bytes_per_token(model),
+        "expert_fraction": expert_fraction(model),
+        "kv_bytes_per_token": kv,
+        "context_tokens": context_tokens,
+        "kv_bytes_at_context": kv * context_tokens,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     if draft_config is not None:
         from draftguide.modeling.draft import DFlashDraft
 
         with torch.device("meta"):
             d = DFlashDraft(draft_config)
         n_feat = len(d.target_layer_ids)
-        out |= {"draft_params": sum(p.numel() for p in d.parameters()), "draft_weight_bytes": sum(p.numel() for p in d.parameters()) * size,
-                "feature_bytes_per_token": n_feat * c.hidden_size * size}
-    out["total_bytes_at_context"] = out["weight_bytes"] + out["kv_bytes_at_context"] + out.get("draft_weight_bytes", 0) + \
-        out.get("feature_bytes_per_token", 0) * context_tokens
+        out |= {
+            "draft_params": sum(p.numel() for p in d.parameters()),
+            "draft_weight_bytes": sum(p.numel() for p in d.parameters()) * size,
+            "feature_bytes_per_token": n_feat * c.hidden_size * size,
+        }
+    out["total_bytes_at_context"] = (
+        out["weight_bytes"]
+        + out["kv_bytes_at_context"]
+        + out.get("draft_weight_bytes", 0)
+        + out.get("feature_bytes_per_token", 0) * context_tokens
+    )
     return out
 
 
@@ -115,8 +137,15 @@ def prefill_curve(target, draft, lens: list[int], repeats: int) -> list[dict]:
 
         t = timed(run, repeats, dev)  # its warm-up run is the only untimed prefill
         d, size = draft.fc.in_features, target.get_input_embeddings().weight.element_size()  # fc reads n*k*d features
-        rows.append({"context_len": n, **t, "tokens_per_s": n / t["median_s"],
-                     "features_bytes": n * d * size, "kv_cache_bytes": n * kv_bytes_per_token(target)})
+        rows.append(
+            {
+                "context_len": n,
+                **t,
+                "tokens_per_s": n / t["median_s"],
+                "features_bytes": n * d * size,
+                "kv_cache_bytes": n * kv_bytes_per_token(target),
+            }
+        )
     return rows
 
 
@@ -134,21 +163,29 @@ def draft_costs(target, draft, context_len: int, anchors: int, repeats: int) -> 
 
     m = min(anchors, context_len - 1)
     starts = torch.linspace(0, context_len - 1, m, device=dev).long()[None]  # [1, m]
-    multi = timed(lambda: multi_block_hidden(draft, target, feats[:, :context_len], ids[:, :context_len], starts), repeats, dev)
-    return {"context_len": context_len, "block_size": B, "block_step": timed(lambda: read(B - 1), repeats, dev),
-            "multi_anchor": multi | {"anchors": m, "query_tokens": m * B}}
+    multi = timed(
+        lambda: multi_block_hidden(draft, target, feats[:, :context_len], ids[:, :context_len], starts), repeats, dev
+    )
+    return {
+        "context_len": context_len,
+        "block_size": B,
+        "block_step": timed(lambda: read(B - 1), repeats, dev),
+        "multi_anchor": multi | {"anchors": m, "query_tokens": m * B},
+    }
 
 
 def _prompt_ids(tokenizer, target) -> torch.Tensor:
     from draftguide.modeling.prompts import BUILTIN_PROMPTS, encode_prompt
 
-    row = BUILTIN_PROMPTS[3] if tokenizer.chat_template is not None else {"prompt": "Explain photosynthesis to a child."}
+    row = (
+        BUILTIN_PROMPTS[3] if tokenizer.chat_template is not None else {"prompt": "Explain photosynthesis to a child."}
+    )
     return encode_prompt(tokenizer, row).to(next(target.parameters()).device)
 
 
 def decode_costs(target, tokenizer, draft, new_tokens: int, repeats: int) -> dict:
     """Greedy decode speed and achieved weight bandwidth; a speculative step against a target verify."""
-    dev = next(target.parameters()).device
+    next(target.parameters()).device
     ids = _prompt_ids(tokenizer, target)
     # no stop tokens: every run decodes exactly `new_tokens` and the rates compare like with like
     greedy = [greedy_generate(target, ids, new_tokens)[1] for _ in range(repeats + 1)][1:]
@@ -158,14 +195,19 @@ def decode_costs(target, tokenizer, draft, new_tokens: int, repeats: int) -> dic
     steps = [len(s.acceptance_lengths) for s in spec]
     verify = measure_verify_costs(target, context_len=ids.shape[1], max_tokens=draft.block_size, repeats=repeats)
     return {
-        "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "n": repeats,
-        "greedy_s_per_token": per_tok, "greedy_tokens_per_s": 1 / per_tok,
-        "weight_bytes_per_token": wbytes, "kv_bytes_per_context_token": kv_bytes_per_token(target),
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": new_tokens,
+        "n": repeats,
+        "greedy_s_per_token": per_tok,
+        "greedy_tokens_per_s": 1 / per_tok,
+        "weight_bytes_per_token": wbytes,
+        "kv_bytes_per_context_token": kv_bytes_per_token(target),
         "achieved_bandwidth_GBps": wbytes / per_tok / 1e9,
         "speculative_step_s": statistics.median(s.decode_s / max(n, 1) for s, n in zip(spec, steps)),
         "speculative_tau": statistics.median(s.tau for s in spec),
         "speculative_tokens_per_s": statistics.median(s.num_new_tokens / s.total_s for s in spec),
-        "verify_1_s": verify[0], f"verify_{draft.block_size}_s": verify[-1],
+        "verify_1_s": verify[0],
+        f"verify_{draft.block_size}_s": verify[-1],
     }
 
 
@@ -177,8 +219,14 @@ def memory_bandwidth(device, megabytes: int = 256, repeats: int = 3) -> dict:
     dst = torch.empty_like(src)
     copy = timed(lambda: dst.copy_(src), repeats, device)
     read = timed(lambda: src.sum(), repeats, device)
-    return {"bytes": n * 4, "n": repeats, "copy_s": copy["min_s"], "read_s": read["min_s"],
-            "copy_GBps": 2 * n * 4 / copy["min_s"] / 1e9, "read_GBps": n * 4 / read["min_s"] / 1e9}
+    return {
+        "bytes": n * 4,
+        "n": repeats,
+        "copy_s": copy["min_s"],
+        "read_s": read["min_s"],
+        "copy_GBps": 2 * n * 4 / copy["min_s"] / 1e9,
+        "read_GBps": n * 4 / read["min_s"] / 1e9,
+    }
 
 
 def ttt_cost(target, draft, context_len: int, steps: int, prefill_s: float | None) -> dict:
@@ -194,9 +242,18 @@ def ttt_cost(target, draft, context_len: int, steps: int, prefill_s: float | Non
     adapted.reset()
     step_s = r.seconds / max(r.steps, 1)  # `seconds` covers the training steps only
     base = prefill_s or r.prefill_seconds
-    return {"available": True, "context_len": context_len, "steps": r.steps, "step_s": step_s, "seconds": r.seconds,
-            "prefill_seconds": r.prefill_seconds, "eval_seconds": r.eval_seconds, "peak_mem_bytes": r.peak_mem_bytes,
-            "peak_mem_kind": r.peak_mem_kind, "ttt16_over_prefill": 16 * step_s / base if base else None}
+    return {
+        "available": True,
+        "context_len": context_len,
+        "steps": r.steps,
+        "step_s": step_s,
+        "seconds": r.seconds,
+        "prefill_seconds": r.prefill_seconds,
+        "eval_seconds": r.eval_seconds,
+        "peak_mem_bytes": r.peak_mem_bytes,
+        "peak_mem_kind": r.peak_mem_kind,
+        "ttt16_over_prefill": 16 * step_s / base if base else None,
+    }
 
 
 def guided_cost(target, tokenizer, draft, new_tokens: int, greedy_s_per_token: float, repeats: int = 3) -> dict:
@@ -209,18 +266,38 @@ def guided_cost(target, tokenizer, draft, new_tokens: int, greedy_s_per_token: f
         return {"available": False}
     ids = _prompt_ids(tokenizer, target)
     out = {"available": True, "beta": 0.5, "new_tokens": new_tokens, "greedy_s_per_token": greedy_s_per_token}
-    for name, kw in (("token", {}), ("speculative", {"speculative": True}), ("speculative_v1", {"speculative": True, "verify_len": 1})):
+    for name, kw in (
+        ("token", {}),
+        ("speculative", {"speculative": True}),
+        ("speculative_v1", {"speculative": True, "verify_len": 1}),
+    ):
         guided_generate(target, draft, ids, beta=0.5, max_new_tokens=4, **kw)  # warm-up
-        runs = [guided_generate(target, draft, ids, beta=0.5, max_new_tokens=new_tokens, **kw)[1] for _ in range(repeats)]
+        runs = [
+            guided_generate(target, draft, ids, beta=0.5, max_new_tokens=new_tokens, **kw)[1] for _ in range(repeats)
+        ]
         per = statistics.median(st.decode_s / max(st.num_new_tokens - 1, 1) for st in runs)  # decode only, as greedy's
         out[f"{name}_s_per_token"] = per
         out[f"{name}_over_greedy"] = per / greedy_s_per_token
     return out
 
 
-def run_profile(target, tokenizer, draft, out_dir, *, context_lens=CONTEXT_LENS, repeats: int = 3, new_tokens: int = 32,
-                anchors: int = 64, ttt_steps: int = 4, ttt_context: int = 1024, copy_megabytes: int = 256,
-                command: str = "", settings: dict | None = None, progress: bool = True) -> dict:
+def run_profile(
+    target,
+    tokenizer,
+    draft,
+    out_dir,
+    *,
+    context_lens=CONTEXT_LENS,
+    repeats: int = 3,
+    new_tokens: int = 32,
+    anchors: int = 64,
+    ttt_steps: int = 4,
+    ttt_context: int = 1024,
+    copy_megabytes: int = 256,
+    command: str = "",
+    settings: dict | None = None,
+    progress: bool = True,
+) -> dict:
     from draftguide.reporting.runs import environment, write_json
 
     dev = next(target.parameters()).device
@@ -246,11 +323,22 @@ def run_profile(target, tokenizer, draft, out_dir, *, context_lens=CONTEXT_LENS,
     say("guided decoding")
     guided = guided_cost(target, tokenizer, draft, new_tokens, decode["greedy_s_per_token"], repeats)
     summary = {
-        "kind": "profile", "device": str(dev), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "repeats": repeats, "target_layer_ids": list(draft.target_layer_ids),
-        "prefill": prefill, "draft": dcost, "decode": decode, "memory_bandwidth": bw,
-        "bandwidth_fraction": decode["achieved_bandwidth_GBps"] / max(bw["read_GBps"], bw["copy_GBps"]), "ttt": ttt, "guided": guided,
-        "command": command, "settings": settings or {}, "environment": environment(),
+        "kind": "profile",
+        "device": str(dev),
+        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "target_layer_ids": list(draft.target_layer_ids),
+        "prefill": prefill,
+        "draft": dcost,
+        "decode": decode,
+        "memory_bandwidth": bw,
+        "bandwidth_fraction": decode["achieved_bandwidth_GBps"] / max(bw["read_GBps"], bw["copy_GBps"]),
+        "ttt": ttt,
+        "guided": guided,
+        "command": command,
+        "settings": settings or {},
+        "environment": environment(),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,18 +365,50 @@ def cost_rows(s: dict) -> list[tuple[str, float, str]]:
         ("target verify forward, 1 token", dec["verify_1_s"], f"after a {dec['prompt_tokens']}-token prompt"),
         (f"target verify forward, {B} tokens", dec[f"verify_{B}_s"], ""),
         ("draft block step (cached, + lm_head)", d["block_step"]["median_s"], f"context {d['context_len']}, block {B}"),
-        ("draft multi-anchor pass", d["multi_anchor"]["median_s"], f"{d['multi_anchor']['anchors']} anchors x {B} over {d['context_len']} positions"),
-        ("speculative step (draft + verify + bookkeeping)", dec["speculative_step_s"], f"tau {dec['speculative_tau']:.2f}, {dec['speculative_tokens_per_s']:.1f} tok/s"),
+        (
+            "draft multi-anchor pass",
+            d["multi_anchor"]["median_s"],
+            f"{d['multi_anchor']['anchors']} anchors x {B} over {d['context_len']} positions",
+        ),
+        (
+            "speculative step (draft + verify + bookkeeping)",
+            dec["speculative_step_s"],
+            f"tau {dec['speculative_tau']:.2f}, {dec['speculative_tokens_per_s']:.1f} tok/s",
+        ),
     ]
     if s["ttt"].get("available"):
         t = s["ttt"]
-        rows.append(("TTT step", t["step_s"], f"context {t['context_len']}; 16 steps = {t['ttt16_over_prefill']:.1f}x one prefill"))
+        rows.append(
+            (
+                "TTT step",
+                t["step_s"],
+                f"context {t['context_len']}; 16 steps = {t['ttt16_over_prefill']:.1f}x one prefill",
+            )
+        )
     if s["guided"].get("available"):
         g = s["guided"]
-        rows.append(("guided decoding, per token", g["token_s_per_token"], f"{g['token_over_greedy']:.2f}x greedy (beta {g['beta']})"))
-        rows.append(("exact speculative guided, per token", g["speculative_s_per_token"], f"{g['speculative_over_greedy']:.2f}x greedy"))
+        rows.append(
+            (
+                "guided decoding, per token",
+                g["token_s_per_token"],
+                f"{g['token_over_greedy']:.2f}x greedy (beta {g['beta']})",
+            )
+        )
+        rows.append(
+            (
+                "exact speculative guided, per token",
+                g["speculative_s_per_token"],
+                f"{g['speculative_over_greedy']:.2f}x greedy",
+            )
+        )
         if "speculative_v1_s_per_token" in g:  # profiles written before verify_len existed lack it
-            rows.append(("exact speculative guided, verify_len 1", g["speculative_v1_s_per_token"], f"{g['speculative_v1_over_greedy']:.2f}x greedy"))
+            rows.append(
+                (
+                    "exact speculative guided, verify_len 1",
+                    g["speculative_v1_s_per_token"],
+                    f"{g['speculative_v1_over_greedy']:.2f}x greedy",
+                )
+            )
     return rows
 
 
@@ -301,8 +421,14 @@ def profile_figure(s: dict, path: Path) -> dict:
     axes = [pre, costs, band]
     p = s["prefill"]
     x = [r["context_len"] for r in p]
-    axes[0].errorbar(x, [r["median_s"] for r in p], yerr=[[r["median_s"] - r["min_s"] for r in p], [r["max_s"] - r["median_s"] for r in p]],
-                     marker="o", capsize=3, label="prefill (s)")
+    axes[0].errorbar(
+        x,
+        [r["median_s"] for r in p],
+        yerr=[[r["median_s"] - r["min_s"] for r in p], [r["max_s"] - r["median_s"] for r in p]],
+        marker="o",
+        capsize=3,
+        label="prefill (s)",
+    )
     axes[0].set_xscale("log", base=2)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("context length (tokens)")
@@ -322,40 +448,83 @@ def profile_figure(s: dict, path: Path) -> dict:
     axes[2].bar(["decode\n(weights)", "sum\n(read)", "copy\n(read+write)"], bw, color=["#4c72b0", "#8c8c8c", "#c7c7c7"])
     axes[2].set_ylabel("GB/s")
     axes[2].set_title(f"bandwidth: decode at {100 * s['bandwidth_fraction']:.0f}%")
-    return _save(plt, fig, path, f"left: median cost per operation; middle: target prefill time (median, bars min-max over n = "
-                 f"{s['repeats']}) and memory of the {len(s['target_layer_ids'])} selected hidden states vs context length; right: achieved decode bandwidth vs the best of {m['n']} large-tensor reads and copies ({s['device']}, {s['threads']} threads, {s['dtype']}).")
+    return _save(
+        plt,
+        fig,
+        path,
+        f"left: median cost per operation; middle: target prefill time (median, bars min-max over n = "
+        f"{s['repeats']}) and memory of the {len(s['target_layer_ids'])} selected hidden states vs context length; "
+        f"right: achieved decode bandwidth vs the best of {m['n']} large-tensor reads and copies ({s['device']}, "
+        f"{s['threads']} threads, {s['dtype']}).",
+    )
 
 
 def profile_markdown(s: dict, figures: dict[str, dict]) -> str:
     cmd = s.get("command") or "(library call)"
     dec, m = s["decode"], s["memory_bandwidth"]
     lines = [
-        "# Compute profile", "",
-        f"Command: `{cmd}`", "",
-        f"Device {s['device']}, {s['threads']} threads, {s['dtype']}; every time is the median of n = {s['repeats']} runs "
-        "after a warm-up, with the range [min, max], except the verify forwards and the bandwidths: best of n.", "",
-        "## Target prefill vs context length", "",
-        "| context | prefill ms [min, max] | tokens/s | selected hidden states MiB | KV cache MiB |", "|---|---|---|---|---|",
+        "# Compute profile",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"Device {s['device']}, {s['threads']} threads, {s['dtype']}; every time is the median of n = {s['repeats']} "
+        "runs "
+        "after a warm-up, with the range [min, max], except the verify forwards and the bandwidths: best of n.",
+        "",
+        "## Target prefill vs context length",
+        "",
+        "| context | prefill ms [min, max] | tokens/s | selected hidden states MiB | KV cache MiB |",
+        "|---|---|---|---|---|",
     ]
     for r in s["prefill"]:
-        lines.append(f"| {r['context_len']} | {_ms(r['median_s'])} [{_ms(r['min_s'])}, {_ms(r['max_s'])}] | {r['tokens_per_s']:.0f} | "
-                     f"{_mb(r['features_bytes'])} | {_mb(r['kv_cache_bytes'])} |")
-    lines += ["", f"Selected hidden states: target layers {s['target_layer_ids']} (the draft's features).", "",
-              "## Cost per operation", "", "| operation | median ms | note |", "|---|---|---|"]
+        lines.append(
+            f"| {r['context_len']} | {_ms(r['median_s'])} [{_ms(r['min_s'])}, {_ms(r['max_s'])}] | "
+            f"{r['tokens_per_s']:.0f} | "
+            f"{_mb(r['features_bytes'])} | {_mb(r['kv_cache_bytes'])} |"
+        )
+    lines += [
+        "",
+        f"Selected hidden states: target layers {s['target_layer_ids']} (the draft's features).",
+        "",
+        "## Cost per operation",
+        "",
+        "| operation | median ms | note |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {_ms(sec)} | {note} |" for name, sec, note in cost_rows(s)]
-    for key, what in (("ttt", "TTT (`draftguide.training.ttt`)"), ("guided", "guided decoding (`draftguide.decode.guided`)")):
+    for key, what in (
+        ("ttt", "TTT (`draftguide.training.ttt`)"),
+        ("guided", "guided decoding (`draftguide.decode.guided`)"),
+    ):
         if not s[key].get("available"):
             lines += ["", f"{what}: not available in this installation, not measured."]
-    lines += ["", "## Decode memory bandwidth", "",
-              f"A greedy decode step reads {_mb(dec['weight_bytes_per_token'])} MiB of weights (plus "
-              f"{dec['kv_bytes_per_context_token']} bytes of KV cache per context token); at {dec['greedy_tokens_per_s']:.1f} tokens/s "
-              f"that is **{dec['achieved_bandwidth_GBps']:.2f} GB/s**. Measured on a {_mb(m['bytes'])} MiB tensor (best of {m['n']}): "
-              f"read (sum) **{m['read_GBps']:.2f} GB/s**, copy (read + write) **{m['copy_GBps']:.2f} GB/s**; decode reaches "
-              f"{100 * s['bandwidth_fraction']:.0f}% of the higher.", "",
-              "## Figures", ""]
+    lines += [
+        "",
+        "## Decode memory bandwidth",
+        "",
+        f"A greedy decode step reads {_mb(dec['weight_bytes_per_token'])} MiB of weights (plus "
+        f"{dec['kv_bytes_per_context_token']} bytes of KV cache per context token); at "
+        f"{dec['greedy_tokens_per_s']:.1f} tokens/s "
+        f"that is **{dec['achieved_bandwidth_GBps']:.2f} GB/s**. Measured on a {_mb(m['bytes'])} MiB tensor (best of "
+        f"{m['n']}): "
+        f"read (sum) **{m['read_GBps']:.2f} GB/s**, copy (read + write) **{m['copy_GBps']:.2f} GB/s**; decode reaches "
+        f"{100 * s['bandwidth_fraction']:.0f}% of the higher.",
+        "",
+        "## Figures",
+        "",
+    ]
     for name, f in figures.items():
         lines += [f"![{name}]({name})", "", f"*{name}*: {f['caption']} Command: `{cmd}`.", ""]
     return "\n".join(lines)
 
 
-__all__ = ["expert_fraction", "memory_estimate", "memory_bandwidth", "decode_costs", "draft_costs", "prefill_curve", "run_profile", "weight_bytes_per_token"]
+__all__ = [
+    "expert_fraction",
+    "memory_estimate",
+    "memory_bandwidth",
+    "decode_costs",
+    "draft_costs",
+    "prefill_curve",
+    "run_profile",
+    "weight_bytes_per_token",
+]

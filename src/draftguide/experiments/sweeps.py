@@ -30,7 +30,9 @@ def parse_betas(text: str) -> list[float]:
     return betas
 
 
-def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = True, shuffle: bool = False) -> list[tuple[str, str, dict]]:
+def sweep_runs(
+    betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = True, shuffle: bool = False
+) -> list[tuple[str, str, dict]]:
     """(folder name, method, options) of every run in the sweep; guided options are added by the caller.
     `shuffle`: also the shuffled-readout null (`guided-shuffle`: guidance from another task's readout)."""
     runs = []
@@ -48,10 +50,24 @@ def sweep_runs(betas: list[float], baselines=DEFAULT_BASELINES, noise: bool = Tr
     return runs
 
 
-def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list[float], draft: str,
-                   max_new_tokens: int = 48, baselines=DEFAULT_BASELINES, noise: bool = True, guided_options: dict | None = None,
-                   baseline_options: dict[str, dict] | None = None, settings: dict | None = None,
-                   progress: bool = True, batch_size: int = 1, shuffle: bool = False) -> dict:
+def run_beta_sweep(
+    target,
+    tokenizer,
+    tasks: list[dict],
+    out_dir,
+    *,
+    betas: list[float],
+    draft: str,
+    max_new_tokens: int = 48,
+    baselines=DEFAULT_BASELINES,
+    noise: bool = True,
+    guided_options: dict | None = None,
+    baseline_options: dict[str, dict] | None = None,
+    settings: dict | None = None,
+    progress: bool = True,
+    batch_size: int = 1,
+    shuffle: bool = False,
+) -> dict:
     """Run every point (resuming), then write summary.json, flips.jsonl, beta_sweep.png and report.md.
     `batch_size`: tasks decoded together in each point's eval (`run_eval`; power, dola and the shuffled-readout
     null run row by row)."""
@@ -69,14 +85,29 @@ def run_beta_sweep(target, tokenizer, tasks: list[dict], out_dir, *, betas: list
             opts = {**(baseline_options or {}).get(method, {}), **opts}
         if progress:
             print(f"[{i}/{len(runs)}] {name}", flush=True)
-        run_eval(target, tokenizer, tasks, out_dir / name, method=method, max_new_tokens=max_new_tokens, judge="rules",
-                 method_options=opts, settings=settings, progress=progress, batch_size=batch_size)
+        run_eval(
+            target,
+            tokenizer,
+            tasks,
+            out_dir / name,
+            method=method,
+            max_new_tokens=max_new_tokens,
+            judge="rules",
+            method_options=opts,
+            settings=settings,
+            progress=progress,
+            batch_size=batch_size,
+        )
         results[name] = _rows(out_dir / name / RESULTS)
     if "greedy" in baselines and 0 in betas:
         results["greedy"] = results["guided_b0"]
     summary = summarize_sweep(results, betas, noise, shuffle) | {
-        "max_new_tokens": max_new_tokens, "draft": draft, "guided_options": guided_options or {},
-        "baseline_options": baseline_options or {}, "settings": settings or {}, "environment": environment(),
+        "max_new_tokens": max_new_tokens,
+        "draft": draft,
+        "guided_options": guided_options or {},
+        "baseline_options": baseline_options or {},
+        "settings": settings or {},
+        "environment": environment(),
     }
     with JsonlWriter(out_dir / "flips.jsonl", mode="w") as w:
         for name, rows in results.items():
@@ -106,9 +137,15 @@ def flip_stats(rows: list[dict]) -> dict:
     flips = [f for r in rows for f in r.get("flips", [])]
     n_tok = sum(r.get("new_tokens", 0) for r in rows)
     frac = lambda key: sum(f[key] for f in flips) / len(flips) if flips else float("nan")  # noqa: E731
-    return {"n_flips": len(flips), "new_tokens": n_tok, "flips_per_token": len(flips) / n_tok if n_tok else float("nan"),
-            "guided_in_context": frac("guided_in_context"), "target_in_context": frac("target_in_context"),
-            "guided_id_in_context": frac("guided_id_in_context"), "target_id_in_context": frac("target_id_in_context")}
+    return {
+        "n_flips": len(flips),
+        "new_tokens": n_tok,
+        "flips_per_token": len(flips) / n_tok if n_tok else float("nan"),
+        "guided_in_context": frac("guided_in_context"),
+        "target_in_context": frac("target_in_context"),
+        "guided_id_in_context": frac("guided_id_in_context"),
+        "target_id_in_context": frac("target_id_in_context"),
+    }
 
 
 def _versus(rows: list[dict], ref: dict[str, int]) -> dict:
@@ -117,7 +154,9 @@ def _versus(rows: list[dict], ref: dict[str, int]) -> dict:
     return {"gained": sum(s > g for s, g in both), "lost": sum(s < g for s, g in both)}
 
 
-def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: bool = True, shuffle: bool = False) -> dict:
+def summarize_sweep(
+    results: dict[str, list[dict]], betas: list[float], noise: bool = True, shuffle: bool = False
+) -> dict:
     """Per beta: guided and noise solve rates with 95% CIs, flip statistics, tasks gained/lost vs beta=0;
     baselines as reference lines; example flips from the best beta."""
     ref_name = f"guided_b{betas[0]:g}" if betas[0] == 0 else ("greedy" if "greedy" in results else None)
@@ -130,7 +169,9 @@ def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: b
             name = f"{prefix}_b{b:g}" if b > 0 or curve == "guided" else f"guided_b{b:g}"
             rows = results[name]
             point = {"beta": b, "run": name} | _rate(rows) | {"flips": flip_stats(rows)}
-            point["mean_effective_beta"] = (sum(r.get("mean_beta", b) for r in rows) / len(rows)) if rows else float("nan")
+            point["mean_effective_beta"] = (
+                (sum(r.get("mean_beta", b) for r in rows) / len(rows)) if rows else float("nan")
+            )
             if ref:
                 point["vs_greedy"] = _versus(rows, ref)
             curves[curve].append(point)
@@ -147,15 +188,31 @@ def summarize_sweep(results: dict[str, list[dict]], betas: list[float], noise: b
     if best is not None:
         rows = results[best["run"]]
         order = sorted(rows, key=lambda r: -(int(r["score"]) - ref.get(r["task_id"], 0)))  # gained tasks first
-        examples = [{"task_id": r["task_id"], "score": r["score"], "greedy_score": ref.get(r["task_id"])} | f
-                    for r in order for f in r.get("flips", [])][:MAX_EXAMPLES]
-    return {"betas": betas, "curves": curves, "baselines": baselines, "reference_run": ref_name,
-            "best_beta": best["beta"] if best else None, "flip_examples": examples}
+        examples = [
+            {"task_id": r["task_id"], "score": r["score"], "greedy_score": ref.get(r["task_id"])} | f
+            for r in order
+            for f in r.get("flips", [])
+        ][:MAX_EXAMPLES]
+    return {
+        "betas": betas,
+        "curves": curves,
+        "baselines": baselines,
+        "reference_run": ref_name,
+        "best_beta": best["beta"] if best else None,
+        "flip_examples": examples,
+    }
 
 
 # -- figure and report ------------------------------------------------------------------------------------
-COLOURS = {"guided": "#dd8452", "noise": "#8c8c8c", "shuffle": "#da8bc3", "greedy": "#4c72b0", "power": "#55a868", "dola": "#8172b3",
-           "sample": "#937860"}
+COLOURS = {
+    "guided": "#dd8452",
+    "noise": "#8c8c8c",
+    "shuffle": "#da8bc3",
+    "greedy": "#4c72b0",
+    "power": "#55a868",
+    "dola": "#8172b3",
+    "sample": "#937860",
+}
 
 
 def plot_sweep(summary: dict, path: Path) -> str:
@@ -167,13 +224,21 @@ def plot_sweep(summary: dict, path: Path) -> str:
         if not pts:
             continue
         x = [p["beta"] for p in pts]
-        ax.plot(x, [p["solve_rate"] for p in pts], "o-", color=COLOURS[curve], label={"guided": "guided (draft)", "noise": "noise control"}.get(curve, "shuffled-readout control"))
+        ax.plot(
+            x,
+            [p["solve_rate"] for p in pts],
+            "o-",
+            color=COLOURS[curve],
+            label={"guided": "guided (draft)", "noise": "noise control"}.get(curve, "shuffled-readout control"),
+        )
         ax.fill_between(x, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], color=COLOURS[curve], alpha=0.15)
     for name, g in summary["baselines"].items():
         ax.axhline(g["solve_rate"], color=COLOURS[name], ls="--", lw=1, label=f"{name} {g['solve_rate']:.3f}")
     ax.set_xlabel("beta (weight of the draft / noise logits)")
     ax.set_ylabel("solve rate (95% CI)")
-    ax.set_title(f"Draft-guided decoding, {summary['curves']['guided'][0]['n'] if summary['curves']['guided'] else 0} tasks")
+    ax.set_title(
+        f"Draft-guided decoding, {summary['curves']['guided'][0]['n'] if summary['curves']['guided'] else 0} tasks"
+    )
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -187,9 +252,16 @@ def report_markdown(summary: dict) -> str:
         return f"{p['solve_rate']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
 
     noise = {p["beta"]: p for p in summary["curves"].get("noise", [])}
-    out = ["# Beta sweep: draft-guided decoding", "", f"![solve rate vs beta]({summary.get('figure', 'beta_sweep.png')})", "",
-           "| beta | guided | noise control | shuffled-readout control | gained / lost vs greedy | flips / token | flipped-to token in context (text / id) | flipped-from token in context (text / id) | noise flips in context (text) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "# Beta sweep: draft-guided decoding",
+        "",
+        f"![solve rate vs beta]({summary.get('figure', 'beta_sweep.png')})",
+        "",
+        "| beta | guided | noise control | shuffled-readout control | gained / lost vs greedy | flips / token | "
+        "flipped-to token in context (text / id) | flipped-from token in context (text / id) | noise flips in context "
+        "(text) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     shuffled = {p["beta"]: p for p in summary["curves"].get("shuffle", [])}
     for p in summary["curves"]["guided"]:
         n, f = noise.get(p["beta"]), p["flips"]
@@ -197,21 +269,38 @@ def report_markdown(summary: dict) -> str:
         vs = p.get("vs_greedy", {})
         nf = n["flips"] if n else None
         out.append(
-            f"| {p['beta']:g} | {rate(p)} | {rate(n) if n else '-'} | {rate(sh) if sh else '-'} | {vs.get('gained', '-')} / {vs.get('lost', '-')} | "
+            f"| {p['beta']:g} | {rate(p)} | {rate(n) if n else '-'} | {rate(sh) if sh else '-'} | "
+            f"{vs.get('gained', '-')} / {vs.get('lost', '-')} | "
             f"{f['flips_per_token']:.3f} | {f['guided_in_context']:.2f} / {f['guided_id_in_context']:.2f} | "
-            f"{f['target_in_context']:.2f} / {f['target_id_in_context']:.2f} | {nf['guided_in_context'] if nf else float('nan'):.2f} |")
+            f"{f['target_in_context']:.2f} / {f['target_id_in_context']:.2f} | "
+            f"{nf['guided_in_context'] if nf else float('nan'):.2f} |"
+        )
     out += ["", "| baseline | solve rate | note |", "| --- | --- | --- |"]
     for name, g in summary["baselines"].items():
-        note = f"{g['tokens_per_output_token']:.1f} tokens generated per output token" if "tokens_per_output_token" in g else ""
+        note = (
+            f"{g['tokens_per_output_token']:.1f} tokens generated per output token"
+            if "tokens_per_output_token" in g
+            else ""
+        )
         out.append(f"| {name} | {rate(g)} | {note} |")
     if summary["flip_examples"]:
-        out += ["", f"## Where guidance flipped a token (beta = {summary['best_beta']:g}, tasks gained over greedy first)", "",
-                "| task | solved (greedy) | offset | target token | guided token | guided in context | target in context |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+        out += [
+            "",
+            f"## Where guidance flipped a token (beta = {summary['best_beta']:g}, tasks gained over greedy first)",
+            "",
+            "| task | solved (greedy) | offset | target token | guided token | guided in context | target in context |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for e in summary["flip_examples"]:
             t, g = (repr(e[k]).replace("|", "\\|") for k in ("target_text", "guided_text"))
-            out.append(f"| {e['task_id']} | {e['score']} ({e['greedy_score']}) | {e['i']} | `{t}` | `{g}` | "
-                       f"{e['guided_in_context']} | {e['target_in_context']} |")
-    out += ["", "In context: the token's text (stripped) occurs in the decoded prompt (as in the diagnostic); id: the "
-            "token id occurs among the prompt's ids. Noise flips give the chance level of these rates.", ""]
+            out.append(
+                f"| {e['task_id']} | {e['score']} ({e['greedy_score']}) | {e['i']} | `{t}` | `{g}` | "
+                f"{e['guided_in_context']} | {e['target_in_context']} |"
+            )
+    out += [
+        "",
+        "In context: the token's text (stripped) occurs in the decoded prompt (as in the diagnostic); id: the "
+        "token id occurs among the prompt's ids. Noise flips give the chance level of these rates.",
+        "",
+    ]
     return "\n".join(out)

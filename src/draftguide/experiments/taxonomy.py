@@ -29,9 +29,13 @@ CLASSES = ("prior", "context_item", "no_answer", "partial", "other")
 SOLVED = "solved"
 OUTCOMES = (SOLVED, *CLASSES)
 POSITIVE_CHECKS = ("contains", "regex")
-REFUSAL = re.compile(r"\b(i\s+(?:do\s+not|don't|cannot|can't)\s+know|not\s+sure|unable\s+to|cannot\s+(?:answer|determine|be\s+determined)|"
-                     r"can't\s+(?:answer|determine)|no\s+(?:information|answer)|not\s+(?:mentioned|specified|provided|given))\b", re.I)
-STOPWORDS = frozenset("""
+REFUSAL = re.compile(
+    r"\b(i\s+(?:do\s+not|don't|cannot|can't)\s+know|not\s+sure|unable\s+to|cannot\s+(?:answer|determine|be\s+determined)|"
+    r"can't\s+(?:answer|determine)|no\s+(?:information|answer)|not\s+(?:mentioned|specified|provided|given))\b",
+    re.I,
+)
+STOPWORDS = frozenset(
+    """
 a an the and or but if then than so of to in on at by for with from into onto over under about after before between
 is are was were be been being am do does did done has have had having not no yes it its this that these those there
 here which what who whom whose when where why how all any each every some one two three first second last next only
@@ -40,7 +44,8 @@ we they me him her us them my your his our their answer answers answered answeri
 words only final result results according based following follow given give gives please respond response question
 questions use used using per can could would should will shall may might must like new now get gets got true false
 fact facts world this that let lets say says said note notes see step steps rule rules
-""".split())
+""".split()
+)
 
 
 def _words(text: str) -> list[str]:
@@ -89,7 +94,9 @@ def context_items(task: dict) -> set[str]:
     forbidden values of the checks."""
     text = prompt_text(task)
     items = {w for w in _words(text) if len(w) >= 3 and w not in STOPWORDS and not w.isdigit()} | _numbers(text)
-    extra = [task.get("distractor_answer")] + [c["value"] for c in task.get("checks", []) if c.get("type") == "not_contains"]
+    extra = [task.get("distractor_answer")] + [
+        c["value"] for c in task.get("checks", []) if c.get("type") == "not_contains"
+    ]
     return items | {str(x).lower() for x in extra if x is not None and mentions(text, x)}
 
 
@@ -130,8 +137,12 @@ def class_counts(rows: list[dict]) -> dict:
     def block(rs):
         c = Counter(r.get("error_class") for r in rs)
         n = len(rs) - c.get(None, 0)
-        return {"n_failed": len(rs), "n_unclassified": c.get(None, 0), "counts": {k: c.get(k, 0) for k in CLASSES},
-                "shares": {k: (c.get(k, 0) / n if n else None) for k in CLASSES}}
+        return {
+            "n_failed": len(rs),
+            "n_unclassified": c.get(None, 0),
+            "counts": {k: c.get(k, 0) for k in CLASSES},
+            "shares": {k: (c.get(k, 0) / n if n else None) for k in CLASSES},
+        }
 
     out = block(failed)
     cats: dict[str, list] = {}
@@ -176,29 +187,65 @@ def flip_table(base_rows: list[dict], other_rows: list[dict], tasks: list[dict] 
     for c in CLASSES:
         base_n = sum(matrix[c].values())
         fixed = matrix[c][SOLVED]
-        per[c] = {"base": base_n, "fixed": fixed, "fix_rate": fixed / base_n if base_n else None,
-                  "stayed": matrix[c][c], "moved": base_n - fixed - matrix[c][c],
-                  "caused": matrix[SOLVED][c], "other": sum(matrix[x][c] for x in OUTCOMES)}
+        per[c] = {
+            "base": base_n,
+            "fixed": fixed,
+            "fix_rate": fixed / base_n if base_n else None,
+            "stayed": matrix[c][c],
+            "moved": base_n - fixed - matrix[c][c],
+            "caused": matrix[SOLVED][c],
+            "other": sum(matrix[x][c] for x in OUTCOMES),
+        }
     fixed = sum(p["fixed"] for p in per.values())
     caused = sum(p["caused"] for p in per.values())
-    return {"n_tasks": len(common), "matrix": matrix, "per_class": per, "fixed": fixed, "caused": caused, "net": fixed - caused}
+    return {
+        "n_tasks": len(common),
+        "matrix": matrix,
+        "per_class": per,
+        "fixed": fixed,
+        "caused": caused,
+        "net": fixed - caused,
+    }
 
 
 def flip_markdown(table: dict, base: str = "base", other: str = "other") -> str:
     """The flip table as markdown: per class what `other` fixes and causes, then the full outcome matrix."""
-    lines = [f"| failure class | failing under {base} | fixed by {other} | fix rate | stays in class | moves class | "
-             f"caused by {other} (solved under {base}) | failing under {other} |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| failure class | failing under {base} | fixed by {other} | fix rate | stays in class | moves class | "
+        f"caused by {other} (solved under {base}) | failing under {other} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c, p in table["per_class"].items():
         rate = "-" if p["fix_rate"] is None else f"{p['fix_rate']:.2f}"
-        lines.append(f"| {c} | {p['base']} | {p['fixed']} | {rate} | {p['stayed']} | {p['moved']} | {p['caused']} | {p['other']} |")
-    lines.append(f"| **all** | {sum(p['base'] for p in table['per_class'].values())} | {table['fixed']} | | | | {table['caused']} | "
-                 f"{sum(p['other'] for p in table['per_class'].values())} |")
-    lines += ["", f"Outcome matrix over {table['n_tasks']} tasks both runs finished (rows: {base}, columns: {other}):", "",
-              "| " + base + " \\ " + other + " | " + " | ".join(OUTCOMES) + " |", "|---|" + "---|" * len(OUTCOMES)]
+        lines.append(
+            f"| {c} | {p['base']} | {p['fixed']} | {rate} | {p['stayed']} | {p['moved']} | {p['caused']} | "
+            f"{p['other']} |"
+        )
+    lines.append(
+        f"| **all** | {sum(p['base'] for p in table['per_class'].values())} | {table['fixed']} | | | | "
+        f"{table['caused']} | "
+        f"{sum(p['other'] for p in table['per_class'].values())} |"
+    )
+    lines += [
+        "",
+        f"Outcome matrix over {table['n_tasks']} tasks both runs finished (rows: {base}, columns: {other}):",
+        "",
+        "| " + base + " \\ " + other + " | " + " | ".join(OUTCOMES) + " |",
+        "|---|" + "---|" * len(OUTCOMES),
+    ]
     for x in OUTCOMES:
         lines.append(f"| {x} | " + " | ".join(str(table["matrix"][x][y]) for y in OUTCOMES) + " |")
     return "\n".join(lines)
 
 
-__all__ = ["CLASSES", "OUTCOMES", "class_counts", "classify_response", "classify_row", "flip_markdown", "flip_table",
-           "mentions", "outcomes"]
+__all__ = [
+    "CLASSES",
+    "OUTCOMES",
+    "class_counts",
+    "classify_response",
+    "classify_row",
+    "flip_markdown",
+    "flip_table",
+    "mentions",
+    "outcomes",
+]

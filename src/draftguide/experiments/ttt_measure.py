@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draftguide.experiments.diagnostic import context_text, task_id
 from draftguide.errors import DraftGuideError
-from draftguide.reporting.runs import bootstrap_ci
+from draftguide.experiments.diagnostic import context_text, task_id
 from draftguide.modeling.targets import extract_features
+from draftguide.reporting.runs import bootstrap_ci
 
 CHAT_SETS = ("builtin", "mtbench", "humaneval", "sharegpt-heldout")
 SUITE_SETS = ("suite", "suite-doc")
@@ -60,11 +60,13 @@ def load_contexts(spec: str, tokenizer, limit: int | None = None, context_tokens
             if keep >= 3:
                 out.append(Context(task_id(t), spec, torch.tensor([doc[:keep]])))
         return out
-    from draftguide.training.datasources import load_source
     from draftguide.modeling.prompts import load_prompts
+    from draftguide.training.datasources import load_source
 
     if spec not in CHAT_SETS and not spec.endswith(".jsonl"):
-        raise DraftGuideError(f"unknown context set {spec!r}: expected {', '.join(SUITE_SETS + CHAT_SETS)} or a .jsonl file")
+        raise DraftGuideError(
+            f"unknown context set {spec!r}: expected {', '.join(SUITE_SETS + CHAT_SETS)} or a .jsonl file"
+        )
     rows = load_prompts(spec)[:limit] if spec == "builtin" else load_source(spec, limit=limit)
     return [Context(str(r.get("id", i)), set_name(spec), encode_prompt(tokenizer, r)) for i, r in enumerate(rows)]
 
@@ -93,11 +95,18 @@ def tau_before_after(target, draft, ctx: Context, ttt, *, max_new_tokens: int, s
         tokens, st = speculative_generate(target, adapted, ids, max_new_tokens, stop_token_ids=stop)
         report = adapted.report
     return {
-        "id": ctx.id, "set": ctx.set, "context_tokens": ids.shape[1], "new_tokens": st.num_new_tokens,
-        "tau_base": base.tau, "tau_ttt": st.tau, "delta_tau": st.tau - base.tau,
-        "acceptance_base": base.acceptance_lengths, "acceptance_ttt": st.acceptance_lengths,
+        "id": ctx.id,
+        "set": ctx.set,
+        "context_tokens": ids.shape[1],
+        "new_tokens": st.num_new_tokens,
+        "tau_base": base.tau,
+        "tau_ttt": st.tau,
+        "delta_tau": st.tau - base.tau,
+        "acceptance_base": base.acceptance_lengths,
+        "acceptance_ttt": st.acceptance_lengths,
         "identical_output": torch.equal(tokens, base_tokens),
-        "decode_s_base": base.decode_s, "decode_s_ttt": st.decode_s,
+        "decode_s_base": base.decode_s,
+        "decode_s_ttt": st.decode_s,
         "ttt": {k: v for k, v in report.to_dict().items() if k not in ("train_losses", "target_modules")},
     }
 
@@ -108,27 +117,43 @@ def tau_summary(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
     steps_t = [a for r in rows for a in r["acceptance_ttt"]]
     deltas = [r["delta_tau"] for r in rows]
     return {
-        "n_contexts": len(rows), "mean_context_tokens": float(np.mean([r["context_tokens"] for r in rows])),
-        "tau_base": sum(steps_b) / max(len(steps_b), 1), "tau_ttt": sum(steps_t) / max(len(steps_t), 1),
-        "delta_tau_mean": float(np.mean(deltas)), "delta_tau_ci95": list(bootstrap_ci(deltas, n_boot=n_boot, seed=seed)),
-        "contexts_improved": sum(d > 0 for d in deltas), "contexts_worse": sum(d < 0 for d in deltas),
+        "n_contexts": len(rows),
+        "mean_context_tokens": float(np.mean([r["context_tokens"] for r in rows])),
+        "tau_base": sum(steps_b) / max(len(steps_b), 1),
+        "tau_ttt": sum(steps_t) / max(len(steps_t), 1),
+        "delta_tau_mean": float(np.mean(deltas)),
+        "delta_tau_ci95": list(bootstrap_ci(deltas, n_boot=n_boot, seed=seed)),
+        "contexts_improved": sum(d > 0 for d in deltas),
+        "contexts_worse": sum(d < 0 for d in deltas),
         "identical_output": all(r["identical_output"] for r in rows),
         "mean_context_loss_before": float(np.mean([r["ttt"]["loss_before"] for r in rows])),
         "mean_context_loss_after": float(np.mean([r["ttt"]["loss_after"] for r in rows])),
         "mean_ttt_s": float(np.mean([r["ttt"]["seconds"] for r in rows])),
-        "mean_ttt_prefill_ratio": float(np.mean([r["ttt"]["prefill_ratio"] for r in rows if r["ttt"]["prefill_ratio"]])),
+        "mean_ttt_prefill_ratio": float(
+            np.mean([r["ttt"]["prefill_ratio"] for r in rows if r["ttt"]["prefill_ratio"]])
+        ),
     }
 
 
-def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limit: int | None = 8,
-                max_new_tokens: int = 64, context_tokens: int = 256, command: str = "", progress: bool = True) -> dict:
+def run_ttt_tau(
+    target,
+    tokenizer,
+    draft,
+    sets: list[str],
+    out_dir,
+    ttt,
+    *,
+    limit: int | None = 8,
+    max_new_tokens: int = 64,
+    context_tokens: int = 256,
+    command: str = "",
+    progress: bool = True,
+) -> dict:
     """`results.jsonl` (a row per context) and `summary.json` (per set and over all sets)."""
     from tqdm.auto import tqdm
 
-    from draftguide.modeling.prompts import stop_token_ids
+    from draftguide.modeling.prompts import check_length, stop_token_ids
     from draftguide.reporting.runs import JsonlWriter, environment, write_json
-
-    from draftguide.modeling.prompts import check_length
 
     contexts = {set_name(s): load_contexts(s, tokenizer, limit, context_tokens) for s in sets}
     for ctx in (c for cs in contexts.values() for c in cs):  # every context fits, before any work
@@ -137,7 +162,10 @@ def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limi
     out_dir = Path(out_dir)
     rows: dict[str, list[dict]] = {s: [] for s in contexts}
     total = sum(len(c) for c in contexts.values())
-    with JsonlWriter(out_dir / "results.jsonl", mode="w") as w, tqdm(total=total, desc="ttt-tau", disable=not progress) as bar:
+    with (
+        JsonlWriter(out_dir / "results.jsonl", mode="w") as w,
+        tqdm(total=total, desc="ttt-tau", disable=not progress) as bar,
+    ):
         for s, ctxs in contexts.items():
             for ctx in ctxs:
                 row = tau_before_after(target, draft, ctx, ttt, max_new_tokens=max_new_tokens, stop=stop)
@@ -150,8 +178,12 @@ def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limi
     summary = {
         "sets": {s: tau_summary(r) for s, r in rows.items() if r},
         "all": tau_summary([r for rs in rows.values() for r in rs]),
-        "ttt": asdict(ttt), "max_new_tokens": max_new_tokens, "context_tokens_doc": context_tokens, "limit": limit,
-        "command": command, "environment": environment(),
+        "ttt": asdict(ttt),
+        "max_new_tokens": max_new_tokens,
+        "context_tokens_doc": context_tokens,
+        "limit": limit,
+        "command": command,
+        "environment": environment(),
     }
     write_json(out_dir / "summary.json", summary)
     return summary
@@ -160,20 +192,28 @@ def run_ttt_tau(target, tokenizer, draft, sets: list[str], out_dir, ttt, *, limi
 def tau_table(summary: dict) -> str:
     from draftguide.reporting.runs import fmt
 
-    head = f"{'set':<18} {'n':>3} {'ctx tok':>7} {'tau base':>8} {'tau ttt':>8} {'delta (95% CI)':>24} {'loss before->after':>19} {'ttt s':>6}"
+    head = (
+        f"{'set':<18} {'n':>3} {'ctx tok':>7} {'tau base':>8} {'tau ttt':>8} {'delta (95% CI)':>24} "
+        f"{'loss before->after':>19} {'ttt s':>6}"
+    )
     lines = [head]
     for name, s in [*summary["sets"].items(), ("all", summary["all"])]:
         lo, hi = s["delta_tau_ci95"]
-        lines.append(f"{name:<18} {s['n_contexts']:>3} {fmt(s['mean_context_tokens'], '.0f'):>7} {fmt(s['tau_base'], '.3f'):>8} "
-                     f"{fmt(s['tau_ttt'], '.3f'):>8} {fmt(s['delta_tau_mean'], '+.3f'):>8} [{fmt(lo, '+.3f')}, {fmt(hi, '+.3f')}] "
-                     f"{fmt(s['mean_context_loss_before'], '.3f'):>8} -> {fmt(s['mean_context_loss_after'], '.3f'):<7} "
-                     f"{fmt(s['mean_ttt_s'], '.2f'):>6}")
+        lines.append(
+            f"{name:<18} {s['n_contexts']:>3} {fmt(s['mean_context_tokens'], '.0f'):>7} {fmt(s['tau_base'], '.3f'):>8} "
+            f"{fmt(s['tau_ttt'], '.3f'):>8} {fmt(s['delta_tau_mean'], '+.3f'):>8} [{fmt(lo, '+.3f')}, "
+            f"{fmt(hi, '+.3f')}] "
+            f"{fmt(s['mean_context_loss_before'], '.3f'):>8} -> {fmt(s['mean_context_loss_after'], '.3f'):<7} "
+            f"{fmt(s['mean_ttt_s'], '.2f'):>6}"
+        )
     return "\n".join(lines)
 
 
 # -- teacher-forced acceptance ------------------------------------------------------------------------
 @torch.no_grad()
-def replay_acceptance(draft, target, features: torch.Tensor, ids: torch.Tensor, n_prompt: int, max_len: int | None = None) -> list[int]:
+def replay_acceptance(
+    draft, target, features: torch.Tensor, ids: torch.Tensor, n_prompt: int, max_len: int | None = None
+) -> list[int]:
     """Acceptance lengths that greedy `speculative_generate` from `ids[:, :n_prompt]` would have, given that
     `ids` is the target's greedy sequence (prompt + continuation; it ends at a stop token or at `max_len`,
     the prompt plus max_new_tokens). One multi-anchor pass drafts a block at every continuation position;
@@ -193,7 +233,9 @@ def replay_acceptance(draft, target, features: torch.Tensor, ids: torch.Tensor, 
     while start + 1 < L:
         dlen = min(B, max_len - start)
         if dlen < B:  # the last block is shorter in decoding too: draft it at that size
-            h = multi_block_hidden(draft, target, features, ids, torch.tensor([[start]], device=ids.device), block_size=dlen)
+            h = multi_block_hidden(
+                draft, target, features, ids, torch.tensor([[start]], device=ids.device), block_size=dlen
+            )
             g = draft.logits(h[0, 0, 1:], target).argmax(-1)
         else:
             g = draft.logits(hidden[start - n_prompt, 1:], target).argmax(-1)  # only the ~m/tau visited blocks
@@ -226,21 +268,24 @@ class SweepTask:
 def prepare_sweep_task(target, draft, task, *, max_new_tokens: int, stop: list[int]) -> SweepTask:
     """Everything the sweep needs from the target, computed once per task: two target forwards and one
     greedy decoding."""
-    from draftguide.experiments.diagnostic import gold_scores
     from draftguide.decode.speculative import greedy_generate
-
+    from draftguide.experiments.diagnostic import gold_scores
     from draftguide.modeling.prompts import check_length
 
     dev = next(target.parameters()).device
     P = len(task.prompt_ids)
-    check_length(target, P + len(task.answer_ids), where=f"task {task.task_id!r}", what="prompt with its reference answer")
+    check_length(
+        target, P + len(task.answer_ids), where=f"task {task.task_id!r}", what="prompt with its reference answer"
+    )
     check_length(target, P, max_new_tokens, where=f"task {task.task_id!r}")
     ids = torch.tensor([task.prompt_ids + task.answer_ids], device=dev)
     out = target(ids, output_hidden_states=True, logits_to_keep=len(task.answer_ids) + 1)
     target_logp = gold_scores(out.logits[0, :-1], ids[0, P:])["logp"]
     feats = extract_features(out.hidden_states, draft.target_layer_ids)
     cont, _ = greedy_generate(target, ids[:, :P], max_new_tokens, stop)
-    cfeats = extract_features(target(cont, output_hidden_states=True, logits_to_keep=1).hidden_states, draft.target_layer_ids)
+    cfeats = extract_features(
+        target(cont, output_hidden_states=True, logits_to_keep=1).hidden_states, draft.target_layer_ids
+    )
     return SweepTask(task.task_id, ids[:, :P], feats, ids, target_logp, cfeats, cont, P + max_new_tokens)
 
 
@@ -276,10 +321,16 @@ def sweep_task(draft, target, t: SweepTask, steps: list[int], lrs: list[float], 
                 point = base_point if step == 0 else sweep_point(d, target, t, eval_at, weights)
                 rows.append({"task_id": t.task_id, "lr": lr, "rank": rank, "steps": step} | point)
 
-        with ttt_adapt(draft, target, t.prompt, features=t.answer_feats[:, :P], on_step=on_step,
-                       **ttt.kwargs(steps=max(steps), lr=lr, rank=rank)) as adapted:
+        with ttt_adapt(
+            draft,
+            target,
+            t.prompt,
+            features=t.answer_feats[:, :P],
+            on_step=on_step,
+            **ttt.kwargs(steps=max(steps), lr=lr, rank=rank),
+        ) as adapted:
             seconds = adapted.report.seconds
-        for r in rows[-len(steps):]:
+        for r in rows[-len(steps) :]:
             r["ttt_s_full_run"] = seconds
             r["wall_s"] = time.perf_counter() - t0
     return rows
@@ -297,20 +348,43 @@ def sweep_summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
     for (lr, rank, steps), rs in sorted(configs.items()):
         acc = [a for r in rs for a in r["acceptance"]]
         gaps, dtau = [r["logp_gap"] for r in rs], [r["tau"] - base[r["task_id"]] for r in rs if r["task_id"] in base]
-        table.append({
-            "lr": lr, "rank": rank, "steps": steps, "n_tasks": len(rs),
-            "context_loss": float(np.mean([r["context_loss"] for r in rs])),
-            "logp_gap": float(np.mean(gaps)), "logp_gap_ci95": list(bootstrap_ci(gaps, n_boot=n_boot, seed=seed)),
-            "tau": sum(acc) / max(len(acc), 1),
-            "delta_tau": float(np.mean(dtau)) if dtau else None,
-            "delta_tau_ci95": list(bootstrap_ci(dtau, n_boot=n_boot, seed=seed)) if dtau else None,
-        })
+        table.append(
+            {
+                "lr": lr,
+                "rank": rank,
+                "steps": steps,
+                "n_tasks": len(rs),
+                "context_loss": float(np.mean([r["context_loss"] for r in rs])),
+                "logp_gap": float(np.mean(gaps)),
+                "logp_gap_ci95": list(bootstrap_ci(gaps, n_boot=n_boot, seed=seed)),
+                "tau": sum(acc) / max(len(acc), 1),
+                "delta_tau": float(np.mean(dtau)) if dtau else None,
+                "delta_tau_ci95": list(bootstrap_ci(dtau, n_boot=n_boot, seed=seed)) if dtau else None,
+            }
+        )
     best = max(table, key=lambda r: (r["tau"], r["logp_gap"]))
-    return {"table": table, "best": best, "best_rule": "highest tau (pooled over verify steps); ties: larger log-prob gap"}
+    return {
+        "table": table,
+        "best": best,
+        "best_rule": "highest tau (pooled over verify steps); ties: larger log-prob gap",
+    }
 
 
-def run_sweep_ttt(target, tokenizer, draft, tasks: list[dict], out_dir, ttt, *, steps: list[int], lrs: list[float],
-                  ranks: list[int], max_new_tokens: int = 48, command: str = "", progress: bool = True) -> dict:
+def run_sweep_ttt(
+    target,
+    tokenizer,
+    draft,
+    tasks: list[dict],
+    out_dir,
+    ttt,
+    *,
+    steps: list[int],
+    lrs: list[float],
+    ranks: list[int],
+    max_new_tokens: int = 48,
+    command: str = "",
+    progress: bool = True,
+) -> dict:
     """The sweep over the tasks with reference answers; writes `points.jsonl`, `summary.json`, `sweep.png`
     and `report.md`."""
     from tqdm.auto import tqdm
@@ -333,8 +407,13 @@ def run_sweep_ttt(target, tokenizer, draft, tasks: list[dict], out_dir, ttt, *, 
                 w.write(r)
                 rows.append(r)
     summary = sweep_summary(rows) | {
-        "n_tasks": len(prepared.tasks), "n_skipped": len(prepared.skipped), "grid": {"steps": steps, "lr": lrs, "rank": ranks},
-        "ttt": asdict(ttt), "max_new_tokens": max_new_tokens, "command": command, "environment": environment(),
+        "n_tasks": len(prepared.tasks),
+        "n_skipped": len(prepared.skipped),
+        "grid": {"steps": steps, "lr": lrs, "rank": ranks},
+        "ttt": asdict(ttt),
+        "max_new_tokens": max_new_tokens,
+        "command": command,
+        "environment": environment(),
         "tau_method": "teacher-forced replay of greedy speculative decoding on the target's greedy continuation",
     }
     summary["figure"] = sweep_figure(summary, out_dir / "sweep.png")
@@ -353,4 +432,12 @@ def parse_list(text: str, kind, flag: str) -> list:
     return sorted(set(vals))
 
 
-__all__ = ["Context", "load_contexts", "replay_acceptance", "run_sweep_ttt", "run_ttt_tau", "sweep_summary", "tau_summary"]
+__all__ = [
+    "Context",
+    "load_contexts",
+    "replay_acceptance",
+    "run_sweep_ttt",
+    "run_ttt_tau",
+    "sweep_summary",
+    "tau_summary",
+]

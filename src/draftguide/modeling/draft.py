@@ -118,8 +118,17 @@ class DraftAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return _rope(k, cos, sin), v
 
-    def forward(self, h, ctx, cos, sin, mask=None, cache: DraftCache | None = None, rows: slice | None = None,
-                context_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        h,
+        ctx,
+        cos,
+        sin,
+        mask=None,
+        cache: DraftCache | None = None,
+        rows: slice | None = None,
+        context_mask: torch.Tensor | None = None,
+    ):
         # h: [B, Q, d] normed block states; ctx: [B, C, d] fused context; cos/sin: [B, C+Q, D]
         # rows: queries only at these offsets of every block (keys/values still from all of h) -> [B, Q', d]
         # context_mask: bool [B, C_all] over every context column (cached + new), False = a pad (one block per row)
@@ -242,7 +251,10 @@ class DFlashDraft(nn.Module):
         n_tl = tc.num_hidden_layers
         ids = list(target_layer_ids or build_target_layer_ids(n_tl, max(num_layers, 1)))
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        rope = getattr(tc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 1e4)}
+        rope = getattr(tc, "rope_parameters", None) or {
+            "rope_type": "default",
+            "rope_theta": getattr(tc, "rope_theta", 1e4),
+        }
         config = Qwen3Config(
             hidden_size=tc.hidden_size,
             intermediate_size=intermediate_size or tc.intermediate_size,
@@ -316,12 +328,15 @@ class DFlashDraft(nn.Module):
         missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
         if missing or unexpected:
             raise DraftGuideError(
-                f"draft weights {where} do not match its config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                f"draft weights {where} do not match its config: missing "
+                f"{missing[:4]}{'...' if len(missing) > 4 else ''}, "
                 f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
             )
         for k, v in state.items():
             if v.shape != ours[k].shape:
-                raise DraftGuideError(f"draft weight '{k}' has shape {tuple(v.shape)}, config implies {tuple(ours[k].shape)}")
+                raise DraftGuideError(
+                    f"draft weight '{k}' has shape {tuple(v.shape)}, config implies {tuple(ours[k].shape)}"
+                )
         draft.load_state_dict(state, assign=True)
         return draft
 
@@ -359,7 +374,9 @@ class DFlashDraft(nn.Module):
         if self.config.hidden_size != d:
             raise DraftGuideError(f"draft hidden size {self.config.hidden_size} != target hidden size {d}")
         if not 0 <= self.mask_token_id < vocab:
-            raise DraftGuideError(f"draft mask_token_id {self.mask_token_id} outside the target vocabulary [0, {vocab})")
+            raise DraftGuideError(
+                f"draft mask_token_id {self.mask_token_id} outside the target vocabulary [0, {vocab})"
+            )
 
     def check_speculative(self) -> None:
         """Raise a one-line DraftGuideError when this draft cannot propose blocks (an aligned readout)."""
@@ -406,13 +423,16 @@ class DFlashDraft(nn.Module):
         for i, layer in enumerate(self.layers):
             r = rows if i == last else None
             if recompute:
-                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, cos, sin, attention_mask, cache, r, context_mask,
-                                                      use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(
+                    layer, h, ctx, cos, sin, attention_mask, cache, r, context_mask, use_reentrant=False
+                )
             else:
                 h = layer(h, ctx, cos, sin, attention_mask, cache, r, context_mask)
         return self.norm(h)
 
-    def context_kv(self, target_hidden: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def context_kv(
+        self, target_hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's context K/V (normed, rotated: what `DraftCache` holds) of target features, without running a
         block: context keys and values depend on the features and their positions alone, so a row can join a batch
         with its whole context cached at once. # target_hidden: [B, C, n*d], position_ids: [B, C] -> [(k, v)]"""
@@ -430,7 +450,9 @@ class DFlashDraft(nn.Module):
 
 
 # -- many anchors in one pass (mode b) ----------------------------------------------------------------
-def block_attention_mask(anchors: torch.Tensor, ctx_len: int, block_size: int, includes_anchor: bool = False) -> torch.Tensor:
+def block_attention_mask(
+    anchors: torch.Tensor, ctx_len: int, block_size: int, includes_anchor: bool = False
+) -> torch.Tensor:
     """Bool mask [B, 1, m*bs, ctx_len + m*bs]: block i sees the context positions `context_end` allows
     (`< anchors[:, i]`, or `<=` for an aligned readout) and its own block, nothing else.
     # anchors: [B, m] absolute anchor positions
@@ -455,8 +477,9 @@ def block_inputs(token_ids: torch.Tensor, anchors: torch.Tensor, block_size: int
     return ids.view(B, -1), pos.view(B, -1)
 
 
-def multi_block_hidden(draft: DFlashDraft, target, features, token_ids, anchors, block_size=None, forward=None,
-                       rows: slice | None = None) -> torch.Tensor:
+def multi_block_hidden(
+    draft: DFlashDraft, target, features, token_ids, anchors, block_size=None, forward=None, rows: slice | None = None
+) -> torch.Tensor:
     """All blocks in one masked forward. Returns draft states [B, m, bs, d]; position k of block i
     predicts `token_ids[:, anchors[:, i] + k]`. `forward` replaces `draft` as the module called (a DDP
     wrapper, say, so that its gradient hooks run). `rows`: only those block offsets -> [B, m, n, d].
@@ -487,7 +510,9 @@ def _config_from_dict(raw: dict, where) -> Qwen3Config:
     if draft_value(config, "mask_token_id") is None:
         raise DraftGuideError(f"draft config '{where}' has no dflash_config.mask_token_id")
     if draft_value(config, "target_layer_ids") is None and getattr(config, "num_target_layers", None) is None:
-        raise DraftGuideError(f"draft config '{where}' has neither dflash_config.target_layer_ids nor num_target_layers")
+        raise DraftGuideError(
+            f"draft config '{where}' has neither dflash_config.target_layer_ids nor num_target_layers"
+        )
     return config
 
 
@@ -552,7 +577,8 @@ def default_mask_token_id(tokenizer) -> int:
     reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
     template = tokenizer.chat_template or ""
     candidates = [
-        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        i
+        for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
         if t.special and i not in reserved and t.content not in template
     ]
     if not candidates:
@@ -604,8 +630,10 @@ def shipped_draft(target_name: str | None, purpose: str = "speculative", notice=
         if readout is not None and (readout / "config.json").is_file():
             return readout
         if readout is not None and spec is not None:
-            (notice or _stderr)(f"draftguide: note: the aligned readout '{readout.name}' is not shipped in this install; "
-                                f"guiding with the speculative draft '{spec.name}'")
+            (notice or _stderr)(
+                f"draftguide: note: the aligned readout '{readout.name}' is not shipped in this install; "
+                f"guiding with the speculative draft '{spec.name}'"
+            )
     return spec
 
 
@@ -627,7 +655,9 @@ def is_aligned_readout(spec: str | os.PathLike | None) -> bool:
         raw = json.loads(cfg.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return False
-    return bool((raw.get("dflash_config") or {}).get("context_includes_anchor", raw.get("context_includes_anchor", False)))
+    return bool(
+        (raw.get("dflash_config") or {}).get("context_includes_anchor", raw.get("context_includes_anchor", False))
+    )
 
 
 def check_speculative_spec(spec: str | os.PathLike | None) -> None:
@@ -636,7 +666,8 @@ def check_speculative_spec(spec: str | os.PathLike | None) -> None:
         raise DraftGuideError(
             f"'{spec}' is an aligned readout (context_includes_anchor): it reads the anchor's own target features, "
             "which a proposed block's anchor does not have yet, so it cannot draft ahead; speculative decoding "
-            "(and exact speculative guided decoding) needs a speculative draft, e.g. smollm2-135m-dflash")
+            "(and exact speculative guided decoding) needs a speculative draft, e.g. smollm2-135m-dflash"
+        )
 
 
 def count_params(module: nn.Module) -> int:

@@ -11,9 +11,18 @@ from draftguide.errors import DraftGuideError
 
 # A few everyday chat requests for `speculate --prompts builtin` (the demo).
 BUILTIN_PROMPTS = [
-    {"id": "builtin-0", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]},
-    {"id": "builtin-1", "messages": [{"role": "user", "content": "Write a Python function that returns the sum of a list of numbers."}]},
-    {"id": "builtin-2", "messages": [{"role": "user", "content": "Give me three tips for staying focused while studying."}]},
+    {
+        "id": "builtin-0",
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    },
+    {
+        "id": "builtin-1",
+        "messages": [{"role": "user", "content": "Write a Python function that returns the sum of a list of numbers."}],
+    },
+    {
+        "id": "builtin-2",
+        "messages": [{"role": "user", "content": "Give me three tips for staying focused while studying."}],
+    },
     {"id": "builtin-3", "messages": [{"role": "user", "content": "Explain what photosynthesis is to a ten-year-old."}]},
     {"id": "builtin-4", "messages": [{"role": "user", "content": "List the days of the week."}]},
 ]
@@ -80,7 +89,9 @@ def place(row: dict) -> str:
     return ", ".join(parts) or row.get("_where", "prompt")
 
 
-def encode_prompt(tokenizer, row: dict, where: str | None = None, chat_template_kwargs: dict | None = None) -> torch.Tensor:
+def encode_prompt(
+    tokenizer, row: dict, where: str | None = None, chat_template_kwargs: dict | None = None
+) -> torch.Tensor:
     """`messages` -> chat template with the generation prompt; `prompt` -> raw text. Returns [1, T].
     `chat_template_kwargs`: extra variables the template reads (the vLLM/SGLang convention, e.g.
     {"enable_thinking": false} for Qwen3). Errors name `where` (default: `place(row)`) and the message at fault."""
@@ -93,7 +104,11 @@ def encode_prompt(tokenizer, row: dict, where: str | None = None, chat_template_
             if not isinstance(m, dict) or "role" not in m:
                 raise DraftGuideError(f"{where}: messages[{i}] must be a {{role, content}} object, got {str(m)[:60]!r}")
         if not any(str(m.get("content") or "").strip() for m in msgs):
-            which = "messages[0].content is" if len(msgs) == 1 else f"every message's content (messages[0..{len(msgs) - 1}]) is"
+            which = (
+                "messages[0].content is"
+                if len(msgs) == 1
+                else f"every message's content (messages[0..{len(msgs) - 1}]) is"
+            )
             raise DraftGuideError(f"{where}: empty prompt: {which} empty or whitespace")
         if tokenizer.chat_template is None:
             raise DraftGuideError(f"{where}: the tokenizer has no chat template; use a raw 'prompt' instead")
@@ -110,8 +125,17 @@ def encode_prompt(tokenizer, row: dict, where: str | None = None, chat_template_
     return ids
 
 
-RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tokenize", "return_dict", "add_generation_prompt", "tools",
-                            "documents", "continue_final_message", "return_tensors")
+RESERVED_TEMPLATE_KWARGS = (
+    "conversation",
+    "messages",
+    "tokenize",
+    "return_dict",
+    "add_generation_prompt",
+    "tools",
+    "documents",
+    "continue_final_message",
+    "return_tensors",
+)
 
 
 def check_chat_template_kwargs(value) -> dict:
@@ -145,14 +169,16 @@ def set_chat_template_kwargs(tokenizer, value) -> dict:
     return kw
 
 
-def apply_chat_template(tokenizer, messages: list, chat_template_kwargs: dict | None = None, *,
-                        add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(
+    tokenizer, messages: list, chat_template_kwargs: dict | None = None, *, add_generation_prompt: bool = True
+) -> list[int]:
     """Token ids of `messages` through the tokenizer's chat template, with extra template variables: the
     tokenizer's own (`set_chat_template_kwargs`), then `chat_template_kwargs` over them (every place a chat
     template is applied comes here)."""
     kw = dict(getattr(tokenizer, TEMPLATE_KWARGS_ATTR, None) or {}) | check_chat_template_kwargs(chat_template_kwargs)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        return_dict=False, **kw)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **kw
+    )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
@@ -173,11 +199,15 @@ def check_length(model, n_tokens: int, max_new_tokens: int = 0, where: str = "pr
     if limit is None or n_tokens + max_new_tokens <= limit:
         return
     if n_tokens > limit or not max_new_tokens:
-        raise DraftGuideError(f"{where}: the {what} has {n_tokens} tokens, more than the target's {limit} positions "
-                              f"(max_position_embeddings); shorten it")
-    raise DraftGuideError(f"{where}: the {what} has {n_tokens} tokens and {max_new_tokens} new tokens are asked for, "
-                          f"{n_tokens + max_new_tokens} in all, more than the target's {limit} positions "
-                          f"(max_position_embeddings); shorten the {what} or ask for at most {limit - n_tokens} new tokens")
+        raise DraftGuideError(
+            f"{where}: the {what} has {n_tokens} tokens, more than the target's {limit} positions "
+            f"(max_position_embeddings); shorten it"
+        )
+    raise DraftGuideError(
+        f"{where}: the {what} has {n_tokens} tokens and {max_new_tokens} new tokens are asked for, "
+        f"{n_tokens + max_new_tokens} in all, more than the target's {limit} positions "
+        f"(max_position_embeddings); shorten the {what} or ask for at most {limit - n_tokens} new tokens"
+    )
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

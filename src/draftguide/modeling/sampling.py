@@ -8,7 +8,6 @@ import torch
 
 from draftguide.errors import DraftGuideError
 
-
 # Temperatures below this decode greedily, as in vLLM (`_SAMPLING_EPS`): dividing logits by 1e-40 overflows to
 # inf and softmax to NaN, while the limit T -> 0 of sampling is the argmax anyway.
 GREEDY_BELOW = 1e-5

@@ -31,7 +31,9 @@ def read_samples(data_dir: str | Path) -> list[dict]:
         raise DraftGuideError(f"no {SAMPLES} in '{data_dir}': run `draftguide make-data` first")
     from draftguide.modeling.prompts import read_jsonl
 
-    return read_jsonl(path, bad=[], line_numbers=False)  # a line cut by a crash mid-write: that prompt is redone on resume
+    return read_jsonl(
+        path, bad=[], line_numbers=False
+    )  # a line cut by a crash mid-write: that prompt is redone on resume
 
 
 def encode_conversation(tokenizer, row: dict, max_tokens: int | None = None) -> tuple[list[int], int] | None:
@@ -58,7 +60,9 @@ def encode_conversation(tokenizer, row: dict, max_tokens: int | None = None) -> 
     return (ids, n_prompt) if len(ids) - n_prompt >= 2 else None
 
 
-def make_text_data(tokenizer, rows: list[dict], out_dir: str | Path, *, max_tokens: int = 1024, progress: bool = True) -> dict:
+def make_text_data(
+    tokenizer, rows: list[dict], out_dir: str | Path, *, max_tokens: int = 1024, progress: bool = True
+) -> dict:
     """Samples from given text (see `encode_conversation`); resumable like `make_data`. Returns meta."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,10 +74,25 @@ def make_text_data(tokenizer, rows: list[dict], out_dir: str | Path, *, max_toke
                 continue
             enc = encode_conversation(tokenizer, row, max_tokens)
             if enc is not None:
-                w.write({"id": row["id"], "source": row.get("source"), "input_ids": enc[0], "prompt_len": enc[1], "text": "given"})
+                w.write(
+                    {
+                        "id": row["id"],
+                        "source": row.get("source"),
+                        "input_ids": enc[0],
+                        "prompt_len": enc[1],
+                        "text": "given",
+                    }
+                )
                 n_new += 1
-    return _write_meta(out_dir, {"responses": "given text (teacher-forced)", "max_tokens": max_tokens, "new_this_run": n_new,
-                                 "seconds_this_run": time.perf_counter() - t0})
+    return _write_meta(
+        out_dir,
+        {
+            "responses": "given text (teacher-forced)",
+            "max_tokens": max_tokens,
+            "new_this_run": n_new,
+            "seconds_this_run": time.perf_counter() - t0,
+        },
+    )
 
 
 def _row_seed(seed: int, row_id) -> int:
@@ -136,16 +155,35 @@ def make_data(
             # the batched loop drops finished rows (HF generate kept decoding them); a sampled response is seeded
             # per prompt (seed, id), so it does not depend on the batch it landed in or on a resume
             gens = [torch.Generator(device=dev).manual_seed(_row_seed(seed, row["id"])) for row, _ in batch]
-            outs = batch_generate(target, [ids for _, ids in batch], max_new_tokens, stop_token_ids=stop,
-                                  temperature=temperature, generators=gens)
+            outs = batch_generate(
+                target,
+                [ids for _, ids in batch],
+                max_new_tokens,
+                stop_token_ids=stop,
+                temperature=temperature,
+                generators=gens,
+            )
             for (row, ids), r in zip(batch, outs):
                 resp = r.tokens  # a final stop token kept
                 n_tok += len(resp)
-                w.write({"id": row["id"], "source": row.get("source"), "input_ids": ids.tolist() + resp, "prompt_len": ids.numel()})
+                w.write(
+                    {
+                        "id": row["id"],
+                        "source": row.get("source"),
+                        "input_ids": ids.tolist() + resp,
+                        "prompt_len": ids.numel(),
+                    }
+                )
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
     bar.close()
-    return _write_meta(out_dir, {
-        "responses": "target-generated", "max_new_tokens": max_new_tokens, "temperature": temperature,
-        "new_this_run": len(todo), "tokens_per_s_this_run": n_tok / max(time.perf_counter() - t0, 1e-9),
-    })
+    return _write_meta(
+        out_dir,
+        {
+            "responses": "target-generated",
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "new_this_run": len(todo),
+            "tokens_per_s_this_run": n_tok / max(time.perf_counter() - t0, 1e-9),
+        },
+    )

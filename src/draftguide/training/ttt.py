@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from draftguide.modeling.draft import DFlashDraft
-from draftguide.errors import DraftGuideError
 from draftguide.decode.speculative import _now
+from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import DFlashDraft
 from draftguide.modeling.targets import extract_features
 from draftguide.training.train import block_loss, loss_weights, sample_anchors
 
@@ -126,7 +126,9 @@ class AdaptedDraft(DFlashDraft):
     @classmethod
     def wrap(cls, base: DFlashDraft, lora_config, seed: int = 0) -> "AdaptedDraft":
         if isinstance(base, AdaptedDraft):
-            raise DraftGuideError("this draft already carries TTT adapters: adapt its base draft (`.reset()` returns it)")
+            raise DraftGuideError(
+                "this draft already carries TTT adapters: adapt its base draft (`.reset()` returns it)"
+            )
         # the base's tensors, not copies: no extra memory, and nothing here can write them (frozen below)
         self = cls.from_state_dict(copy.deepcopy(base.config), base.state_dict())
         self.rotary_emb = base.rotary_emb
@@ -158,7 +160,9 @@ class AdaptedDraft(DFlashDraft):
         a = fc.lora_A[ADAPTER]
         scale = scale.detach().float().to(a.weight.device)
         if scale.shape != (a.in_features,) or not bool((scale > 0).all()):
-            raise DraftGuideError(f"the fc feature scale must be {a.in_features} positive numbers, got shape {tuple(scale.shape)}")
+            raise DraftGuideError(
+                f"the fc feature scale must be {a.in_features} positive numbers, got shape {tuple(scale.shape)}"
+            )
         self.fc_scale = scale
         self._fc_hook = a.register_forward_pre_hook(lambda m, args: (args[0] / scale.to(args[0].dtype), *args[1:]))
 
@@ -252,12 +256,19 @@ def load_adapter(draft: DFlashDraft, path: str | Path) -> AdaptedDraft:
     unmatched = sorted(getattr(result, "unexpected_keys", ()) or ())
     missing = sorted(k for k in getattr(result, "missing_keys", ()) or () if ".lora_" in k and f".{ADAPTER}." in k)
     if unmatched or missing or not weights:
+
         def few(keys):
             return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 
-        parts = [f"{len(unmatched)} adapter tensor(s) match no LoRA weight of the draft: {few(unmatched)}"] if unmatched else []
+        parts = (
+            [f"{len(unmatched)} adapter tensor(s) match no LoRA weight of the draft: {few(unmatched)}"]
+            if unmatched
+            else []
+        )
         parts += [f"{len(missing)} LoRA weight(s) of the draft get no tensor: {few(missing)}"] if missing else []
-        raise DraftGuideError(f"adapter '{path}' does not match the draft's LoRA weights ({'; '.join(parts) or 'no tensors'})")
+        raise DraftGuideError(
+            f"adapter '{path}' does not match the draft's LoRA weights ({'; '.join(parts) or 'no tensors'})"
+        )
     return adapted.eval()
 
 
@@ -316,8 +327,14 @@ def ttt_adapt(
                 features = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T, n*d]
             prefill_s = _now(dev) - t0
         features = _check_features(features, ids, draft)
-        lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                          bias="none", inference_mode=False)
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(target_modules),
+            bias="none",
+            inference_mode=False,
+        )
         adapted = AdaptedDraft.wrap(draft, lora, seed)
         adapted.gradient_checkpointing = gradient_checkpointing
         spread = None
@@ -331,20 +348,52 @@ def ttt_adapt(
         before = context_loss(adapted, target, features, ids, eval_at, weights, bs, amp)
         eval_s = _now(dev) - t_eval
         params = [p for p in adapted.parameters() if p.requires_grad]
-        losses = _train(adapted, target, features, ids, params, weights, bs, amp, steps=steps, lr=lr,
-                        anchors_per_step=anchors_per_step, seed=seed, on_step=on_step, progress=progress)
+        losses = _train(
+            adapted,
+            target,
+            features,
+            ids,
+            params,
+            weights,
+            bs,
+            amp,
+            steps=steps,
+            lr=lr,
+            anchors_per_step=anchors_per_step,
+            seed=seed,
+            on_step=on_step,
+            progress=progress,
+        )
         t_eval = _now(dev)
         after = context_loss(adapted, target, features, ids, eval_at, weights, bs, amp)
         eval_s += _now(dev) - t_eval
     peak, kind = _peak_memory(dev)
     adapted.report = TTTReport(
-        loss_before=before[0], loss_after=after[0], steps=steps, seconds=losses.seconds, prefill_seconds=prefill_s,
-        peak_mem_bytes=peak, peak_mem_kind=kind, n_context_tokens=T, eval_seconds=eval_s, eval_anchors=len(eval_at),
-        acc_before=before[1], acc_after=after[1], train_losses=losses.values, n_trainable_params=sum(p.numel() for p in params),
-        lr=lr, rank=rank, alpha=alpha, target_modules=list(target_modules), anchors_per_step=anchors_per_step,
-        block_size=bs, seed=seed, gradient_checkpointing=gradient_checkpointing,
+        loss_before=before[0],
+        loss_after=after[0],
+        steps=steps,
+        seconds=losses.seconds,
+        prefill_seconds=prefill_s,
+        peak_mem_bytes=peak,
+        peak_mem_kind=kind,
+        n_context_tokens=T,
+        eval_seconds=eval_s,
+        eval_anchors=len(eval_at),
+        acc_before=before[1],
+        acc_after=after[1],
+        train_losses=losses.values,
+        n_trainable_params=sum(p.numel() for p in params),
+        lr=lr,
+        rank=rank,
+        alpha=alpha,
+        target_modules=list(target_modules),
+        anchors_per_step=anchors_per_step,
+        block_size=bs,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
         autocast_dtype=None if amp is None else str(amp).removeprefix("torch."),
-        standardize_fc=adapted.fc_scale is not None, fc_scale_spread=spread,
+        standardize_fc=adapted.fc_scale is not None,
+        fc_scale_spread=spread,
     )
     return adapted.eval()
 
@@ -355,8 +404,9 @@ class _Losses:
     seconds: float
 
 
-def _train(adapted, target, features, ids, params, weights, bs, amp, *, steps, lr, anchors_per_step, seed,
-           on_step, progress) -> _Losses:
+def _train(
+    adapted, target, features, ids, params, weights, bs, amp, *, steps, lr, anchors_per_step, seed, on_step, progress
+) -> _Losses:
     """`steps` AdamW steps on random context anchors; the global RNGs are left as they were."""
     from tqdm.auto import tqdm
 
@@ -393,7 +443,9 @@ def _callback(on_step, step: int, adapted: AdaptedDraft) -> None:
 
 
 @torch.no_grad()
-def context_loss(draft, target, features, ids, anchors: list[int], weights, block_size=None, amp=None) -> tuple[float, list[float]]:
+def context_loss(
+    draft, target, features, ids, anchors: list[int], weights, block_size=None, amp=None
+) -> tuple[float, list[float]]:
     """Draft loss and per-offset top-1 accuracy on blocks anchored at `anchors` (weighted by label counts).
     # features: [1, T, n*d], ids: [1, T]"""
     was = draft.training
@@ -404,8 +456,9 @@ def context_loss(draft, target, features, ids, anchors: list[int], weights, bloc
     for c in range(0, len(anchors), EVAL_CHUNK):
         a = torch.tensor([anchors[c : c + EVAL_CHUNK]], device=dev)
         with _amp(dev, amp):
-            loss, acc, n, _ = block_loss(draft, target, features, ids, a, torch.tensor([ids.shape[1]], device=dev), weights,
-                                      block_size=bs)
+            loss, acc, n, _ = block_loss(
+                draft, target, features, ids, a, torch.tensor([ids.shape[1]], device=dev), weights, block_size=bs
+            )
         w = float((weights.cpu() * n.cpu()).sum())  # draft_loss normalises by the weighted label count
         total, wsum = total + float(loss) * w, wsum + w
         hits, count = hits + acc.cpu() * n.cpu(), count + n.cpu()
@@ -456,15 +509,19 @@ def _context_ids(context_ids, device) -> torch.Tensor:
     if ids.dtype not in (torch.int64, torch.int32):
         raise DraftGuideError(f"context_ids must be integer token ids, got dtype {ids.dtype}")
     if ids.shape[1] < 3:
-        raise DraftGuideError(f"a context of {ids.shape[1]} tokens is too short for TTT: need at least 3 "
-                              "(an anchor needs context before it and a token after it)")
+        raise DraftGuideError(
+            f"a context of {ids.shape[1]} tokens is too short for TTT: need at least 3 "
+            "(an anchor needs context before it and a token after it)"
+        )
     return ids.long().to(device)
 
 
 def _check_features(features: torch.Tensor, ids: torch.Tensor, draft: DFlashDraft) -> torch.Tensor:
     want = (1, ids.shape[1], draft.fc.in_features)
     if tuple(features.shape) != want:
-        raise DraftGuideError(f"features must have shape {list(want)} (context x target layers), got {list(features.shape)}")
+        raise DraftGuideError(
+            f"features must have shape {list(want)} (context x target layers), got {list(features.shape)}"
+        )
     # features made under inference_mode cannot be saved for backward: a plain copy can
     return features.detach().clone() if features.is_inference() else features.detach()
 
@@ -509,4 +566,13 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
-__all__ = ["AdaptedDraft", "TTTConfig", "TTTReport", "context_feature_scale", "context_loss", "evenly_spaced_anchors", "load_adapter", "ttt_adapt"]
+__all__ = [
+    "AdaptedDraft",
+    "TTTConfig",
+    "TTTReport",
+    "context_feature_scale",
+    "context_loss",
+    "evenly_spaced_anchors",
+    "load_adapter",
+    "ttt_adapt",
+]
