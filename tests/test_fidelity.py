@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_draft, tiny_target
 from draftguide.app.cli import main
-from draftguide.experiments.fidelity import Sample, measure_fidelity, shuffled_features, summarize_fidelity
+from draftguide.experiments.fidelity import Sample, donor_features, measure_fidelity, summarize_fidelity
 
 LAYERS = [1, 3, 4]
 
@@ -71,9 +71,9 @@ def test_shuffled_null_is_lower_when_the_readout_uses_its_features():
 
 def test_shuffled_features_are_another_sequences_real_features():
     f = [torch.full((1, 5, 2), 1.0), torch.arange(6.0)[None, :, None].repeat(1, 1, 2), torch.full((1, 3, 2), 7.0)]
-    assert torch.equal(shuffled_features(f, 0), f[1][:, :5])
-    assert shuffled_features(f, 1)[0, :, 0].tolist() == [7.0] * 6  # tiled from the shorter one
-    assert torch.equal(shuffled_features(f, 2), f[0][:, :3])
+    assert torch.equal(donor_features(f, 0), f[1][:, :5])
+    assert donor_features(f, 1)[0, :, 0].tolist() == [7.0] * 6  # tiled from the shorter one
+    assert torch.equal(donor_features(f, 2), f[0][:, :3])
 
 
 def test_fidelity_command_on_a_tiny_pair(tmp_path, tiny_target_dir, tiny_draft_dir):

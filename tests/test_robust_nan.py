@@ -93,9 +93,9 @@ def test_speculate_table_says_why(tmp_path, tiny_target_dir, tiny_draft_dir, cap
 
 
 def test_eval_table_and_report_without_finished_tasks(tmp_path):
-    from draftguide.experiments.evaluate import format_table, summarize
+    from draftguide.experiments.evaluate import format_table, summarize_eval
 
-    s = summarize([{"task_id": "a", "status": "error", "error": "boom"}], n_tasks=1)
+    s = summarize_eval([{"task_id": "a", "status": "error", "error": "boom"}], n_tasks=1)
     table = format_table(s)
     assert "nan" not in table.lower() and "no task finished" in table
     from draftguide.reporting.runs import dumps

@@ -457,7 +457,7 @@ def readout_trajectory(target, draft, input_ids: torch.Tensor, tokens: list[int]
     [1, T]: row i is what the readout predicts for new token i, reading the target's features of the prompt and
     tokens < i (teacher forcing: one target forward and one multi-anchor readout pass; equal to token-by-token
     decoding up to float rounding). The donor of the shuffled-readout null."""
-    from draftguide.experiments.diagnostic import readout_logits
+    from draftguide.modeling.readout import readout_logits
 
     if not tokens:
         raise DraftGuideError("readout_trajectory needs at least one continuation token")

@@ -207,70 +207,6 @@ def ablation_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def ablation_figure(s: dict, out_dir: Path, path: Path) -> None:
-    import numpy as np
-
-    from draftguide.experiments.diagnose import PALETTE, _plt
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    rows = s["rows"]
-    for i, r in enumerate(rows):
-        log = _log(out_dir / "sets" / r["set"] / "log.jsonl")
-        if log:
-            axes[0].plot(
-                [x["step"] for x in log], [x["loss"] for x in log], color=PALETTE[i % len(PALETTE)], label=r["set"]
-            )
-    axes[0].set(xlabel="step", ylabel="training loss", title="loss curves (same data, seed, budget)")
-    axes[0].legend(fontsize=7)
-    x = np.arange(len(rows))
-
-    def bars(ax, vals, cis, offset, label, colour):
-        v = np.array([np.nan if a is None else a for a in vals], dtype=float)
-        err = np.array(
-            [[max(a - c[0], 0), max(c[1] - a, 0)] if (c and a is not None) else [0, 0] for a, c in zip(vals, cis)]
-        ).T
-        ax.bar(x + offset, v, 0.38, yerr=err, capsize=2, label=label, color=colour)
-
-    fid = [r.get("fidelity") or {} for r in rows]
-    bars(axes[1], [f.get("top1_agreement_k1") for f in fid], [f.get("ci95") for f in fid], -0.19, "readout", "#4c72b0")
-    bars(
-        axes[1],
-        [f.get("null_top1_agreement_k1") for f in fid],
-        [f.get("null_ci95") for f in fid],
-        0.19,
-        "shuffled-feature null",
-        "#c7c7c7",
-    )
-    axes[1].set(ylabel="top-1 agreement with the target, k = 1", ylim=(0, 1), title="fidelity")
-    dg = [r.get("diagnostic") or {} for r in rows]
-    bars(
-        axes[2],
-        [(d.get("all") or {}).get("mean") for d in dg],
-        [(d.get("all") or {}).get("ci95") for d in dg],
-        -0.19,
-        "all tasks",
-        "#55a868",
-    )
-    bars(
-        axes[2],
-        [(d.get("failed") or {}).get("mean") for d in dg],
-        [(d.get("failed") or {}).get("ci95") for d in dg],
-        0.19,
-        "failed tasks",
-        "#c44e52",
-    )
-    axes[2].axhline(0, color="black", lw=0.8)
-    axes[2].set(ylabel="mean per-task log p_readout - log p_target", title="diagnostic (next mode)")
-    for ax in axes[1:]:
-        ax.set_xticks(x)
-        ax.set_xticklabels([r["set"] for r in rows], rotation=20, ha="right", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_ablation(
     target,
     tokenizer,
@@ -375,7 +311,10 @@ def run_ablation(
         "environment": environment(),
     }
     write_json(out_dir / "summary.json", s)
-    ablation_figure(s, out_dir, out_dir / "ablation.png")
+    from draftguide.reporting.plots import ablation_figure
+
+    logs = {r["set"]: _log(out_dir / "sets" / r["set"] / "log.jsonl") for r in s["rows"]}
+    ablation_figure(s, logs, out_dir / "ablation.png")
     (out_dir / "ablation.md").write_text(ablation_markdown(s))
     return s
 

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 from draftguide.errors import DraftGuideError
-from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
+from draftguide.modeling.draft import DFlashDraft
+from draftguide.modeling.readout import MODES, block_reads, readout_logits
 from draftguide.modeling.targets import extract_features
 
-MODES = ("next", "block")
 NULL_CONTROLS = ("shuffle", "gauss", "noise")  # the verdict's gate: a readout must beat each one it ran with
 SANITY_CONTROLS = ("random",)  # reported beside, read by no rule
 CONTROLS = NULL_CONTROLS + SANITY_CONTROLS
@@ -60,7 +60,6 @@ EQUIV_MARGIN = 0.1  # nats per token: |mean per-task difference| below this coun
 BUCKETS = ((0.01, "p<0.01"), (0.1, "0.01<=p<0.1"), (0.5, "0.1<=p<0.5"), (math.inf, "p>=0.5"))
 POSITIONS = ("first", "later")  # the reference's first token, and the rest
 VERDICT_TOL = 1e-6  # nats: differences below this are float noise, not an effect
-MAX_ANCHORS = 256  # anchors per draft forward; longer answers take a few (memory grows with anchors x context)
 
 
 def control_pathway(readout: str, control: str) -> str:
@@ -142,53 +141,6 @@ def random_like(draft: DFlashDraft, seed: int = 0) -> DFlashDraft:
     return rnd.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
 
 
-# -- reading a readout -----------------------------------------------------------------------------------
-def block_reads(
-    n_answer: int, block_size: int, modes: Iterable[str]
-) -> tuple[list[int], dict[str, tuple[list[int], list[int]]]]:
-    """Which anchors one draft forward needs and, per mode, which (block, offset) to read for each answer
-    token j = 0..A-1. Anchors are indices into the answer's predecessors (anchor i sits at position P-1+i).
-    Returns (anchors, {mode: (block index into anchors per j, offset k per j)})."""
-    step = block_size - 1
-    need: set[int] = set()
-    reads = {}
-    for mode in modes:
-        if mode == "next":
-            anchors, ks = list(range(n_answer)), [1] * n_answer
-        elif mode == "block":
-            anchors, ks = [j - j % step for j in range(n_answer)], [j % step + 1 for j in range(n_answer)]
-        else:
-            raise DraftGuideError(f"unknown mode {mode!r} (expected {', '.join(MODES)})")
-        need.update(anchors)
-        reads[mode] = (anchors, ks)
-    order = sorted(need)
-    where = {a: i for i, a in enumerate(order)}
-    return order, {m: ([where[a] for a in anchors], ks) for m, (anchors, ks) in reads.items()}
-
-
-def readout_logits(
-    readout, target, features, ids, n_prompt: int, modes: Iterable[str]
-) -> dict[str, tuple[torch.Tensor, list[int]]]:
-    """Per mode: the readout's logits for every answer token [A, V] and the block offset k each was read at.
-    A readout with `read_logits` (same arguments, same answer) is asked directly: the seam for readouts that
-    are not DFlash drafts. # features: [1, T, n*d], ids: [1, T]"""
-    modes = list(modes)
-    if hasattr(readout, "read_logits"):
-        return readout.read_logits(target, features, ids, n_prompt, modes)
-    A = ids.shape[1] - n_prompt
-    anchors, reads = block_reads(A, readout.block_size, modes)
-    hidden = []
-    for c in range(0, len(anchors), MAX_ANCHORS):
-        pos = torch.tensor([[n_prompt - 1 + a for a in anchors[c : c + MAX_ANCHORS]]], device=ids.device)
-        hidden.append(multi_block_hidden(readout, target, features, ids, pos)[0])  # [m, B, d]
-    h = torch.cat(hidden)
-    out = {}
-    for mode, (blocks, ks) in reads.items():
-        rows = h[torch.tensor(blocks, device=h.device), torch.tensor(ks, device=h.device)]  # [A, d]
-        out[mode] = (readout.logits(rows[None], target)[0], ks)
-    return out
-
-
 def draft_scores(draft, target, features, ids, n_prompt: int, modes: Iterable[str]) -> dict[str, dict]:
     """Per mode: gold scores of the readout for every answer token and the block offset k each was read at.
     # features: [1, T, n*d], ids: [1, T]"""
@@ -224,7 +176,7 @@ def target_pass(target, ids: torch.Tensor, n_prompt: int, layer_ids: Iterable[in
     return TargetPass(ids, n_prompt, scores, {i + 1: out.hidden_states[i + 1] for i in set(layer_ids)})
 
 
-def _as_readouts(readouts) -> dict:
+def as_readouts(readouts) -> dict:
     return dict(readouts) if isinstance(readouts, dict) else {"draft": readouts}
 
 
@@ -250,7 +202,7 @@ def score_sequence(
     adapted on the prompt (a context manager that resets it, see `ttt.ttt_adapt`), scored as pathway `ttt`.
     Returns {"target": scores, mode: {pathway: scores (+ "k")}} with arrays over answer tokens, and with
     `adapt` "ttt_report". # ids: [1, T]"""
-    modes, controls, readouts = list(modes), list(controls), _as_readouts(readouts)
+    modes, controls, readouts = list(modes), list(controls), as_readouts(readouts)
     bad = [c for c in controls if c not in CONTROLS]
     if bad:
         raise DraftGuideError(f"unknown control {bad[0]!r} (expected {', '.join(CONTROLS)})")
@@ -473,7 +425,7 @@ def diagnose(
             where=f"task {t.task_id!r}",
             what="prompt with its reference answer",
         )
-    modes, controls, readouts = list(modes), list(controls), _as_readouts(readouts)
+    modes, controls, readouts = list(modes), list(controls), as_readouts(readouts)
     if "random" in controls:
         random_drafts = dict(random_drafts or {})
         for name, r in readouts.items():

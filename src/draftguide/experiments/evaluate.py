@@ -1023,7 +1023,7 @@ def finalize(out_dir: str | Path, tasks: list[dict], bad_rows: list[dict] = (), 
     os.replace(tmp, out_dir / RESULTS)
     for p in out_dir.glob("results.rank*.jsonl"):
         p.unlink()
-    summary = summarize(rows, n_tasks=len(tasks)) | {
+    summary = summarize_eval(rows, n_tasks=len(tasks)) | {
         "n_bad_rows": len(bad_rows),
         "bad_rows": list(bad_rows),
         "settings": settings or {},
@@ -1033,7 +1033,8 @@ def finalize(out_dir: str | Path, tasks: list[dict], bad_rows: list[dict] = (), 
     return summary
 
 
-def _group(scores: list[int]) -> dict:
+def solve_rate_stats(scores: list[int]) -> dict:
+    """Solve rate of 0/1 task scores with its 95% bootstrap CI over tasks: {"n", "solve_rate", "ci95"}."""
     from draftguide.reporting.runs import bootstrap_ci
 
     return {
@@ -1043,7 +1044,7 @@ def _group(scores: list[int]) -> dict:
     }
 
 
-def summarize(rows: list[dict], n_tasks: int | None = None) -> dict:
+def summarize_eval(rows: list[dict], n_tasks: int | None = None) -> dict:
     """Solve rate over finished tasks (an unparseable judge reply counts as 0), per category and subcategory
     with 95% bootstrap CIs; failed tasks (errors, a judge that could not be reached included) are counted apart
     and left out of the rates."""
@@ -1052,14 +1053,14 @@ def summarize(rows: list[dict], n_tasks: int | None = None) -> dict:
     for r in ok:
         cats.setdefault(r["context_category"], {}).setdefault(r["sub_category"], []).append(int(r["score"]))
     by_cat = {
-        c: _group([s for v in subs.values() for s in v])
-        | {"subcategories": {k: _group(v) for k, v in sorted(subs.items())}}
+        c: solve_rate_stats([s for v in subs.values() for s in v])
+        | {"subcategories": {k: solve_rate_stats(v) for k, v in sorted(subs.items())}}
         for c, subs in sorted(cats.items())
     }
     errors = [r for r in rows if r.get("status") == "error"]
     from draftguide.experiments.taxonomy import class_counts
 
-    return _group([int(r["score"]) for r in ok]) | {
+    return solve_rate_stats([int(r["score"]) for r in ok]) | {
         "error_classes": class_counts(ok),
         "n_tasks": n_tasks if n_tasks is not None else len(rows),
         "n_errors": len(errors),

@@ -34,7 +34,7 @@ from draftguide.modeling.targets import extract_features
 from draftguide.reporting.runs import JsonlWriter, environment, write_json
 
 METRICS = ("top1_agreement", "kl", "logp")
-MAX_ANCHORS = 64  # anchors per draft forward: logits are [m, B-1, V] at a time
+ANCHORS_PER_PASS = 64  # anchors per draft forward: logits are [m, B-1, V] at a time
 
 
 @dataclass
@@ -52,12 +52,12 @@ def anchors_of(sample: Sample) -> list[int]:
 
 
 @torch.inference_mode()
-def readout_logits(draft: DFlashDraft, target, features: torch.Tensor, ids: torch.Tensor, anchors: list[int]):
-    """Readout logits [m, B-1, V] (float32) of offsets 1..B-1 at `anchors`, in chunks of `MAX_ANCHORS`.
+def block_logits_at(draft: DFlashDraft, target, features: torch.Tensor, ids: torch.Tensor, anchors: list[int]):
+    """Readout logits [m, B-1, V] (float32) of offsets 1..B-1 at `anchors`, in chunks of `ANCHORS_PER_PASS`.
     # features: [1, T, n*d], ids: [1, T]"""
     out = []
-    for c in range(0, len(anchors), MAX_ANCHORS):
-        pos = torch.tensor([anchors[c : c + MAX_ANCHORS]], device=ids.device)
+    for c in range(0, len(anchors), ANCHORS_PER_PASS):
+        pos = torch.tensor([anchors[c : c + ANCHORS_PER_PASS]], device=ids.device)
         h = multi_block_hidden(draft, target, features, ids, pos, rows=slice(1, draft.block_size))[0]  # [m, B-1, d]
         out.append(draft.logits(h, target).float())
     return torch.cat(out)
@@ -88,7 +88,7 @@ def offset_scores(
     return res
 
 
-def shuffled_features(features: list[torch.Tensor], i: int) -> torch.Tensor:
+def donor_features(features: list[torch.Tensor], i: int) -> torch.Tensor:
     """Real features of sequence `i + 1` (cyclically) at sequence `i`'s positions, tiled when shorter.
     # features: list of [1, T_j, n*d] -> [1, T_i, n*d]"""
     if len(features) < 2:
@@ -98,7 +98,7 @@ def shuffled_features(features: list[torch.Tensor], i: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def target_pass(
+def target_features(
     target, layer_ids: list[int], sample: Sample, device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One teacher-forced target forward: (ids [1, T], features [1, T, n*d], log-softmax [T, V] float32)."""
@@ -107,7 +107,7 @@ def target_pass(
     return ids, extract_features(out.hidden_states, layer_ids), torch.log_softmax(out.logits[0].float(), -1)
 
 
-# A readout: a DFlash draft (read with `readout_logits`), or any callable (features, ids, anchors) -> [m, K, V]
+# A readout: a DFlash draft (read with `block_logits_at`), or any callable (features, ids, anchors) -> [m, K, V]
 Readout = DFlashDraft | Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
@@ -133,15 +133,15 @@ def measure_fidelity(
     if any(r.target_layer_ids != layer_ids for r in drafts):
         raise DraftGuideError("readouts measured together must read the same target layers")
     passes = [
-        target_pass(target, layer_ids, s, dev) for s in tqdm(samples, desc="fidelity: target", disable=not progress)
+        target_features(target, layer_ids, s, dev) for s in tqdm(samples, desc="fidelity: target", disable=not progress)
     ]
     feats = [p[1] for p in passes]
     res: dict[str, dict] = {}
     for name, readout in readouts.items():
-        read = partial(readout_logits, readout, target) if isinstance(readout, DFlashDraft) else readout
+        read = partial(block_logits_at, readout, target) if isinstance(readout, DFlashDraft) else readout
         runs = {name: lambda i: feats[i]}
         if null:
-            runs[f"{name}/shuffled"] = lambda i: shuffled_features(feats, i)
+            runs[f"{name}/shuffled"] = lambda i: donor_features(feats, i)
         for run, feat_of in runs.items():
             per = res.setdefault(run, {})
             for i, (s, (ids, _, t_logp)) in enumerate(
@@ -210,25 +210,6 @@ def fidelity_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def fidelity_figure(summary: dict, path: str | Path) -> None:
-    """Agreement and KL per offset, each readout beside its null."""
-    from draftguide.experiments.diagnose import _plt
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, r in summary["readouts"].items():
-        for ax, m in zip(axes, ("top1_agreement", "kl")):
-            (line,) = ax.plot(r["k"], r[m], marker="o", label=name)
-            for c, v in r.get("controls", {}).items():
-                ax.plot(v["k"], v[m], marker="x", ls="--", color=line.get_color(), label=f"{name} (null: {c})")
-    axes[0].set(xlabel="block offset k", ylabel="top-1 agreement with the target", ylim=(0, 1))
-    axes[1].set(xlabel="block offset k", ylabel="KL(target || readout), nats")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # -- inputs -------------------------------------------------------------------------------------------
 def target_responses(
     target, tokenizer, prompts: list[dict], max_new_tokens: int, progress: bool = True
@@ -289,6 +270,8 @@ def run_fidelity(
     }
     write_json(out_dir / "summary.json", summary)
     (out_dir / "fidelity.md").write_text(fidelity_table(summary) + "\n")
+    from draftguide.reporting.plots import fidelity_figure
+
     fidelity_figure(summary, out_dir / "fidelity.png")
     return summary
 

@@ -208,7 +208,7 @@ def finish_matrix(
     tasks: list[dict], out_dir, cfg: MatrixConfig, *, settings: dict | None = None, command: str = ""
 ) -> dict:
     """Analyse the finished runs of a matrix folder and write its outputs."""
-    from draftguide.experiments.sweeps import _rows
+    from draftguide.experiments.sweeps import ok_rows
     from draftguide.reporting.runs import JsonlWriter, environment, write_json
 
     out_dir = Path(out_dir)
@@ -217,7 +217,7 @@ def finish_matrix(
         path = out_dir / r["folder"] / "results.jsonl"
         if not path.is_file():
             raise DraftGuideError(f"matrix row {r['row']!r}: no results in '{path.parent}'")
-        results[r["row"]] = _rows(path)
+        results[r["row"]] = ok_rows(path)
     s = analyse(tasks, results, plan(cfg), cfg)
     s |= {
         "kind": "matrix",
@@ -230,7 +230,7 @@ def finish_matrix(
         for row in s.pop("per_task"):
             w.write(row)
     write_json(out_dir / "summary.json", s)
-    (out_dir / "report.md").write_text(report_markdown(s))
+    (out_dir / "report.md").write_text(matrix_markdown(s))
     return s
 
 
@@ -327,7 +327,7 @@ def flip_tags(
 def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict], cfg: MatrixConfig) -> dict:
     """Every row with n and 95% CI, paired differences to greedy, the decision and the flip tags."""
     from draftguide.experiments.diagnostic import context_text
-    from draftguide.experiments.evaluate import _group
+    from draftguide.experiments.evaluate import solve_rate_stats
 
     by_id = {t["metadata"]["task_id"]: t for t in tasks}
     greedy_rows = results["greedy"]
@@ -336,7 +336,7 @@ def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict],
     table = []
     for r in rows:
         rs = results[r["row"]]
-        entry = dict(r) | _group([int(x["score"]) for x in rs])
+        entry = dict(r) | solve_rate_stats([int(x["score"]) for x in rs])
         if r["row"] != "greedy":
             entry["vs_greedy"] = paired(rs, ref, cfg.n_boot, cfg.seed)
         if r["group"] not in ("baseline", "sharpening"):
@@ -504,7 +504,7 @@ def _decide_text(name: str, d: dict | None) -> str:
     )
 
 
-def report_markdown(s: dict) -> str:
+def matrix_markdown(s: dict) -> str:
     cfg = s["config"]
     out = [
         "# The decision matrix: draft guidance vs greedy decoding",

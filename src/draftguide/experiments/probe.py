@@ -294,39 +294,6 @@ def probe_markdown(s: dict) -> str:
     return "\n".join(lines + ["", "![probe](probe.png)", ""])
 
 
-def probe_figure(s: dict, path: str | Path) -> None:
-    from draftguide.experiments.diagnose import _plt
-
-    plt = _plt()
-    names = order(s["representations"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.8))
-    x = np.arange(len(names))
-    for i, (key, label, colour) in enumerate(
-        (
-            ("probe", "probe (CV)", "#4c72b0"),
-            ("shuffled", "shuffled labels", "#c7c7c7"),
-            ("zero_shot", "zero-shot logit diff", "#dd8452"),
-        )
-    ):
-        vals, err = [], [[], []]
-        for n in names:
-            r = s["representations"][n]
-            r = r if key == "probe" else r.get(key, {"accuracy": np.nan, "ci95": [np.nan, np.nan]})
-            vals.append(r["accuracy"])
-            err[0].append(max(r["accuracy"] - r["ci95"][0], 0))
-            err[1].append(max(r["ci95"][1] - r["accuracy"], 0))
-        ax.bar(x + (i - 1) * 0.27, vals, 0.27, yerr=err, capsize=2, label=label, color=colour)
-    ax.axhline(0.5, color="black", lw=0.8, ls="--")
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    ax.set(ylim=(0, 1.05), ylabel="accuracy: reference vs distractor")
-    ax.legend(fontsize=7)
-    ax.set_title(f"linear probes at the answer position ({s['n_tasks']} tasks; bars 95% CI over contexts)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_probe(
     target,
     tokenizer,
@@ -365,6 +332,8 @@ def run_probe(
         "environment": environment(),
     }
     write_json(out_dir / "summary.json", s)
+    from draftguide.reporting.plots import probe_figure
+
     probe_figure(s, out_dir / "probe.png")
     (out_dir / "report.md").write_text(probe_markdown(s))
     return s

@@ -342,6 +342,8 @@ def run_profile(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from draftguide.reporting.plots import profile_figure
+
     figures = {"profile.png": profile_figure(summary, out_dir / "profile.png")}
     write_json(out_dir / "summary.json", summary)
     (out_dir / "report.md").write_text(profile_markdown(summary, figures))
@@ -410,53 +412,6 @@ def cost_rows(s: dict) -> list[tuple[str, float, str]]:
                 )
             )
     return rows
-
-
-def profile_figure(s: dict, path: Path) -> dict:
-    from draftguide.experiments.diagnose import _plt, _save
-
-    plt = _plt()
-    # the cost bars go left: their long labels then take the figure margin, not a gap between panels
-    fig, (costs, pre, band) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1.1, 1, 0.6]})
-    axes = [pre, costs, band]
-    p = s["prefill"]
-    x = [r["context_len"] for r in p]
-    axes[0].errorbar(
-        x,
-        [r["median_s"] for r in p],
-        yerr=[[r["median_s"] - r["min_s"] for r in p], [r["max_s"] - r["median_s"] for r in p]],
-        marker="o",
-        capsize=3,
-        label="prefill (s)",
-    )
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("context length (tokens)")
-    axes[0].set_ylabel("target prefill, seconds (solid)")
-    ax2 = axes[0].twinx()
-    ax2.plot(x, [r["features_bytes"] / 2**20 for r in p], "s--", color="#dd8452", label="draft features (MiB)")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("selected hidden states, MiB (dashed)")
-    axes[0].set_title("prefill time and feature memory")
-    rows = cost_rows(s)
-    axes[1].barh([r[0] for r in rows][::-1], [1e3 * r[1] for r in rows][::-1], color="#4c72b0")
-    axes[1].set_xlabel("milliseconds (median)")
-    axes[1].set_title("per-operation cost")
-    axes[1].tick_params(axis="y", labelsize=7)
-    m = s["memory_bandwidth"]
-    bw = [s["decode"]["achieved_bandwidth_GBps"], m["read_GBps"], m["copy_GBps"]]
-    axes[2].bar(["decode\n(weights)", "sum\n(read)", "copy\n(read+write)"], bw, color=["#4c72b0", "#8c8c8c", "#c7c7c7"])
-    axes[2].set_ylabel("GB/s")
-    axes[2].set_title(f"bandwidth: decode at {100 * s['bandwidth_fraction']:.0f}%")
-    return _save(
-        plt,
-        fig,
-        path,
-        f"left: median cost per operation; middle: target prefill time (median, bars min-max over n = "
-        f"{s['repeats']}) and memory of the {len(s['target_layer_ids'])} selected hidden states vs context length; "
-        f"right: achieved decode bandwidth vs the best of {m['n']} large-tensor reads and copies ({s['device']}, "
-        f"{s['threads']} threads, {s['dtype']}).",
-    )
 
 
 def profile_markdown(s: dict, figures: dict[str, dict]) -> str:

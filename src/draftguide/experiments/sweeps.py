@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from draftguide.errors import DraftGuideError
-from draftguide.experiments.evaluate import RESULTS, _group, run_eval
+from draftguide.experiments.evaluate import RESULTS, run_eval, solve_rate_stats
 
 BASELINES = ("greedy", "power", "dola", "sample")
 DEFAULT_BASELINES = ("greedy", "power", "dola")
@@ -98,7 +98,7 @@ def run_beta_sweep(
             progress=progress,
             batch_size=batch_size,
         )
-        results[name] = _rows(out_dir / name / RESULTS)
+        results[name] = ok_rows(out_dir / name / RESULTS)
     if "greedy" in baselines and 0 in betas:
         results["greedy"] = results["guided_b0"]
     summary = summarize_sweep(results, betas, noise, shuffle) | {
@@ -114,13 +114,16 @@ def run_beta_sweep(
             for r in rows:
                 for f in r.get("flips", []):
                     w.write({"run": name, "task_id": r["task_id"], "score": r["score"]} | f)
-    summary["figure"] = plot_sweep(summary, out_dir / "beta_sweep.png")
+    from draftguide.reporting.plots import beta_sweep_figure
+
+    summary["figure"] = beta_sweep_figure(summary, out_dir / "beta_sweep.png")
     write_json(out_dir / "summary.json", summary)
-    (out_dir / "report.md").write_text(report_markdown(summary))
+    (out_dir / "report.md").write_text(beta_sweep_markdown(summary))
     return summary
 
 
-def _rows(path: Path) -> list[dict]:
+def ok_rows(path: Path) -> list[dict]:
+    """The rows of an eval `results.jsonl` whose task ran (status ok)."""
     from draftguide.modeling.prompts import read_jsonl
 
     return [r for r in read_jsonl(path) if r.get("status") == "ok"]
@@ -128,7 +131,7 @@ def _rows(path: Path) -> list[dict]:
 
 # -- numbers ----------------------------------------------------------------------------------------------
 def _rate(rows: list[dict]) -> dict:
-    return _group([int(r["score"]) for r in rows])
+    return solve_rate_stats([int(r["score"]) for r in rows])
 
 
 def flip_stats(rows: list[dict]) -> dict:
@@ -203,51 +206,7 @@ def summarize_sweep(
     }
 
 
-# -- figure and report ------------------------------------------------------------------------------------
-COLOURS = {
-    "guided": "#dd8452",
-    "noise": "#8c8c8c",
-    "shuffle": "#da8bc3",
-    "greedy": "#4c72b0",
-    "power": "#55a868",
-    "dola": "#8172b3",
-    "sample": "#937860",
-}
-
-
-def plot_sweep(summary: dict, path: Path) -> str:
-    from draftguide.experiments.diagnose import _plt
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for curve, pts in summary["curves"].items():
-        if not pts:
-            continue
-        x = [p["beta"] for p in pts]
-        ax.plot(
-            x,
-            [p["solve_rate"] for p in pts],
-            "o-",
-            color=COLOURS[curve],
-            label={"guided": "guided (draft)", "noise": "noise control"}.get(curve, "shuffled-readout control"),
-        )
-        ax.fill_between(x, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], color=COLOURS[curve], alpha=0.15)
-    for name, g in summary["baselines"].items():
-        ax.axhline(g["solve_rate"], color=COLOURS[name], ls="--", lw=1, label=f"{name} {g['solve_rate']:.3f}")
-    ax.set_xlabel("beta (weight of the draft / noise logits)")
-    ax.set_ylabel("solve rate (95% CI)")
-    ax.set_title(
-        f"Draft-guided decoding, {summary['curves']['guided'][0]['n'] if summary['curves']['guided'] else 0} tasks"
-    )
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
-def report_markdown(summary: dict) -> str:
+def beta_sweep_markdown(summary: dict) -> str:
     def rate(p):
         return f"{p['solve_rate']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
 

@@ -1,5 +1,5 @@
 """What test-time training buys: acceptance length before/after TTT (`ttt-tau`) and sweeps over steps, lr and
-rank (`sweep ttt`). Arithmetic and run folders only; `ttt_plots.py` draws.
+rank (`sweep ttt`). Arithmetic and run folders only; ``reporting` draws and writes sweep.md.
 
 Contexts come from
 - `suite`: the built-in task suite through the chat template (system + user turns); the continuation is the
@@ -391,8 +391,9 @@ def run_sweep_ttt(
 
     from draftguide.experiments.diagnostic import prepare_tasks
     from draftguide.modeling.prompts import stop_token_ids
+    from draftguide.reporting.plots import ttt_sweep_figure
     from draftguide.reporting.runs import JsonlWriter, environment, write_json
-    from draftguide.reporting.ttt_plots import sweep_figure, sweep_markdown
+    from draftguide.reporting.ttt_report import sweep_markdown
 
     prepared = prepare_tasks(tasks, tokenizer)
     if not prepared.tasks:
@@ -416,7 +417,7 @@ def run_sweep_ttt(
         "environment": environment(),
         "tau_method": "teacher-forced replay of greedy speculative decoding on the target's greedy continuation",
     }
-    summary["figure"] = sweep_figure(summary, out_dir / "sweep.png")
+    summary["figure"] = ttt_sweep_figure(summary, out_dir / "sweep.png")
     write_json(out_dir / "summary.json", summary)
     (out_dir / "report.md").write_text(sweep_markdown(summary))
     return summary

@@ -142,9 +142,9 @@ def speculate_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
     ]
     hist = s.get("acceptance_histogram") or []
     if hist:
-        from draftguide.experiments.diagnose import _plt
+        from draftguide.reporting.plots import pyplot
 
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar(range(1, len(hist) + 1), hist, color="#dd8452")
         ax.set_xlabel("tokens committed per verify step")
@@ -182,7 +182,7 @@ def bench_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
 
 
 def ttt_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
-    from draftguide.experiments.diagnose import _plt
+    from draftguide.reporting.plots import pyplot
 
     s = run.summary
     rows = [*s["sets"].items(), ("all", s["all"])]
@@ -208,7 +208,7 @@ def ttt_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
         f"Command: `{run.command}`.",
         "",
     ]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5))
     means = [v["delta_tau_mean"] for _, v in rows]
     err = [
@@ -232,15 +232,18 @@ def ttt_tau_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
 
 
 def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
-    from draftguide.experiments.diagnose import _fmt, _plt
+    from draftguide.reporting.plots import pyplot
+    from draftguide.reporting.runs import fmt_ci
 
     s = run.summary
     st = s.get("settings", {})
     lines = ["| category / subcategory | n | solve rate [95% CI] |", "|---|---|---|"]
     for c, g in s["categories"].items():
-        lines.append(f"| **{c}** | {g['n']} | {_fmt(g, 'solve_rate')} |")
-        lines += [f"| &nbsp;&nbsp;{k} | {sg['n']} | {_fmt(sg, 'solve_rate')} |" for k, sg in g["subcategories"].items()]
-    lines.append(f"| **overall** | {s['n']} | {_fmt(s, 'solve_rate')} |")
+        lines.append(f"| **{c}** | {g['n']} | {fmt_ci(g, 'solve_rate')} |")
+        lines += [
+            f"| &nbsp;&nbsp;{k} | {sg['n']} | {fmt_ci(sg, 'solve_rate')} |" for k, sg in g["subcategories"].items()
+        ]
+    lines.append(f"| **overall** | {s['n']} | {fmt_ci(s, 'solve_rate')} |")
     extra = ", ".join(
         f"{s[k]} {k[2:].replace('_', ' ')}" for k in ("n_errors", "n_pending", "n_judge_failures") if s.get(k)
     )
@@ -277,7 +280,7 @@ def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
         ]
     cats = list(s["categories"].items())
     if cats:
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(cats)), 3.8))
         rates = [g["solve_rate"] for _, g in cats]
         err = [
@@ -302,10 +305,10 @@ def eval_section(run: Run, fig_dir: Path, count: Counter) -> list[str]:
 
 def _figure(plt, fig, path: Path, count: Counter, caption: str) -> list[str]:
     """Save a figure drawn here under `figures/<run>/` and return its markdown with a numbered caption."""
-    from draftguide.experiments.diagnose import _save
+    from draftguide.reporting.plots import save_figure
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(plt, fig, path, caption)
+    save_figure(plt, fig, path, caption)
     return [
         f"![{path.stem}]({path.parent.parent.name}/{path.parent.name}/{path.name})",
         "",

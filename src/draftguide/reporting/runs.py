@@ -140,3 +140,9 @@ def bootstrap_ci(values, stat=np.mean, n_boot: int = 2000, alpha: float = 0.05, 
     idx = rng.integers(0, v.size, size=(n_boot, v.size))
     stats = np.apply_along_axis(stat, 1, v[idx]) if stat is not np.mean else v[idx].mean(1)
     return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+# -- report.md ----------------------------------------------------------------------------------------
+def fmt_ci(stat: dict, key: str, digits: int = 2) -> str:
+    lo, hi = stat["ci95"]
+    return f"{stat[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

@@ -1,50 +1,6 @@
-"""Figures and markdown of `draftguide sweep ttt` (matplotlib, Agg); the numbers come from `ttt_measure.py`."""
+"""`sweep.md` of `draftguide sweep-ttt`: the table and the text beside its figure."""
 
 from __future__ import annotations
-
-from pathlib import Path
-
-PANELS = (
-    ("context_loss", "context loss (draft training loss on the prompt)"),
-    ("logp_gap", "mean log p_draft - log p_target (answer tokens)"),
-    ("tau", "tau (teacher-forced acceptance length)"),
-)
-
-
-def sweep_figure(summary: dict, path: Path) -> str:
-    """Three panels against TTT steps, one line per (lr, rank); the best config starred. Returns the caption."""
-    from draftguide.experiments.diagnose import _plt
-
-    plt = _plt()
-    table, best = summary["table"], summary["best"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for lr, rank in sorted({(r["lr"], r["rank"]) for r in table}):
-        rs = sorted((r for r in table if r["lr"] == lr and r["rank"] == rank), key=lambda r: r["steps"])
-        for ax, (key, _) in zip(axes, PANELS):
-            ax.plot([r["steps"] for r in rs], [r[key] for r in rs], marker="o", label=f"lr {lr:g}, rank {rank}")
-    for ax, (key, label) in zip(axes, PANELS):
-        ax.plot(
-            [best["steps"]],
-            [best[key]],
-            marker="*",
-            markersize=16,
-            color="gold",
-            markeredgecolor="black",
-            zorder=5,
-            label="best" if key == "tau" else None,
-        )
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("TTT steps")
-        ax.set_ylabel(label)
-    axes[-1].legend(fontsize=8)
-    fig.suptitle(f"TTT sweep over {summary['n_tasks']} tasks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return (
-        f"context loss, log-prob gap and tau against TTT steps per (lr, rank), {summary['n_tasks']} tasks; star: best "
-        f"config ({summary['best_rule']})."
-    )
 
 
 def sweep_table(summary: dict) -> list[str]:
