@@ -247,15 +247,13 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_state_and_rng
         train_step(run, target, samples[2 * i : 2 * i + 2], cfg, state)
         state.step += 1
     state.labels_seen, state.elapsed_s = 123, 4.5
-    parts = dict(draft=run.draft, scale=run.scale, opt=run.opt, sched=run.sched)
-    save_checkpoint(tmp_path / "checkpoint.pt", **parts, state=state, cfg={"lr": cfg.lr})
+    save_checkpoint(tmp_path / "checkpoint.pt", **run.checkpointed(), state=state, cfg={"lr": cfg.lr})
     assert not (tmp_path / "checkpoint.tmp").exists()  # written aside, then renamed
     expect_py, expect_torch = random.random(), torch.rand(3)
 
     _, fresh_state, fresh = _run(cfg, samples)
     random.seed(99)
-    parts = dict(draft=fresh.draft, scale=fresh.scale, opt=fresh.opt, sched=fresh.sched)
-    restore_checkpoint(tmp_path / "checkpoint.pt", **parts, state=fresh_state, dev=torch.device("cpu"))
+    restore_checkpoint(tmp_path / "checkpoint.pt", **fresh.checkpointed(), state=fresh_state, dev=torch.device("cpu"))
     assert fresh_state == state
     assert random.random() == expect_py and torch.equal(torch.rand(3), expect_torch)
     a, b = run.draft.state_dict(), fresh.draft.state_dict()

@@ -315,6 +315,14 @@ def initial_draft(target, tokenizer, cfg: TrainConfig) -> DFlashDraft:
     )
 
 
+def usable_samples(data_dir) -> list[dict]:
+    """The make-data samples with at least 2 response tokens. Raises DraftGuideError when there are none."""
+    samples = [s for s in read_samples(data_dir) if len(s["input_ids"]) - s["prompt_len"] >= 2]
+    if not samples:
+        raise DraftGuideError(f"no usable samples in '{data_dir}' (each needs >= 2 response tokens)")
+    return samples
+
+
 def nominal_total(cfg: TrainConfig, n_samples: int) -> int:
     """Optimizer steps of `cfg.steps`, else of `cfg.epochs` over `n_samples` (at least 1)."""
     steps_per_epoch = max(1, n_samples // cfg.batch_size)
@@ -350,6 +358,10 @@ class TrainRun:
     weights: torch.Tensor  # [bs-1] loss weight per block offset
     n_offsets: int  # block offsets with a loss (K)
     dev: torch.device
+
+    def checkpointed(self) -> dict:
+        """The objects `save_checkpoint` / `restore_checkpoint` take, by keyword."""
+        return {"draft": self.draft, "scale": self.scale, "opt": self.opt, "sched": self.sched}
 
 
 def build_run(target, tokenizer, samples: list[dict], cfg: TrainConfig, state: TrainState, world: int = 1) -> TrainRun:
@@ -514,9 +526,7 @@ def train_draft(
     Raises DraftGuideError on no usable samples, a batch size not divisible by the world size, or a bad config."""
     rank, world = dist_rank_world()
     out_dir = Path(out_dir)
-    samples = [s for s in read_samples(data_dir) if len(s["input_ids"]) - s["prompt_len"] >= 2]
-    if not samples:
-        raise DraftGuideError(f"no usable samples in '{data_dir}' (each needs >= 2 response tokens)")
+    samples = usable_samples(data_dir)
     if cfg.batch_size % world:
         raise DraftGuideError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {world}")
     cfg.validate()
@@ -525,9 +535,7 @@ def train_draft(
     run = build_run(target, tokenizer, samples, cfg, state, world)
     ckpt = out_dir / "checkpoint.pt"
     if resume and ckpt.is_file():
-        restore_checkpoint(
-            ckpt, draft=run.draft, scale=run.scale, opt=run.opt, sched=run.sched, state=state, dev=run.dev
-        )
+        restore_checkpoint(ckpt, **run.checkpointed(), state=state, dev=run.dev)
         if not (state.planned and cfg.time_budget_s):  # a resumed run may change --steps/--epochs
             state.total = total
     elif resume and rank == 0:
@@ -539,8 +547,7 @@ def train_draft(
 
     def checkpoint():  # rank 0 writes for all
         if rank == 0:
-            parts = dict(draft=run.draft, scale=run.scale, opt=run.opt, sched=run.sched)
-            save_checkpoint(ckpt, **parts, state=state, cfg=asdict(cfg))
+            save_checkpoint(ckpt, **run.checkpointed(), state=state, cfg=asdict(cfg))
 
     log = JsonlWriter(out_dir / "log.jsonl") if rank == 0 else None
     bar = tqdm(total=state.total, initial=state.step, desc="train-draft", disable=not progress or rank != 0)
