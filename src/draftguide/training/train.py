@@ -22,17 +22,19 @@ Speed tricks that leave the saved draft a plain official-format draft over the f
 
 Runs unchanged under `torchrun --nproc_per_node N` (DDP; gloo on CPU, NCCL on GPU): each rank takes a
 disjoint shard of every batch; rank 0 writes checkpoints and logs.
+
+This module holds the recipe (config, loss, build, one step, export) and `train_draft`, the loop;
+`trainer.py` the recipe-free machinery it runs on (state, LR schedule, time budget, data order, checkpoints).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +46,17 @@ from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, defau
 from draftguide.modeling.targets import extract_features
 from draftguide.reporting.runs import JsonlWriter, write_json
 from draftguide.training.data import read_samples
+from draftguide.training.trainer import (
+    LogWindow,
+    StopOnSignal,
+    TimeBudget,
+    TrainState,
+    dist_rank_world,
+    lr_schedule,
+    rank_batch,
+    restore_checkpoint,
+    save_checkpoint,
+)
 
 IGNORE = -100
 
@@ -270,7 +283,7 @@ def vocab_subset(samples: list[dict], size: int | None, vocab: int) -> torch.Ten
     return torch.as_tensor(np.sort(top))
 
 
-# -- the loop -------------------------------------------------------------------------------------
+# -- build -----------------------------------------------------------------------------------------
 def initial_draft(target, tokenizer, cfg: TrainConfig) -> DFlashDraft:
     """A fresh draft shaped by `cfg`, or a copy of `cfg.init_from` (its shape and mask token; the readout kind
     follows `cfg.context_includes_anchor`, so a speculative draft can seed an aligned readout). fp32."""
@@ -302,12 +315,81 @@ def initial_draft(target, tokenizer, cfg: TrainConfig) -> DFlashDraft:
     )
 
 
-def _dist():
-    import torch.distributed as dist
+def usable_samples(data_dir) -> list[dict]:
+    """The make-data samples with at least 2 response tokens. Raises DraftGuideError when there are none."""
+    samples = [s for s in read_samples(data_dir) if len(s["input_ids"]) - s["prompt_len"] >= 2]
+    if not samples:
+        raise DraftGuideError(f"no usable samples in '{data_dir}' (each needs >= 2 response tokens)")
+    return samples
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+
+def nominal_total(cfg: TrainConfig, n_samples: int) -> int:
+    """Optimizer steps of `cfg.steps`, else of `cfg.epochs` over `n_samples` (at least 1)."""
+    steps_per_epoch = max(1, n_samples // cfg.batch_size)
+    return cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
+
+
+def subset_head(target, subset: torch.Tensor | None, dev) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss's frozen head and label map for a vocabulary subset (sorted ids, or None for all):
+    head [V', d] = the target's lm_head rows of the subset; remap [V] = full-vocabulary id -> subset index,
+    IGNORE outside it (None without a subset)."""
+    head_w = target.get_output_embeddings().weight  # [V, d]
+    if subset is None:
+        return head_w, None
+    subset = subset.to(dev)
+    remap = torch.full((head_w.shape[0],), IGNORE, dtype=torch.long, device=dev)
+    remap[subset] = torch.arange(len(subset), device=dev)
+    return head_w[subset], remap
+
+
+@dataclass
+class TrainRun:
+    """What a training run steps: the draft (fp32 weights) and the module its forward goes through (the draft, or
+    its DDP wrapper under torchrun), the feature scale, optimizer, LR schedule, and the loss's fixed inputs."""
+
+    draft: DFlashDraft
+    model: torch.nn.Module
+    scale: FeatureScale
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    head: torch.Tensor  # [V', d] frozen
+    remap: torch.Tensor | None  # [V] -> [0, V') or IGNORE
+    weights: torch.Tensor  # [bs-1] loss weight per block offset
+    n_offsets: int  # block offsets with a loss (K)
+    dev: torch.device
+
+    def checkpointed(self) -> dict:
+        """The objects `save_checkpoint` / `restore_checkpoint` take, by keyword."""
+        return {"draft": self.draft, "scale": self.scale, "opt": self.opt, "sched": self.sched}
+
+
+def build_run(target, tokenizer, samples: list[dict], cfg: TrainConfig, state: TrainState, world: int = 1) -> TrainRun:
+    """A fresh draft (or `cfg.init_from`'s) on the target's device, in training mode, with an identity feature
+    scale, AdamW and the warmup + cosine schedule over `state.total` (read at every step). Sets `cfg.block_size`
+    to the draft's. Raises DraftGuideError when the draft does not fit the target."""
+    draft = initial_draft(target, tokenizer, cfg)
+    draft.check_target(target)
+    cfg.block_size = draft.block_size  # an --init-from draft sets the shape
+    dev = next(target.parameters()).device
+    draft.to(dev).train()
+    scale = FeatureScale(draft.fc.in_features).to(dev)
+    subset = vocab_subset(samples, cfg.vocab_subset, target.get_output_embeddings().weight.shape[0])
+    head, remap = subset_head(target, subset, dev)
+    weights = loss_weights(cfg.block_size, cfg.gamma).to(dev)
+    if dev.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = draft
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(draft, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    n_offsets = min(cfg.train_offsets or cfg.block_size - 1, cfg.block_size - 1)
+    sched = lr_schedule(opt, state, cfg.warmup_ratio)
+    return TrainRun(draft, model, scale, params, opt, sched, head, remap, weights, n_offsets, dev)
 
 
 def _collate(batch: list[dict], max_len: int, pad: int):
@@ -330,19 +412,100 @@ def _anchor_tensor(batch, lengths, n, rng, first_token: bool = True) -> torch.Te
     return out
 
 
-PROBE_STEPS = 10  # steps timed (after this run's first, which pays one-off costs) before a budget is planned
-REPLAN_EVERY = 50  # then re-planned every this many steps from the mean step time of the run so far
-
-
-def planned_total(total: int, step: int, per_step_s: float, left_s: float, world: int, dev) -> int:
-    """Steps that fit warmup + cosine into the time left (3% kept for the final save), at most `total`.
-    Rank 0's plan is broadcast, so every rank stops at the same step."""
-    plan = torch.tensor([min(total, step + max(0, int(0.97 * left_s / per_step_s)))], device=dev)
-    if world > 1:
+@torch.no_grad()
+def fit_feature_scale(run: TrainRun, feats: torch.Tensor, cfg: TrainConfig, world: int = 1) -> None:
+    """Fit the feature scale on the first batch's features [b, T, n*d] (identity without
+    `cfg.normalize_features`); rank 0's scale on every rank. An `init_from` draft's fc reads raw features:
+    W diag(s) reads scaled ones alike."""
+    if cfg.normalize_features:
+        run.scale.fit(feats)
+    if world > 1:  # all ranks must agree on the scale
         import torch.distributed as dist
 
-        dist.broadcast(plan, 0)
-    return int(plan)
+        dist.broadcast(run.scale.scale, 0)
+    if cfg.init_from:
+        run.draft.fc.weight.mul_(run.scale.scale.to(run.draft.fc.weight)[None, :])
+
+
+class StepStats(NamedTuple):
+    loss: torch.Tensor  # [] detached, before the update
+    acc: torch.Tensor  # [K] top-1 accuracy per block offset
+    n: torch.Tensor  # [K] labels per block offset
+    agree: torch.Tensor  # [K] top-1 agreement with the target
+    grad_norm: torch.Tensor  # [] before clipping
+
+
+def train_step(
+    run: TrainRun,
+    target,
+    batch: list[dict],
+    cfg: TrainConfig,
+    state: TrainState,
+    *,
+    pad: int = 0,
+    world: int = 1,
+    rng=random,
+) -> StepStats:
+    """One optimizer step on this rank's `batch` (make-data samples): the frozen target's features (fitting the
+    feature scale on the training's first batch, which sets `state.scale_fitted`), anchors drawn with `rng`, the
+    masked draft pass and loss, backward, grad clip, AdamW and schedule steps."""
+    ids, lengths = _collate(batch, cfg.max_len, pad)
+    ids, lengths = ids.to(run.dev), lengths.to(run.dev)  # [b, T], [b]
+    amp = torch.autocast(run.dev.type, dtype=torch.bfloat16, enabled=cfg.autocast)
+    with torch.no_grad(), amp:
+        hs = target(
+            ids,
+            attention_mask=(torch.arange(ids.shape[1], device=run.dev) < lengths[:, None]).long(),
+            output_hidden_states=True,
+            logits_to_keep=1,
+        ).hidden_states
+        feats = extract_features(hs, run.draft.target_layer_ids)  # [b, T, n*d]
+        if not state.scale_fitted:
+            fit_feature_scale(run, feats, cfg, world)
+            state.scale_fitted = True
+    anchors = _anchor_tensor(batch, lengths.cpu(), cfg.anchors_per_seq, rng, cfg.first_token).to(run.dev)  # [b, m]
+    with amp:
+        loss, acc, n, agree = block_loss(
+            run.draft,
+            target,
+            run.scale(feats),
+            ids,
+            anchors,
+            lengths,
+            run.weights,
+            block_size=cfg.block_size,
+            head=run.head,
+            remap=run.remap,
+            forward=run.model,
+            teacher_states=hs[-1],
+            loss=cfg.loss,
+            kd_weight=cfg.kd_weight,
+            kd_temperature=cfg.kd_temperature,
+            offsets=cfg.train_offsets and min(cfg.train_offsets, cfg.block_size - 1),
+        )
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    return StepStats(loss.detach(), acc, n, agree, grad_norm)
+
+
+def export_draft(draft: DFlashDraft, scale: FeatureScale, folder: Path, dtype: torch.dtype) -> Path:
+    """Save a copy of `draft` with the feature scale folded into fc: an official-layout draft folder that reads raw
+    target features (`load_draft` loads it). The training draft is left as it is."""
+    final = DFlashDraft(draft.config)
+    final.load_state_dict(draft.state_dict())
+    fold_scale_into_fc(final, scale.scale.cpu())
+    final.save_pretrained(folder, dtype=dtype)
+    return folder
+
+
+def write_train_config(out_dir: Path, cfg: TrainConfig, data_dir, n_samples: int, total: int, world: int) -> None:
+    """`out_dir/train_config.json`: the config plus the data, sample count, planned total steps and world size."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = {"data": str(data_dir), "n_samples": n_samples, "total_steps": total, "world_size": world}
+    write_json(out_dir / "train_config.json", asdict(cfg) | extra)
 
 
 def train_draft(
@@ -357,249 +520,83 @@ def train_draft(
     max_seconds: float | None = None,
 ) -> dict:
     """Train (or resume) a draft for `target` on `make-data` samples. Writes `out_dir/checkpoint.pt`
-    (resumable state), `out_dir/log.jsonl`, and the final official-layout draft in `out_dir/draft/`."""
-    rank, world = _dist()
+    (resumable state), `out_dir/log.jsonl`, and the final official-layout draft in `out_dir/draft/`.
+    Stops at the planned total, after `max_seconds`, or on SIGINT/SIGTERM (saving a checkpoint either way).
+    Returns {step, total_steps, finished, elapsed_s, draft (folder), model (the training draft)}.
+    Raises DraftGuideError on no usable samples, a batch size not divisible by the world size, or a bad config."""
+    rank, world = dist_rank_world()
     out_dir = Path(out_dir)
-    samples = [s for s in read_samples(data_dir) if len(s["input_ids"]) - s["prompt_len"] >= 2]
-    if not samples:
-        raise DraftGuideError(f"no usable samples in '{data_dir}' (each needs >= 2 response tokens)")
+    samples = usable_samples(data_dir)
     if cfg.batch_size % world:
         raise DraftGuideError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {world}")
     cfg.validate()
-    draft = initial_draft(target, tokenizer, cfg)
-    draft.check_target(target)
-    cfg.block_size = draft.block_size  # an --init-from draft sets the shape
-    dev = next(target.parameters()).device
-    draft.to(dev).train()
-    scale = FeatureScale(draft.fc.in_features).to(dev)
-    subset = vocab_subset(samples, cfg.vocab_subset, target.get_output_embeddings().weight.shape[0])
-    head_w = target.get_output_embeddings().weight
-    head_sub = head_w[subset.to(dev)] if subset is not None else head_w  # [V', d] frozen
-    remap = None
-    if subset is not None:  # full-vocab id -> subset index (IGNORE when outside)
-        remap = torch.full((head_w.shape[0],), IGNORE, dtype=torch.long, device=dev)
-        remap[subset.to(dev)] = torch.arange(len(subset), device=dev)
-    weights = loss_weights(cfg.block_size, cfg.gamma).to(dev)
-    n_off = min(cfg.train_offsets or cfg.block_size - 1, cfg.block_size - 1)  # offsets with a loss
-
-    steps_per_epoch = max(1, len(samples) // cfg.batch_size)
-    total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
-    if dev.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = draft
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(draft, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    state = {"step": 0, "epoch": 0, "pos": 0, "seed": cfg.seed, "scale_fitted": False, "elapsed_s": 0.0, "total": total}
-
-    def lr_factor(s: int) -> float:  # reads state["total"]: a time budget may re-plan it after a few steps
-        warm = max(1, int(cfg.warmup_ratio * state["total"]))
-        return (
-            (s + 1) / warm
-            if s < warm
-            else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, state["total"] - warm))))
-        )
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    total = nominal_total(cfg, len(samples))
+    state = TrainState(seed=cfg.seed, total=total)
+    run = build_run(target, tokenizer, samples, cfg, state, world)
     ckpt = out_dir / "checkpoint.pt"
     if resume and ckpt.is_file():
-        blob = torch.load(ckpt, map_location=dev, weights_only=False)  # our own file, written below
-        draft.load_state_dict(blob["draft"])
-        scale.load_state_dict(blob["scale"])
-        opt.load_state_dict(blob["opt"])
-        sched.load_state_dict(blob["sched"])
-        state.update(blob["state"])
-        if not state.get("planned") or not cfg.time_budget_s:  # a resumed run may change --steps/--epochs
-            state["total"] = total
-        torch.set_rng_state(blob["torch_rng"])
-        random.setstate(blob["py_rng"])
+        restore_checkpoint(ckpt, **run.checkpointed(), state=state, dev=run.dev)
+        if not (state.planned and cfg.time_budget_s):  # a resumed run may change --steps/--epochs
+            state.total = total
     elif resume and rank == 0:
         print(f"draftguide: no checkpoint in {out_dir}; starting fresh")
     else:
         random.seed(cfg.seed)
-
-    def write_config():
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(
-                out_dir / "train_config.json",
-                asdict(cfg)
-                | {
-                    "data": str(data_dir),
-                    "n_samples": len(samples),
-                    "total_steps": state["total"],
-                    "world_size": world,
-                },
-            )
-
-    write_config()
-
-    def order(epoch: int) -> list[int]:  # same permutation on every rank and on resume
-        perm = list(range(len(samples)))
-        random.Random(cfg.seed * 1000003 + epoch).shuffle(perm)
-        return perm
-
-    def save_checkpoint():
-        if rank != 0:
-            return
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(
-            {
-                "draft": draft.state_dict(),
-                "scale": scale.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "state": state,
-                "torch_rng": torch.get_rng_state(),
-                "py_rng": random.getstate(),
-                "cfg": asdict(cfg),
-                "config": draft.config.to_dict(),
-            },
-            tmp,
-        )
-        os.replace(tmp, ckpt)
-
-    stop = {"flag": False}
-
-    def on_signal(signum, frame):
-        stop["flag"] = True
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if rank == 0 or world == 1 else {}
-    log = JsonlWriter(out_dir / "log.jsonl") if rank == 0 else None
-    bar = tqdm(total=state["total"], initial=state["step"], desc="train-draft", disable=not progress or rank != 0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    perm = order(state["epoch"])
-    t_start, agg = (
-        time.perf_counter(),
-        {"loss": 0.0, "acc": torch.zeros(n_off), "agree": torch.zeros(n_off), "n": 0, "tok": 0},
-    )
-    t_log, t_probe, steps_here = t_start, t_start, 0
-    try:
-        while state["step"] < state["total"] and not stop["flag"]:
-            if state["pos"] + cfg.batch_size > len(perm):
-                state["epoch"] += 1
-                state["pos"] = 0
-                perm = order(state["epoch"])
-            idx = perm[state["pos"] : state["pos"] + cfg.batch_size]
-            local = [samples[i] for i in idx[rank::world]]
-            ids, lengths = _collate(local, cfg.max_len, pad)
-            ids, lengths = ids.to(dev), lengths.to(dev)
-            amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast)
-            with torch.no_grad(), amp:
-                hs = target(
-                    ids,
-                    attention_mask=(torch.arange(ids.shape[1], device=dev) < lengths[:, None]).long(),
-                    output_hidden_states=True,
-                    logits_to_keep=1,
-                ).hidden_states
-                feats = extract_features(hs, draft.target_layer_ids)  # [b, T, n*d]
-                if not state["scale_fitted"]:
-                    if cfg.normalize_features:
-                        scale.fit(feats)
-                    if world > 1:  # all ranks must agree on the scale
-                        import torch.distributed as dist
-
-                        dist.broadcast(scale.scale, 0)
-                    if cfg.init_from:  # the loaded fc reads raw features: W diag(s) reads scaled ones alike
-                        draft.fc.weight.mul_(scale.scale.to(draft.fc.weight)[None, :])
-                    state["scale_fitted"] = True
-            anchors = _anchor_tensor(local, lengths.cpu(), cfg.anchors_per_seq, random, cfg.first_token).to(dev)
-            with amp:
-                loss, acc, n, agree = block_loss(
-                    draft,
-                    target,
-                    scale(feats),
-                    ids,
-                    anchors,
-                    lengths,
-                    weights,
-                    block_size=cfg.block_size,
-                    head=head_sub,
-                    remap=remap,
-                    forward=model,
-                    teacher_states=hs[-1],
-                    loss=cfg.loss,
-                    kd_weight=cfg.kd_weight,
-                    kd_temperature=cfg.kd_temperature,
-                    offsets=cfg.train_offsets and min(cfg.train_offsets, cfg.block_size - 1),
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            state["step"] += 1
-            state["pos"] += cfg.batch_size
-            agg["loss"] += float(loss.detach())
-            agg["acc"] += acc.cpu()
-            agg["agree"] += agree.cpu()
-            agg["n"] += 1
-            agg["tok"] += int(n.sum())
-            state["labels_seen"] = state.get("labels_seen", 0) + int(n.sum()) * world
-            bar.update(1)
-            steps_here += 1
-            if cfg.time_budget_s and (steps_here == 1 or (steps_here - 1) % REPLAN_EVERY == PROBE_STEPS % REPLAN_EVERY):
-                # (re-)plan from this run's mean step time so far: a shared machine's speed changes under us
-                now = time.perf_counter()
-                if steps_here == 1:
-                    t_probe = now
-                elif steps_here > PROBE_STEPS:
-                    left = cfg.time_budget_s - state["elapsed_s"] - (now - t_start)
-                    state["total"] = planned_total(
-                        total, state["step"], (now - t_probe) / (steps_here - 1), left, world, dev
-                    )
-                    state["planned"] = True
-                    bar.total = state["total"]
-                    write_config()
-            if state["step"] % cfg.log_every == 0 or state["step"] == state["total"]:
-                now = time.perf_counter()
-                el = now - t_start
-                row = {
-                    "step": state["step"],
-                    "epoch": state["epoch"],
-                    "loss": agg["loss"] / agg["n"],
-                    "acc": [round(float(a), 4) for a in agg["acc"] / agg["n"]],
-                    "agree": [round(float(a), 4) for a in agg["agree"] / agg["n"]],
-                    "labels_seen": state["labels_seen"],
-                    "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(gnorm),
-                    "labels_per_s": agg["tok"] * world / max(now - t_log, 1e-9),
-                    "elapsed_s": state["elapsed_s"] + el,
-                }
-                if log:
-                    log.write(row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}", acc1=row["acc"][0], acc2=row["acc"][1] if len(row["acc"]) > 1 else 0
-                )
-                agg = {"loss": 0.0, "acc": torch.zeros(n_off), "agree": torch.zeros(n_off), "n": 0, "tok": 0}
-                t_log = now
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                save_checkpoint()
-            if max_seconds and time.perf_counter() - t_start > max_seconds:
-                stop["flag"] = True
-    finally:
-        state["elapsed_s"] += time.perf_counter() - t_start
-        bar.close()
-        save_checkpoint()
-        for s, h in old.items():
-            signal.signal(s, h)
-        if log:
-            log.close()
-    done = state["step"] >= state["total"]
     if rank == 0:
-        final = DFlashDraft(draft.config)
-        final.load_state_dict(draft.state_dict())
-        fold_scale_into_fc(final, scale.scale.cpu())
-        final.save_pretrained(out_dir / "draft", dtype=getattr(torch, cfg.save_dtype))
+        write_train_config(out_dir, cfg, data_dir, len(samples), state.total, world)
+
+    def checkpoint():  # rank 0 writes for all
+        if rank == 0:
+            save_checkpoint(ckpt, **run.checkpointed(), state=state, cfg=asdict(cfg))
+
+    log = JsonlWriter(out_dir / "log.jsonl") if rank == 0 else None
+    bar = tqdm(total=state.total, initial=state.step, desc="train-draft", disable=not progress or rank != 0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t_start = time.perf_counter()
+    budget = TimeBudget(cfg.time_budget_s, total, t_start) if cfg.time_budget_s else None
+    window = LogWindow(run.n_offsets, t_start)
+    with StopOnSignal(enabled=rank == 0 or world == 1) as stop:
+        try:
+            while state.step < state.total and not stop.requested:
+                idx = rank_batch(state, len(samples), cfg.batch_size, cfg.seed, rank, world)
+                out = train_step(run, target, [samples[i] for i in idx], cfg, state, pad=pad, world=world)
+                state.step += 1
+                state.pos += cfg.batch_size
+                state.labels_seen += int(out.n.sum()) * world
+                window.add(float(out.loss), out.acc, out.agree, out.n)
+                bar.update(1)
+                if budget and budget.step_done(state, time.perf_counter(), run.dev, world):
+                    bar.total = state.total
+                    if rank == 0:
+                        write_train_config(out_dir, cfg, data_dir, len(samples), state.total, world)
+                if state.step % cfg.log_every == 0 or state.step == state.total:
+                    now = time.perf_counter()
+                    lr = run.sched.get_last_lr()[0]
+                    row = window.row(
+                        state, lr=lr, grad_norm=float(out.grad_norm), world=world, now=now, t_start=t_start
+                    )
+                    if log:
+                        log.write(row)
+                    acc = row["acc"]
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc1=acc[0], acc2=acc[1] if len(acc) > 1 else 0)
+                    window = LogWindow(run.n_offsets, now)
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if max_seconds and time.perf_counter() - t_start > max_seconds:
+                    break
+        finally:
+            state.elapsed_s += time.perf_counter() - t_start
+            bar.close()
+            checkpoint()
+            if log:
+                log.close()
+    if rank == 0:
+        export_draft(run.draft, run.scale, out_dir / "draft", getattr(torch, cfg.save_dtype))
     return {
-        "step": state["step"],
-        "total_steps": state["total"],
-        "finished": done,
-        "elapsed_s": state["elapsed_s"],
+        "step": state.step,
+        "total_steps": state.total,
+        "finished": state.step >= state.total,
+        "elapsed_s": state.elapsed_s,
         "draft": str(out_dir / "draft"),
-        "model": draft,
+        "model": run.draft,
     }
