@@ -127,7 +127,7 @@ def load_draft_vocab(folder, size: int) -> torch.Tensor:
     """The `size` most frequent token ids of a draft folder's ranking. Raises DraftGuideError without one."""
     from safetensors.torch import load_file
 
-    from draftguide.modeling.draft import draft_path
+    from draftguide.modeling.draft_io import draft_path
 
     path = draft_path(folder) / RANKING_FILE
     if not path.is_file():
