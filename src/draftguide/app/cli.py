@@ -912,7 +912,7 @@ def load_models(args):
 
 
 def cmd_speculate(args) -> int:
-    from draftguide.decode.speculative import run_speculate
+    from draftguide.experiments.speculate import run_speculate
     from draftguide.modeling.prompts import load_prompts
     from draftguide.modeling.sampling import check_sampling, resolve_seed
 
@@ -1122,7 +1122,7 @@ def cmd_fidelity(args) -> int:
 def cmd_bench_tau(args) -> int:
     from pathlib import Path
 
-    from draftguide.decode.speculative import run_speculate
+    from draftguide.experiments.speculate import run_speculate
     from draftguide.reporting.runs import environment, write_json
     from draftguide.training.datasources import load_source
 

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from draftguide.decode.speculative import GenStats, _check_prompt, _first_stop, _now, cache_kwarg, crop_cache
+from draftguide.decode.common import GenStats, cache_kwarg, check_prompt, crop_cache, first_stop, now
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.draft import BlockMask, DraftCache, block_inputs, context_end
 from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
@@ -46,7 +46,7 @@ REMOVED_MIXES = {
     "(1-beta) p_target + beta p_draft"
 }
 SCHEDULES = ("fixed", "adaptive")
-CONTROLS = ("noise", "shuffle")
+GUIDED_CONTROLS = ("noise", "shuffle")  # null controls of guided decoding (not the diagnostic's CONTROLS)
 
 
 @dataclass
@@ -145,8 +145,8 @@ def check_guided(beta: float, beta_schedule: str, mix: str, guard_top_k, control
         raise DraftGuideError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
     if guard_top_k is not None and guard_top_k < 1:
         raise DraftGuideError(f"guard_top_k must be >= 1, got {guard_top_k}")
-    if control is not None and control not in CONTROLS:
-        raise DraftGuideError(f"control must be None or one of {', '.join(CONTROLS)}, got {control!r}")
+    if control is not None and control not in GUIDED_CONTROLS:
+        raise DraftGuideError(f"control must be None or one of {', '.join(GUIDED_CONTROLS)}, got {control!r}")
 
 
 # -- decoding -------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def guided_generate(
     check_sampling(temperature, top_p, top_k)
     temperature = effective_temperature(temperature)  # a tiny temperature is greedy
     check_guided(beta, beta_schedule, mix, guard_top_k, control)
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     if speculative and temperature > 0:
         raise DraftGuideError("speculative guided decoding is exact for greedy decoding only: use temperature 0")
     if verify_len is not None and not (speculative and 1 <= verify_len < draft.block_size):
@@ -298,7 +298,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     stats = GuidedStats(num_input_tokens=T0, beta=s.beta)
     t_arg, g_arg, betas, new = [], [], [], []
 
-    t0 = _now(dev)
+    t0 = now(dev)
     t_logits, feats, out = _prefill(s, input_ids, tcache, ck)
     # the block anchored at T0-1 sees context < T0-1 (a speculative draft) or <= T0-1 (an aligned readout)
     aligned = draft.context_includes_anchor
@@ -307,7 +307,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     head = _shared_head(s, out)
     decoder = target.get_decoder() if head is not None else target
     dk = cache_kwarg(decoder)
-    t1 = _now(dev)
+    t1 = now(dev)
     stats.prefill_s = t1 - t0
     pos = T0  # the position being decoded
     t_state = None  # [1, d]: set when the target's logits wait for the shared head call
@@ -345,7 +345,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
         pos += 1
 
     tokens = torch.cat([input_ids, torch.stack(new, 1)], 1)
-    stats.decode_s = _now(dev) - t1
+    stats.decode_s = now(dev) - t1
     stats.num_new_tokens = len(new)
     _finish(stats, t_arg, g_arg, betas, len(new))
     return tokens, stats
@@ -367,13 +367,13 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
     def emit(first: int, n: int) -> bool:
         """Stream buf[first : first + n]; True when a stop token ends the output there (n cut to it)."""
         toks = buf[0, first : first + n].tolist()
-        hit = _first_stop(toks, stop) if stop else None
+        hit = first_stop(toks, stop) if stop else None
         for t in toks[: None if hit is None else hit + 1]:
             if on_token is not None:
                 on_token(t)
         return hit
 
-    t0 = _now(dev)
+    t0 = now(dev)
     t_logits, feats, out = _prefill(s, input_ids, tcache, ck)
     head = _shared_head(s, out)
     verifier = target.get_decoder() if head is not None else target
@@ -384,7 +384,7 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
     t_arg.append(t_logits.argmax(-1)), g_arg.append(g.argmax(-1)), betas.append(b)
     ctx = feats[:, T0 - 1 :]
     stopped = emit(T0, 1) is not None
-    t1 = _now(dev)
+    t1 = now(dev)
     stats.prefill_s = t1 - t0
 
     start = T0
@@ -427,7 +427,7 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
         stats.acceptance_lengths.append(produced)
 
     tokens = buf[:, : min(start + 1, max_len)]
-    stats.decode_s = _now(dev) - t1
+    stats.decode_s = now(dev) - t1
     stats.num_new_tokens = tokens.shape[1] - T0
     _finish(stats, t_arg, g_arg, betas, stats.num_new_tokens)
     return tokens, stats
