@@ -1,4 +1,10 @@
-"""What the decoders share: generation stats, the clock, prompt checks, stop tokens and KV-cache helpers."""
+"""What the decoders share: generation stats, the clock, prompt checks, stop tokens and KV-cache helpers, and
+the steps that speculative decoding (`speculative.py`) and exact speculative guided decoding (`guided.py`) both
+take: prefill, a draft block from cached context, a target forward over a block, greedy acceptance, commit.
+
+A speculative step at `start` (the anchor: committed, not yet read by the target) runs
+    draft_block -> proposals -> verify_block -> accept (`accepted_length`, or rejection sampling) -> commit
+and then crops the target cache to the committed length."""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import DFlashDraft, DraftCache, context_end
+from draftguide.modeling.targets import extract_features
 
 
 @dataclass
@@ -69,4 +77,80 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-__all__ = ["GenStats", "cache_kwarg", "check_prompt", "crop_cache", "first_stop", "now"]
+# -- steps of a speculative loop ------------------------------------------------------------------------
+def token_buffer(input_ids: torch.Tensor, max_new_tokens: int, block_size: int, fill: int) -> torch.Tensor:
+    """[1, T0 + max_new_tokens + block_size]: the prompt, then `fill` (the mask token), so that the block at any
+    anchor before the end fits and reads as `[anchor, MASK...]`. # input_ids: [1, T0]"""
+    T0 = input_ids.shape[1]
+    buf = torch.full((1, T0 + max_new_tokens + block_size), fill, dtype=torch.long, device=input_ids.device)
+    buf[:, :T0] = input_ids
+    return buf
+
+
+def prefill(target, input_ids: torch.Tensor, cache, layer_ids: list[int]):
+    """The target's forward over the prompt into `cache`. Returns its next-token logits [1, V], the draft's
+    features of the prompt [1, T0, n*d] (layers `layer_ids`) and the model output. # input_ids: [1, T0]"""
+    out = target(input_ids, **{cache_kwarg(target): cache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    return out.logits[:, -1], extract_features(out.hidden_states, layer_ids), out
+
+
+def draft_block(
+    target, draft: DFlashDraft, cache: DraftCache, ctx: torch.Tensor, block: torch.Tensor, start: int, rows: slice
+) -> torch.Tensor:
+    """Draft states at block offsets `rows` of `block` (tokens at positions start..start+L-1), reading the cached
+    context plus `ctx`, the features of positions len(cache)..end-1 with end = `context_end(start)`; appends
+    `ctx` to the cache. Block offset k predicts the token at start + k.
+    # ctx: [1, C, n*d], block: [1, L] = [anchor, ...] -> [1, n, d]"""
+    end = context_end(start, draft.context_includes_anchor)
+    dev, C, L = block.device, ctx.shape[1], block.shape[1]
+    pos = torch.cat([torch.arange(end - C, end, device=dev), torch.arange(start, start + L, device=dev)])[None]
+    return draft(draft.embed(target, block), ctx, pos, cache=cache, rows=rows)
+
+
+def verify_block(model, block: torch.Tensor, start: int, cache, cache_key: str):
+    """One target forward over `block` at positions start..start+n-1, appended to `cache`, hidden states kept
+    (the features of the next context). `cache_key`: `cache_kwarg(model)`. # block: [1, n] -> the model output"""
+    pos = torch.arange(start, start + block.shape[1], device=block.device)[None]
+    return model(block, position_ids=pos, **{cache_key: cache}, use_cache=True, output_hidden_states=True)
+
+
+def accepted_length(proposed: torch.Tensor, chosen: torch.Tensor) -> int:
+    """Greedy acceptance: how many leading proposals equal the verifier's choice at their position (one sync).
+    # proposed: [n]; chosen: [n + 1], the choice after the anchor and after each proposal"""
+    return int((proposed == chosen[:-1]).cumprod(0).sum())
+
+
+def commit(
+    buf: torch.Tensor, start: int, proposed: torch.Tensor, n_accepted: int, next_token: torch.Tensor, max_len: int
+) -> int:
+    """Write the accepted proposals and then the verifier's own next token after the anchor at `start`. Returns
+    how many of those tokens count: n_accepted + 1, fewer where they pass `max_len`.
+    # buf: [1, max_len + B], proposed: [>= n_accepted], next_token: a 0-d tensor"""
+    buf[0, start + 1 : start + n_accepted + 1] = proposed[:n_accepted]
+    buf[0, start + n_accepted + 1] = next_token
+    return min(n_accepted + 1, max_len - start - 1)
+
+
+def read_committed(buf: torch.Tensor, first: int, n: int, stop: set[int]) -> tuple[list[int], bool]:
+    """The tokens buf[0, first : first + n] (one sync), cut just after the first stop token, and whether one
+    was hit."""
+    tokens = buf[0, first : first + n].tolist()
+    hit = first_stop(tokens, stop) if stop else None
+    return (tokens, False) if hit is None else (tokens[: hit + 1], True)
+
+
+__all__ = [
+    "GenStats",
+    "accepted_length",
+    "cache_kwarg",
+    "check_prompt",
+    "commit",
+    "crop_cache",
+    "draft_block",
+    "first_stop",
+    "now",
+    "prefill",
+    "read_committed",
+    "token_buffer",
+    "verify_block",
+]

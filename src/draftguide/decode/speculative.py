@@ -15,7 +15,20 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from draftguide.decode.common import GenStats, cache_kwarg, check_prompt, crop_cache, first_stop, now
+from draftguide.decode.common import (
+    GenStats,
+    accepted_length,
+    cache_kwarg,
+    check_prompt,
+    commit,
+    crop_cache,
+    draft_block,
+    now,
+    prefill,
+    read_committed,
+    token_buffer,
+    verify_block,
+)
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.draft import DFlashDraft, DraftCache
 from draftguide.modeling.sampling import (
@@ -119,23 +132,18 @@ def speculative_generate(
     check_prompt(input_ids, max_new_tokens, target)
     draft.check_target(target)
     draft.check_speculative()
-    B, dev = draft.block_size, input_ids.device
+    B, dev, T0 = draft.block_size, input_ids.device, input_ids.shape[1]
     n_verify = B - 1 if verify_len is None else max(1, min(int(verify_len), B - 1))
-    stop = set(stop_token_ids or ())
-    T0 = input_ids.shape[1]
-    max_len = T0 + max_new_tokens
-    buf = torch.full((1, max_len + B), draft.mask_token_id, dtype=torch.long, device=dev)
-    buf[:, :T0] = input_ids
-    positions = torch.arange(max_len + B, device=dev)[None]
-    tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
+    policy = VerifyPolicy(n_verify, verify_costs, read_costs, AcceptanceRates(B - 1))
+    sampling = (temperature, top_p, top_k, generator)
+    stop, max_len = set(stop_token_ids or ()), T0 + max_new_tokens
+    buf = token_buffer(input_ids, max_new_tokens, B, draft.mask_token_id)  # [1, max_len + B]
+    tcache, dcache, ck = DynamicCache(config=target.config), DraftCache(len(draft.layers)), cache_kwarg(target)
     stats = GenStats(num_input_tokens=T0)
-    seen = AcceptanceRates(B - 1)
 
-    ck = cache_kwarg(target)
     t0 = now(dev)
-    out = target(input_ids, **{ck: tcache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-    buf[:, T0] = sample(out.logits[:, -1], temperature, top_p, top_k, generator)
-    ctx = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T0, n*d]
+    logits, ctx, _ = prefill(target, input_ids, tcache, draft.target_layer_ids)  # ctx: [1, T0, n*d]
+    buf[:, T0] = sample(logits, *sampling)
     stopped = int(buf[0, T0]) in stop
     t1 = now(dev)
     stats.prefill_s = t1 - t0
@@ -144,56 +152,17 @@ def speculative_generate(
 
     start = T0  # position of the anchor: committed, but the target has not read it yet
     while start + 1 < max_len and not stopped:
-        dlen = min(B, max_len - start)  # the draft block shrinks only at the very end, as upstream
-        vs = min(n_verify + 1, dlen)
-        block = buf[:, start : start + dlen].clone()  # [1, dlen] = [anchor, MASK...]
-        adaptive = verify_costs is not None and dlen > 2
-        read = vs  # the block offsets 1..read-1 whose proposals may be verified
-        if adaptive:
-            read = dlen if read_costs is None else 1 + seen.rows_worth_reading(verify_costs, read_costs, dlen - 1)
-        h = draft(
-            draft.embed(target, block),
-            ctx,
-            positions[:, start - ctx.shape[1] : start + dlen],
-            cache=dcache,
-            rows=slice(1, read),
-        )  # [1, read-1, d]
-        dlogits = (draft.logits(h, target) if draft_head is None else draft_head(h))[0]  # [read-1, V]
-        if adaptive and read > 2:
-            vs = best_verify_len(dlogits, verify_costs, temperature) + 1
-            dlogits = dlogits[: vs - 1]
-        elif adaptive:
-            vs = read
-        if temperature > 0:
-            q = probs_from_logits(dlogits, temperature, top_p, top_k)
-            block[0, 1:vs] = sample_probs(q, generator)
-        else:
-            block[0, 1:vs] = dlogits.argmax(-1)
-        out = target(
-            block[:, :vs],
-            position_ids=positions[:, start : start + vs],
-            **{ck: tcache},
-            use_cache=True,
-            output_hidden_states=True,
-        )
-        if temperature > 0:
-            p = probs_from_logits(out.logits[0], temperature, top_p, top_k)  # [vs, V]
-            acc, bonus = rejection_sample(block[0, 1:vs], p, q, generator)
-        else:
-            posterior = out.logits[0].argmax(-1)  # [vs]
-            acc = int((block[0, 1:vs] == posterior[:-1]).cumprod(0).sum())
-            bonus = posterior[acc]
-        if read_costs is not None:
-            seen.update(acc, vs - 1)
-        buf[0, start + 1 : start + acc + 1] = block[0, 1 : acc + 1]
-        buf[0, start + acc + 1] = bonus
-        produced = min(acc + 1, max_len - start - 1)
-        if stop:
-            hit = first_stop(buf[0, start + 1 : start + produced + 1].tolist(), stop)
-            if hit is not None:
-                produced, stopped = hit + 1, True
-        if on_token:
-            on_token(buf[0, start + 1 : start + produced + 1].tolist())
+        block = buf[:, start : start + min(B, max_len - start)].clone()  # [1, dlen] = [anchor, MASK...]
+        vs, q = _propose(target, draft, dcache, ctx, block, start, policy, sampling, draft_head)
+        out = verify_block(target, block[:, :vs], start, tcache, ck)
+        acc, bonus = _accept(block[0, 1:vs], out.logits[0], q, sampling)
+        policy.update(acc, vs - 1)
+        produced = commit(buf, start, block[0, 1:], acc, bonus, max_len)
+        if stop or on_token:
+            committed, stopped = read_committed(buf, start + 1, produced, stop)
+            produced = len(committed)
+            if on_token:
+                on_token(committed)
         start += produced
         crop_cache(tcache, start)
         ctx = extract_features(out.hidden_states, draft.target_layer_ids)[:, :produced]  # accepted positions only
@@ -203,6 +172,38 @@ def speculative_generate(
     stats.decode_s = now(dev) - t1
     stats.num_new_tokens = tokens.shape[1] - T0
     return tokens, stats
+
+
+def _propose(
+    target, draft: DFlashDraft, dcache: DraftCache, ctx, block, start: int, policy, sampling, draft_head
+) -> tuple[int, torch.Tensor | None]:
+    """The draft's step: fills block[0, 1:vs] with proposals and returns `vs` (anchor + proposals to verify) and,
+    when sampling, q [vs-1, V], the distribution the proposals were drawn from (None when greedy).
+    # ctx: features of the positions not yet in `dcache`; block: [1, dlen] = [anchor, MASK...]"""
+    temperature, top_p, top_k, generator = sampling
+    read = policy.rows_to_read(block.shape[1])
+    h = draft_block(target, draft, dcache, ctx, block, start, rows=slice(1, read))  # [1, read-1, d]
+    dlogits = (draft.logits(h, target) if draft_head is None else draft_head(h))[0]  # [read-1, V]
+    vs = policy.verify_len(dlogits, read, block.shape[1], temperature)
+    dlogits = dlogits[: vs - 1]
+    if temperature > 0:
+        q = probs_from_logits(dlogits, temperature, top_p, top_k)
+        block[0, 1:vs] = sample_probs(q, generator)
+        return vs, q
+    block[0, 1:vs] = dlogits.argmax(-1)
+    return vs, None
+
+
+def _accept(proposed: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None, sampling) -> tuple[int, torch.Tensor]:
+    """How many proposals the target accepts and its next token after them: greedy agreement, or rejection
+    sampling at temperature > 0 (exact). # proposed: [n], logits: [n + 1, V] target, q: [n, V] draft"""
+    temperature, top_p, top_k, generator = sampling
+    if temperature > 0:
+        p = probs_from_logits(logits, temperature, top_p, top_k)  # [n + 1, V]
+        return rejection_sample(proposed, p, q, generator)
+    posterior = logits.argmax(-1)  # [n + 1]
+    acc = accepted_length(proposed, posterior)
+    return acc, posterior[acc]
 
 
 class AcceptanceRates:
@@ -240,6 +241,44 @@ def best_verify_len(dlogits: torch.Tensor, costs: list[float], temperature: floa
     n_max = min(len(costs) - 1, dlogits.shape[0])
     rate = expected[:n_max] / torch.tensor(costs[1 : n_max + 1], dtype=expected.dtype)
     return int(rate.argmax()) + 1
+
+
+class VerifyPolicy:
+    """How many block offsets a step reads and verifies: always `n_verify`, or, given `verify_costs`, adaptive
+    (see `speculative_generate`): the draft reads the whole block (or, given `read_costs` too, as many offsets
+    as `seen` says are worth it) and `best_verify_len` picks how many to verify from the draft's confidences."""
+
+    def __init__(
+        self,
+        n_verify: int,
+        verify_costs: list[float] | None = None,
+        read_costs: list[float] | None = None,
+        seen: AcceptanceRates | None = None,
+    ):
+        self.n_verify, self.verify_costs, self.read_costs, self.seen = n_verify, verify_costs, read_costs, seen
+
+    def adaptive(self, dlen: int) -> bool:
+        return self.verify_costs is not None and dlen > 2
+
+    def rows_to_read(self, dlen: int) -> int:
+        """`read`: the draft computes block offsets 1..read-1 of a block of `dlen` tokens."""
+        if not self.adaptive(dlen):
+            return min(self.n_verify + 1, dlen)
+        return (
+            dlen
+            if self.read_costs is None
+            else 1 + self.seen.rows_worth_reading(self.verify_costs, self.read_costs, dlen - 1)
+        )
+
+    def verify_len(self, dlogits: torch.Tensor, read: int, dlen: int, temperature: float) -> int:
+        """`vs`: the target verifies the anchor and proposals 1..vs-1. # dlogits: [read-1, V]"""
+        if self.adaptive(dlen) and read > 2:
+            return best_verify_len(dlogits, self.verify_costs, temperature) + 1
+        return read
+
+    def update(self, accepted: int, verified: int) -> None:
+        if self.read_costs is not None:
+            self.seen.update(accepted, verified)
 
 
 @torch.inference_mode()
