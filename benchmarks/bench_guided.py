@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from draftguide.decode.guided import guided_generate
 from draftguide.decode.speculative import greedy_generate, hf_generate
 from draftguide.experiments.evaluate import load_tasks
-from draftguide.modeling.draft import resolve_draft
+from draftguide.modeling.draft_io import resolve_draft
 from draftguide.modeling.prompts import encode_prompt
 from draftguide.modeling.targets import load_target
 from draftguide.reporting.runs import environment, write_json

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from draftguide.decode.guided import guided_generate
 from draftguide.decode.speculative import greedy_generate
 from draftguide.experiments.evaluate import load_tasks
-from draftguide.modeling.draft import MODELS_DIR, DFlashDraft, draft_path, load_draft
+from draftguide.modeling.draft import DFlashDraft
+from draftguide.modeling.draft_io import MODELS_DIR, draft_path, load_draft
 from draftguide.modeling.prompts import encode_prompt
 from draftguide.modeling.targets import load_target
 from draftguide.reporting.runs import environment, write_json

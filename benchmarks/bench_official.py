@@ -15,7 +15,7 @@ import dflash.model as official
 import torch
 
 from draftguide.decode.speculative import measure_read_costs, measure_verify_costs, speculative_generate
-from draftguide.modeling.draft import resolve_draft
+from draftguide.modeling.draft_io import resolve_draft
 from draftguide.modeling.prompts import BUILTIN_PROMPTS, encode_prompt, load_prompts, stop_token_ids
 from draftguide.modeling.targets import load_target
 from draftguide.reporting.runs import environment, write_json

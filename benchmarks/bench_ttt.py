@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from draftguide.experiments.tasks import load_builtin_tasks
-from draftguide.modeling.draft import resolve_draft
+from draftguide.modeling.draft_io import resolve_draft
 from draftguide.modeling.targets import load_target
 from draftguide.reporting.runs import environment, write_json
 from draftguide.training.ttt import ttt_adapt

@@ -29,7 +29,8 @@ from draftguide.experiments.diagnostic import (
     shuffle_index,
     summarize,
 )
-from draftguide.modeling.draft import DraftCache, resolve_draft
+from draftguide.modeling.draft import DraftCache
+from draftguide.modeling.draft_io import resolve_draft
 from draftguide.modeling.targets import extract_features
 
 

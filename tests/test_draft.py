@@ -12,9 +12,9 @@ from draftguide.modeling.draft import (
     DraftCache,
     block_attention_mask,
     build_target_layer_ids,
-    load_draft,
     multi_block_hidden,
 )
+from draftguide.modeling.draft_io import load_draft
 from draftguide.modeling.targets import extract_features
 
 

@@ -249,7 +249,7 @@ def test_default_pair_end_to_end():
     """SmolLM2-135M with its shipped draft on two built-in tasks: beta 0 is greedy, the speculative path is
     exact at beta 0.5, and guidance flips some tokens at beta 1."""
     from draftguide.experiments.evaluate import load_tasks
-    from draftguide.modeling.draft import resolve_draft
+    from draftguide.modeling.draft_io import resolve_draft
     from draftguide.modeling.prompts import encode_prompt, stop_token_ids
     from draftguide.modeling.targets import load_target
 

@@ -9,7 +9,8 @@ from conftest import tiny_draft, tiny_target
 from draftguide.app.cli import main
 from draftguide.decode.guided import guided_generate, readout_trajectory
 from draftguide.errors import DraftGuideError
-from draftguide.modeling.draft import DFlashDraft, check_speculative_spec, is_aligned_readout, shipped_draft
+from draftguide.modeling.draft import DFlashDraft
+from draftguide.modeling.draft_io import check_speculative_spec, is_aligned_readout, shipped_draft
 
 ANY = [{"type": "regex", "value": "."}]
 NEVER = [{"type": "contains", "value": "no tiny model says this"}]
@@ -67,7 +68,7 @@ def test_aligned_readout_is_known_from_its_config(tiny_readout_dir, tiny_draft_d
 
 
 def test_guidance_default_falls_back_with_a_notice(monkeypatch, tmp_path):
-    import draftguide.modeling.draft as dr
+    import draftguide.modeling.draft_io as dr
 
     spec, readout = tmp_path / "spec", tmp_path / "readout"
     spec.mkdir()

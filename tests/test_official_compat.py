@@ -10,7 +10,8 @@ import torch
 
 from conftest import mixed_acceptance_pair
 from draftguide.decode.speculative import speculative_generate
-from draftguide.modeling.draft import DFlashDraft, _config_from_dict
+from draftguide.modeling.draft import DFlashDraft
+from draftguide.modeling.draft_io import config_from_dict as _config_from_dict
 from draftguide.modeling.targets import extract_features
 
 FIXTURES = Path(__file__).parent / "fixtures"

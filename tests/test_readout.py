@@ -12,7 +12,8 @@ from draftguide.app.cli import main
 from draftguide.decode.guided import guided_generate
 from draftguide.decode.speculative import greedy_generate, speculative_generate
 from draftguide.errors import DraftGuideError
-from draftguide.modeling.draft import DFlashDraft, load_draft, multi_block_hidden
+from draftguide.modeling.draft import DFlashDraft, multi_block_hidden
+from draftguide.modeling.draft_io import load_draft
 from draftguide.modeling.targets import extract_features
 
 
@@ -119,7 +120,7 @@ def test_guided_with_the_aligned_readout(beta):
 def test_shipped_names_resolve_as_drafts(tmp_path):
     """`--draft smollm2-135m-dflash` and `--draft smollm2-135m-readout` address the shipped folders; the readout is
     an aligned readout and the speculative draft is not."""
-    from draftguide.modeling.draft import MODELS_DIR, draft_path
+    from draftguide.modeling.draft_io import MODELS_DIR, draft_path
 
     for name, aligned_kind in (("smollm2-135m-dflash", False), ("smollm2-135m-readout", True)):
         assert draft_path(name) == MODELS_DIR / name

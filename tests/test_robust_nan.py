@@ -51,7 +51,7 @@ def test_fmt_marks_missing():
 def test_speculate_one_token_writes_no_nan(tmp_path, qwen3_pair):
     """`speculate --max-new-tokens 1`: tau is undefined (no verify step); the files say null, the summary why."""
     from conftest import char_tokenizer
-    from draftguide.decode.speculative import TAU_MISSING, run_speculate
+    from draftguide.experiments.speculate import TAU_MISSING, run_speculate
 
     t, d = qwen3_pair
     s = run_speculate(

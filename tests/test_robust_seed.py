@@ -52,7 +52,7 @@ def test_server_unseeded_requests_differ(dg):
 
 
 def test_speculate_records_a_fresh_seed(tmp_path, qwen3_pair):
-    from draftguide.decode.speculative import run_speculate
+    from draftguide.experiments.speculate import run_speculate
 
     t, d = qwen3_pair
     rows = [{"id": "p", "prompt": "hello there"}]

@@ -3,7 +3,8 @@
 import pytest
 
 from draftguide.decode.speculative import hf_generate, speculative_generate
-from draftguide.modeling.draft import DFlashDraft, default_mask_token_id
+from draftguide.modeling.draft import DFlashDraft
+from draftguide.modeling.draft_io import default_mask_token_id
 from draftguide.modeling.prompts import BUILTIN_PROMPTS, encode_prompt, stop_token_ids
 from draftguide.modeling.targets import load_target, resolve_target
 

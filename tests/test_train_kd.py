@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import char_tokenizer, tiny_target
-from draftguide.modeling.draft import DFlashDraft, load_draft
+from draftguide.modeling.draft import DFlashDraft
+from draftguide.modeling.draft_io import load_draft
 from draftguide.modeling.targets import extract_features
 from draftguide.training.train import (
     IGNORE,

@@ -594,7 +594,7 @@ def test_default_pair_end_to_end():
     """SmolLM2-135M + the shipped draft: zero-step TTT changes nothing, 8 steps lower the context loss and
     speculative decoding with the adapted draft stays lossless."""
     from draftguide.experiments.tasks import load_builtin_tasks
-    from draftguide.modeling.draft import resolve_draft
+    from draftguide.modeling.draft_io import resolve_draft
     from draftguide.modeling.prompts import encode_prompt, stop_token_ids
     from draftguide.modeling.targets import load_target
 

@@ -2,9 +2,10 @@
 
 __version__ = "0.1.0"
 
-from draftguide.decode.speculative import greedy_generate, run_speculate, speculative_generate  # noqa: E402
+from draftguide.decode.speculative import greedy_generate, speculative_generate  # noqa: E402
 from draftguide.errors import DraftGuideError  # noqa: E402
-from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, load_draft, multi_block_hidden  # noqa: E402
+from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, multi_block_hidden  # noqa: E402
+from draftguide.modeling.draft_io import load_draft  # noqa: E402
 from draftguide.modeling.targets import extract_features, load_target  # noqa: E402
 
 # Heavier entry points (training, evaluation, the diagnostic with its plotting) load on first use.
@@ -21,6 +22,7 @@ _LAZY = {
     "score_sequence": "experiments.diagnostic",
     "DraftGuide": "app.pipeline",
     "run_profile": "experiments.profiling",
+    "run_speculate": "experiments.speculate",
     "write_report": "reporting.report",
     "create_app": "app.server",
     "ttt_adapt": "training.ttt",
@@ -49,7 +51,6 @@ __all__ = [
     "load_draft",
     "load_target",
     "multi_block_hidden",
-    "run_speculate",
     "speculative_generate",
     *_LAZY,
 ]

@@ -836,7 +836,7 @@ def _draft_spec(args, purpose: str = "guidance", spec: str | None = None) -> str
     """The draft as a JSON-able option: an absolute folder, `init[:N]`, or the target's shipped draft for
     `purpose` (guidance: the aligned readout when shipped, else the speculative draft; speculative: the
     speculative draft). A speculative purpose refuses an aligned readout with one line."""
-    from draftguide.modeling.draft import check_speculative_spec, draft_path, shipped_draft
+    from draftguide.modeling.draft_io import check_speculative_spec, draft_path, shipped_draft
 
     spec = args.draft if spec is None else spec
     if spec is None:
@@ -857,7 +857,7 @@ def _draft_spec(args, purpose: str = "guidance", spec: str | None = None) -> str
 def _default_draft(args, purpose: str) -> None:
     """Commands that load the pair through `load_models`: pick the shipped draft for `purpose` when no --draft
     is given (guidance: the aligned readout), and refuse an aligned readout for speculation before loading."""
-    from draftguide.modeling.draft import check_speculative_spec, shipped_draft
+    from draftguide.modeling.draft_io import check_speculative_spec, shipped_draft
 
     if args.draft is None:
         shipped = shipped_draft(args.target, purpose)
@@ -912,7 +912,7 @@ def load_models(args):
 
 
 def cmd_speculate(args) -> int:
-    from draftguide.decode.speculative import run_speculate
+    from draftguide.experiments.speculate import run_speculate
     from draftguide.modeling.prompts import load_prompts
     from draftguide.modeling.sampling import check_sampling, resolve_seed
 
@@ -1007,7 +1007,7 @@ def cmd_train_draft(args) -> int:
 
     import torch
 
-    from draftguide.modeling.draft import draft_path
+    from draftguide.modeling.draft_io import draft_path
     from draftguide.modeling.targets import load_target
     from draftguide.training.train import TrainConfig, train_draft
 
@@ -1076,7 +1076,7 @@ def cmd_fidelity(args) -> int:
     import torch
 
     from draftguide.experiments.fidelity import Sample, run_fidelity, samples_from_rows, target_responses
-    from draftguide.modeling.draft import resolve_draft
+    from draftguide.modeling.draft_io import resolve_draft
     from draftguide.modeling.prompts import read_jsonl
     from draftguide.modeling.targets import load_target
     from draftguide.training.data import encode_conversation, read_samples
@@ -1122,7 +1122,7 @@ def cmd_fidelity(args) -> int:
 def cmd_bench_tau(args) -> int:
     from pathlib import Path
 
-    from draftguide.decode.speculative import run_speculate
+    from draftguide.experiments.speculate import run_speculate
     from draftguide.reporting.runs import environment, write_json
     from draftguide.training.datasources import load_source
 
@@ -1451,7 +1451,7 @@ def cmd_flips(args) -> int:
 def _readout_names(specs: list[str | None], target: str | None = None) -> list[str]:
     """Names of several readouts (`diagnose --drafts`, `fidelity --draft A,B`): a folder's name, the init spec, or
     the target's shipped draft for None; repeats (run1/draft, run2/draft) get a suffix, so none is dropped."""
-    from draftguide.modeling.draft import draft_path
+    from draftguide.modeling.draft_io import draft_path
 
     names: list[str] = []
     for spec in specs:
@@ -1472,7 +1472,7 @@ def cmd_diagnose(args) -> int:
     from draftguide.experiments.diagnose import compute_solved, results_field, run_diagnose, solved_from
     from draftguide.experiments.diagnostic import CONTROLS, DEFAULT_CONTROLS, EQUIV_MARGIN, MODES
     from draftguide.experiments.evaluate import load_tasks
-    from draftguide.modeling.draft import draft_path, resolve_draft
+    from draftguide.modeling.draft_io import draft_path, resolve_draft
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -1647,7 +1647,8 @@ def _memory_only(args, context: int) -> int:
     from transformers import AutoConfig
 
     from draftguide.experiments.profiling import memory_estimate
-    from draftguide.modeling.draft import _config_from_dict, draft_path
+    from draftguide.modeling.draft_io import config_from_dict as _config_from_dict
+    from draftguide.modeling.draft_io import draft_path
     from draftguide.modeling.targets import resolve_target
     from draftguide.reporting.runs import write_json
 
@@ -1787,7 +1788,7 @@ def cmd_sweep_beta(args) -> int:
 
 def _matrix_readouts(args) -> dict[str, str]:
     """label -> draft spec: `aligned` / `speculative` by each readout's config (repeats numbered)."""
-    from draftguide.modeling.draft import SHIPPED_DRAFTS, SHIPPED_READOUTS, is_aligned_readout
+    from draftguide.modeling.draft_io import SHIPPED_DRAFTS, SHIPPED_READOUTS, is_aligned_readout
 
     if args.readouts.strip() == "auto":
         readout, spec = SHIPPED_READOUTS.get(args.target), SHIPPED_DRAFTS.get(args.target)

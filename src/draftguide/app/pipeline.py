@@ -53,7 +53,7 @@ def load_pair(
     target on a CPU, where the draft's few-row matrix products are about 1.4x faster in bf16; features and
     head inputs are cast at the boundary."""
 
-    from draftguide.modeling.draft import draft_path, resolve_draft
+    from draftguide.modeling.draft_io import draft_path, resolve_draft
     from draftguide.modeling.targets import load_target
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

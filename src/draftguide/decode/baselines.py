@@ -15,8 +15,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from draftguide.decode.common import GenStats, cache_kwarg, crop_cache
+from draftguide.decode.common import check_prompt as _check_prompt
+from draftguide.decode.common import now as _now
 from draftguide.decode.guided import js_divergence
-from draftguide.decode.speculative import GenStats, _check_prompt, _now, autoregressive, cache_kwarg, crop_cache
+from draftguide.decode.speculative import autoregressive
 from draftguide.errors import DraftGuideError
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from draftguide.decode.speculative import GenStats, _now, cache_kwarg
+from draftguide.decode.common import GenStats, cache_kwarg
+from draftguide.decode.common import now as _now
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
 from draftguide.modeling.targets import extract_features

@@ -33,9 +33,22 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from draftguide.decode.speculative import GenStats, _check_prompt, _first_stop, _now, cache_kwarg, crop_cache
+from draftguide.decode.common import (
+    GenStats,
+    accepted_length,
+    cache_kwarg,
+    check_prompt,
+    commit,
+    crop_cache,
+    draft_block,
+    now,
+    prefill,
+    read_committed,
+    token_buffer,
+    verify_block,
+)
 from draftguide.errors import DraftGuideError
-from draftguide.modeling.draft import BlockMask, DraftCache, block_inputs, context_end
+from draftguide.modeling.draft import BlockMask, DraftCache, block_inputs, context_end, context_visible
 from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
 from draftguide.modeling.targets import extract_features
 
@@ -46,7 +59,7 @@ REMOVED_MIXES = {
     "(1-beta) p_target + beta p_draft"
 }
 SCHEDULES = ("fixed", "adaptive")
-CONTROLS = ("noise", "shuffle")
+GUIDED_CONTROLS = ("noise", "shuffle")  # null controls of guided decoding (not the diagnostic's CONTROLS)
 
 
 @dataclass
@@ -145,8 +158,8 @@ def check_guided(beta: float, beta_schedule: str, mix: str, guard_top_k, control
         raise DraftGuideError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
     if guard_top_k is not None and guard_top_k < 1:
         raise DraftGuideError(f"guard_top_k must be >= 1, got {guard_top_k}")
-    if control is not None and control not in CONTROLS:
-        raise DraftGuideError(f"control must be None or one of {', '.join(CONTROLS)}, got {control!r}")
+    if control is not None and control not in GUIDED_CONTROLS:
+        raise DraftGuideError(f"control must be None or one of {', '.join(GUIDED_CONTROLS)}, got {control!r}")
 
 
 # -- decoding -------------------------------------------------------------------------------------------
@@ -180,19 +193,14 @@ class _Setup:
 def _draft_block(
     s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1
 ) -> torch.Tensor:
-    """Draft states [1, n, d] of block positions 1..n of the (full) block at `start`, from cached context plus
-    `ctx` (positions len(dcache)..end-1, end = `context_end(start)`: start, or start+1 for an aligned readout);
-    block position k predicts token start + k.
+    """Draft states [1, n, d] of block positions 1..n of the full block `[anchor, MASK x (B-1)]` at `start`
+    (attention inside a block is bidirectional: a shorter block would change the readout), from cached context
+    plus `ctx` (positions len(dcache)..context_end(start)-1); block position k predicts token start + k.
     # ctx: [1, C, n*d], anchor: [1, 1]"""
     d = s.draft
-    B, dev = d.block_size, anchor.device
-    block = torch.full((1, B), d.mask_token_id, dtype=torch.long, device=dev)
+    block = torch.full((1, d.block_size), d.mask_token_id, dtype=torch.long, device=anchor.device)
     block[:, :1] = anchor
-    end = int(context_end(torch.tensor(start), d.context_includes_anchor))
-    pos = torch.cat([torch.arange(end - ctx.shape[1], end, device=dev), torch.arange(start, start + B, device=dev)])[
-        None
-    ]
-    return d(d.embed(s.target, block), ctx, pos, cache=dcache, rows=slice(1, n + 1))
+    return draft_block(s.target, d, dcache, ctx, block, start, rows=slice(1, n + 1))
 
 
 def _draft_k1(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1):
@@ -211,12 +219,6 @@ def _shared_head(s: _Setup, out) -> torch.nn.Module | None:
         return None
     same = torch.allclose(head(out.hidden_states[-1][:, -1]).float(), out.logits[:, -1].float(), rtol=1e-4, atol=1e-4)
     return head if same else None
-
-
-def _prefill(s: _Setup, input_ids: torch.Tensor, tcache, ck: str):
-    """Target prefill; returns its next-token logits [1, V], features of the prompt [1, T0, n*d] and the output."""
-    out = s.target(input_ids, **{ck: tcache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-    return out.logits[:, -1], extract_features(out.hidden_states, s.draft.target_layer_ids), out
 
 
 @torch.inference_mode()
@@ -256,7 +258,7 @@ def guided_generate(
     check_sampling(temperature, top_p, top_k)
     temperature = effective_temperature(temperature)  # a tiny temperature is greedy
     check_guided(beta, beta_schedule, mix, guard_top_k, control)
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     if speculative and temperature > 0:
         raise DraftGuideError("speculative guided decoding is exact for greedy decoding only: use temperature 0")
     if verify_len is not None and not (speculative and 1 <= verify_len < draft.block_size):
@@ -280,34 +282,46 @@ def guided_generate(
     return _speculative(*args, verify_len or draft.block_size - 1) if speculative else _token_by_token(*args)
 
 
-def _finish(
-    stats: GuidedStats, t_argmax: list[torch.Tensor], g_argmax: list[torch.Tensor], betas: list[torch.Tensor], n: int
-):
-    """Flips and the mean effective beta over the first `n` new tokens, with one sync at the end."""
-    if n == 0:
-        return
-    ta, ga = torch.cat(t_argmax)[:n].tolist(), torch.cat(g_argmax)[:n].tolist()
-    stats.flips = [Flip(i, a, b) for i, (a, b) in enumerate(zip(ta, ga)) if a != b]
-    stats.mean_beta = float(torch.cat(betas)[:n].mean())
+class _Trace:
+    """Per new token: the target's argmax, the guided argmax and the effective beta, kept on the device until
+    the end (one sync there, none per step)."""
+
+    def __init__(self):
+        self.t_argmax, self.g_argmax, self.betas = [], [], []
+
+    def add(self, t_argmax: torch.Tensor, g_argmax: torch.Tensor, betas: torch.Tensor) -> None:
+        # each [n] for n consecutive new tokens
+        self.t_argmax.append(t_argmax)
+        self.g_argmax.append(g_argmax)
+        self.betas.append(betas)
+
+    def finish(self, stats: GuidedStats, n: int) -> None:
+        """Flips and the mean effective beta over the first `n` new tokens."""
+        if n == 0:
+            return
+        ta, ga = torch.cat(self.t_argmax)[:n].tolist(), torch.cat(self.g_argmax)[:n].tolist()
+        stats.flips = [Flip(i, a, b) for i, (a, b) in enumerate(zip(ta, ga)) if a != b]
+        stats.mean_beta = float(torch.cat(self.betas)[:n].mean())
 
 
 def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token):
     target, draft = s.target, s.draft
     dev, T0 = input_ids.device, input_ids.shape[1]
-    tcache, dcache, ck = DynamicCache(config=target.config), DraftCache(len(draft.layers)), cache_kwarg(target)
+    tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
     stats = GuidedStats(num_input_tokens=T0, beta=s.beta)
-    t_arg, g_arg, betas, new = [], [], [], []
+    trace, new = _Trace(), []
 
-    t0 = _now(dev)
-    t_logits, feats, out = _prefill(s, input_ids, tcache, ck)
+    t0 = now(dev)
+    t_logits, feats, out = prefill(target, input_ids, tcache, draft.target_layer_ids)
     # the block anchored at T0-1 sees context < T0-1 (a speculative draft) or <= T0-1 (an aligned readout)
     aligned = draft.context_includes_anchor
-    ctx, next_ctx = feats[:, : T0 - 1 + aligned], feats[:, T0 - 1 + aligned :]
+    end = context_end(T0 - 1, aligned)
+    ctx, next_ctx = feats[:, :end], feats[:, end:]
     anchor = input_ids[:, -1:]
     head = _shared_head(s, out)
     decoder = target.get_decoder() if head is not None else target
     dk = cache_kwarg(decoder)
-    t1 = _now(dev)
+    t1 = now(dev)
     stats.prefill_s = t1 - t0
     pos = T0  # the position being decoded
     t_state = None  # [1, d]: set when the target's logits wait for the shared head call
@@ -319,9 +333,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
             d_logits = draft.logits(h, target)  # [1, V]
         g, b = s.mixed(t_logits, d_logits, torch.tensor([pos]))
         tok = sample(g, *sampling)  # [1]
-        t_arg.append(t_logits.argmax(-1))
-        g_arg.append(g.argmax(-1))
-        betas.append(b)
+        trace.add(t_logits.argmax(-1), g.argmax(-1), b)
         new.append(tok)
         tid = int(tok)
         if on_token is not None:
@@ -345,9 +357,9 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
         pos += 1
 
     tokens = torch.cat([input_ids, torch.stack(new, 1)], 1)
-    stats.decode_s = _now(dev) - t1
+    stats.decode_s = now(dev) - t1
     stats.num_new_tokens = len(new)
-    _finish(stats, t_arg, g_arg, betas, len(new))
+    trace.finish(stats, len(new))
     return tokens, stats
 
 
@@ -358,33 +370,18 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
     target, draft = s.target, s.draft
     B, dev, T0 = draft.block_size, input_ids.device, input_ids.shape[1]
     max_len = T0 + max_new_tokens
-    buf = torch.full((1, max_len + B), draft.mask_token_id, dtype=torch.long, device=dev)
-    buf[:, :T0] = input_ids
-    tcache, dcache, ck = DynamicCache(config=target.config), DraftCache(len(draft.layers)), cache_kwarg(target)
-    stats = GuidedStats(num_input_tokens=T0, beta=s.beta)
-    t_arg, g_arg, betas = [], [], []
+    buf = token_buffer(input_ids, max_new_tokens, B, draft.mask_token_id)  # [1, max_len + B]
+    tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
+    stats, trace = GuidedStats(num_input_tokens=T0, beta=s.beta), _Trace()
 
-    def emit(first: int, n: int) -> bool:
-        """Stream buf[first : first + n]; True when a stop token ends the output there (n cut to it)."""
-        toks = buf[0, first : first + n].tolist()
-        hit = _first_stop(toks, stop) if stop else None
-        for t in toks[: None if hit is None else hit + 1]:
-            if on_token is not None:
-                on_token(t)
-        return hit
-
-    t0 = _now(dev)
-    t_logits, feats, out = _prefill(s, input_ids, tcache, ck)
+    t0 = now(dev)
+    t_logits, feats, out = prefill(target, input_ids, tcache, draft.target_layer_ids)
     head = _shared_head(s, out)
     verifier = target.get_decoder() if head is not None else target
     vk = cache_kwarg(verifier)
-    d_logits = _draft_k1(s, dcache, feats[:, : T0 - 1], input_ids[:, -1:], T0 - 1)  # the first token: one plain step
-    g, b = s.mixed(t_logits, d_logits, torch.tensor([T0]))
-    buf[0, T0] = g.argmax(-1)[0]
-    t_arg.append(t_logits.argmax(-1)), g_arg.append(g.argmax(-1)), betas.append(b)
-    ctx = feats[:, T0 - 1 :]
-    stopped = emit(T0, 1) is not None
-    t1 = _now(dev)
+    ctx = _first_token(s, dcache, buf, feats, t_logits, trace, T0)
+    _, stopped = _emit(buf, T0, 1, stop, on_token)
+    t1 = now(dev)
     stats.prefill_s = t1 - t0
 
     start = T0
@@ -393,44 +390,73 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
         dlogits = _draft_k1(s, dcache, ctx, buf[:, start : start + 1], start, n=vs - 1)  # [vs-1, V]; cache now < start
         block = buf[:, start : start + vs].clone()
         block[0, 1:] = dlogits.argmax(-1)
-        out = verifier(
-            block,
-            position_ids=torch.arange(start, start + vs, device=dev)[None],
-            **{vk: tcache},
-            use_cache=True,
-            output_hidden_states=True,
-        )
+        out = verify_block(verifier, block, start, tcache, vk)
         feats = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, vs, n*d]: positions start..
-        h = _draft_k1_many(s, dcache, feats[:, : vs - 1], block, start)  # [vs-1, d]
-        if head is None:
-            t_logits, d_rest = out.logits[0], draft.logits(h, target)
-        else:  # one head call (one read of the vocabulary matrix) for both models' next-token logits
-            t_state = out.last_hidden_state[0]  # [vs, d]
-            t_logits, d_rest = head(torch.cat([t_state, h.to(t_state.dtype)])).split([vs, vs - 1])
-        d_all = torch.cat([dlogits[:1], d_rest])  # [vs, V]
-        g, b = s.mixed(t_logits, d_all, torch.arange(start + 1, start + vs + 1))
+        t_logits, g, b = _verified_logits(s, dcache, out, feats, block, start, dlogits[:1], head)
         guided = g.argmax(-1)  # [vs]
-        acc = int((block[0, 1:] == guided[:-1]).cumprod(0).sum())
-        buf[0, start + 1 : start + acc + 2] = guided[: acc + 1]
-        produced = min(acc + 1, max_len - start - 1)
-        hit = emit(start + 1, produced)
-        if hit is not None:
-            produced, stopped = hit + 1, True
-        t_arg.append(t_logits[:produced].argmax(-1)), g_arg.append(guided[:produced]), betas.append(b[:produced])
+        acc = accepted_length(block[0, 1:], guided)
+        produced = commit(buf, start, block[0, 1:], acc, guided[acc], max_len)
+        produced, stopped = _emit(buf, start + 1, produced, stop, on_token)
+        trace.add(t_logits[:produced].argmax(-1), guided[:produced], b[:produced])
+        ctx = _keep_committed_context(dcache, feats, start, produced)
         start += produced
         crop_cache(tcache, start)
-        # the multi-anchor pass cached the draft K/V of positions < start+vs-1 (old start): keep the accepted
-        # ones and feed only the rest, so no context position is projected twice
-        keep = min(produced, vs - 1)
-        dcache.crop(start - produced + keep)
-        ctx = feats[:, keep:produced]
         stats.acceptance_lengths.append(produced)
 
     tokens = buf[:, : min(start + 1, max_len)]
-    stats.decode_s = _now(dev) - t1
+    stats.decode_s = now(dev) - t1
     stats.num_new_tokens = tokens.shape[1] - T0
-    _finish(stats, t_arg, g_arg, betas, stats.num_new_tokens)
+    trace.finish(stats, stats.num_new_tokens)
     return tokens, stats
+
+
+def _first_token(s: _Setup, dcache: DraftCache, buf, feats, t_logits, trace: _Trace, T0: int) -> torch.Tensor:
+    """The first new token by one plain guided step from the prompt's last token (there is no block to verify
+    yet): written to buf[0, T0]. Returns the features the draft has not read yet.
+    # feats: [1, T0, n*d] of the prompt, t_logits: [1, V] the target's after the prefill"""
+    end = context_end(T0 - 1, s.draft.context_includes_anchor)
+    d_logits = _draft_k1(s, dcache, feats[:, :end], buf[:, T0 - 1 : T0], T0 - 1)  # [1, V]
+    g, b = s.mixed(t_logits, d_logits, torch.tensor([T0]))
+    buf[0, T0] = g.argmax(-1)[0]
+    trace.add(t_logits.argmax(-1), g.argmax(-1), b)
+    return feats[:, end:]
+
+
+def _verified_logits(s: _Setup, dcache: DraftCache, out, feats, block, start: int, d_anchor, head):
+    """Both models' next-token logits at the anchor and after each verified proposal, and their mix: the target's
+    from the verify forward `out`, the draft's k=1 readout at the anchor from the proposal pass (`d_anchor`) and
+    after each proposal from one multi-anchor pass (`_draft_k1_many`, which caches the features of
+    start..start+vs-2). With a shared `head`, one head call for both models.
+    # feats: [1, vs, n*d], block: [1, vs], d_anchor: [1, V] -> target [vs, V], guided [vs, V], betas [vs]"""
+    vs = block.shape[1]
+    h = _draft_k1_many(s, dcache, feats[:, : vs - 1], block, start)  # [vs-1, d]
+    if head is None:
+        t_logits, d_rest = out.logits[0], s.draft.logits(h, s.target)
+    else:  # one head call (one read of the vocabulary matrix) for both models' next-token logits
+        t_state = out.last_hidden_state[0]  # [vs, d]
+        t_logits, d_rest = head(torch.cat([t_state, h.to(t_state.dtype)])).split([vs, vs - 1])
+    g, b = s.mixed(t_logits, torch.cat([d_anchor, d_rest]), torch.arange(start + 1, start + vs + 1))
+    return t_logits, g, b
+
+
+def _keep_committed_context(dcache: DraftCache, feats: torch.Tensor, start: int, produced: int) -> torch.Tensor:
+    """After the step at `start` committed `produced` tokens: the multi-anchor pass cached the draft K/V of
+    positions < start+vs-1; keep the committed ones and return the features still to feed, so that no context
+    position is projected twice. # feats: [1, vs, n*d] of positions start.. -> [1, C', n*d]"""
+    keep = min(produced, feats.shape[1] - 1)
+    dcache.crop(start + keep)
+    return feats[:, keep:produced]
+
+
+def _emit(buf: torch.Tensor, first: int, n: int, stop: set[int], on_token) -> tuple[int, bool]:
+    """Stream buf[0, first : first + n] token by token; returns (n cut just after a stop token, stopped)."""
+    if not stop and on_token is None:
+        return n, False
+    tokens, stopped = read_committed(buf, first, n, stop)
+    for t in tokens:
+        if on_token is not None:
+            on_token(t)
+    return len(tokens), stopped
 
 
 def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torch.Tensor, start: int) -> torch.Tensor:
@@ -443,8 +469,7 @@ def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torc
     local = torch.arange(1, m + 1, device=dev)[None]  # [1, m] anchors within `block`
     ids, pos = block_inputs(block, local, B, d.mask_token_id)  # [1, m*B]
     C = start + m  # context columns: cached (< start) then the m new ones
-    anchors = (start + local).repeat_interleave(B, 1)  # [1, m*B] absolute anchor of each query
-    mask = BlockMask(torch.arange(C, device=dev)[None, None, None, :] < anchors[:, None, :, None], B)
+    mask = BlockMask(context_visible(start + local, C, B, d.context_includes_anchor), B)  # [1, 1, m*B, C]
     position_ids = torch.cat([torch.arange(start, C, device=dev)[None], pos + start], 1)
     return d(d.embed(s.target, ids), ctx, position_ids, cache=dcache, attention_mask=mask, rows=slice(1, 2))[
         0

@@ -9,15 +9,26 @@ Acceptance length = tokens committed by one verify step, bonus included (at most
 
 from __future__ import annotations
 
-import inspect
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from draftguide.decode.common import (
+    GenStats,
+    accepted_length,
+    cache_kwarg,
+    check_prompt,
+    commit,
+    crop_cache,
+    draft_block,
+    now,
+    prefill,
+    read_committed,
+    token_buffer,
+    verify_block,
+)
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.draft import DFlashDraft, DraftCache
 from draftguide.modeling.sampling import (
@@ -29,62 +40,6 @@ from draftguide.modeling.sampling import (
     sample_probs,
 )
 from draftguide.modeling.targets import extract_features
-
-TAU_MISSING = "no verify step ran: every generation ended at its first token (max_new_tokens 1, or a stop token)"
-
-
-@dataclass
-class GenStats:
-    num_input_tokens: int
-    num_new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    acceptance_lengths: list[int] = field(default_factory=list)
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens committed per verify step (bonus included)."""
-        a = self.acceptance_lengths
-        return sum(a) / len(a) if a else float("nan")
-
-    @property
-    def total_s(self) -> float:
-        return self.prefill_s + self.decode_s
-
-
-def _now(device) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int, target=None) -> None:
-    from draftguide.modeling.prompts import check_length
-
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise DraftGuideError(f"input_ids must have shape [1, T] (batch size 1), got {tuple(input_ids.shape)}")
-    if input_ids.shape[1] == 0:
-        raise DraftGuideError("empty prompt: input_ids has no tokens")
-    if max_new_tokens < 1:
-        raise DraftGuideError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if target is not None:
-        check_length(target, input_ids.shape[1], max_new_tokens)
-
-
-def crop_cache(cache, length: int) -> None:
-    """Keep the first `length` positions (transformers 5.x `crop` takes minus the number to drop)."""
-    drop = cache.get_seq_length() - length
-    if drop > 0:
-        cache.crop(-drop)
-
-
-def cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.24); use whichever this model takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _first_stop(tokens: list[int], stop: set[int]) -> int | None:
-    return next((i for i, t in enumerate(tokens) if t in stop), None)
 
 
 class SubsetHead:
@@ -127,7 +82,7 @@ def load_draft_vocab(folder, size: int) -> torch.Tensor:
     """The `size` most frequent token ids of a draft folder's ranking. Raises DraftGuideError without one."""
     from safetensors.torch import load_file
 
-    from draftguide.modeling.draft import draft_path
+    from draftguide.modeling.draft_io import draft_path
 
     path = draft_path(folder) / RANKING_FILE
     if not path.is_file():
@@ -174,93 +129,81 @@ def speculative_generate(
     it raises ends the generation. `draft_head`: a `SubsetHead` for the draft's proposals (FR-Spec)."""
     check_sampling(temperature, top_p, top_k)
     temperature = effective_temperature(temperature)
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     draft.check_target(target)
     draft.check_speculative()
-    B, dev = draft.block_size, input_ids.device
+    B, dev, T0 = draft.block_size, input_ids.device, input_ids.shape[1]
     n_verify = B - 1 if verify_len is None else max(1, min(int(verify_len), B - 1))
-    stop = set(stop_token_ids or ())
-    T0 = input_ids.shape[1]
-    max_len = T0 + max_new_tokens
-    buf = torch.full((1, max_len + B), draft.mask_token_id, dtype=torch.long, device=dev)
-    buf[:, :T0] = input_ids
-    positions = torch.arange(max_len + B, device=dev)[None]
-    tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
+    policy = VerifyPolicy(n_verify, verify_costs, read_costs, AcceptanceRates(B - 1))
+    sampling = (temperature, top_p, top_k, generator)
+    stop, max_len = set(stop_token_ids or ()), T0 + max_new_tokens
+    buf = token_buffer(input_ids, max_new_tokens, B, draft.mask_token_id)  # [1, max_len + B]
+    tcache, dcache, ck = DynamicCache(config=target.config), DraftCache(len(draft.layers)), cache_kwarg(target)
     stats = GenStats(num_input_tokens=T0)
-    seen = AcceptanceRates(B - 1)
 
-    ck = cache_kwarg(target)
-    t0 = _now(dev)
-    out = target(input_ids, **{ck: tcache}, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-    buf[:, T0] = sample(out.logits[:, -1], temperature, top_p, top_k, generator)
-    ctx = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T0, n*d]
+    t0 = now(dev)
+    logits, ctx, _ = prefill(target, input_ids, tcache, draft.target_layer_ids)  # ctx: [1, T0, n*d]
+    buf[:, T0] = sample(logits, *sampling)
     stopped = int(buf[0, T0]) in stop
-    t1 = _now(dev)
+    t1 = now(dev)
     stats.prefill_s = t1 - t0
     if on_token:
         on_token([int(buf[0, T0])])
 
     start = T0  # position of the anchor: committed, but the target has not read it yet
     while start + 1 < max_len and not stopped:
-        dlen = min(B, max_len - start)  # the draft block shrinks only at the very end, as upstream
-        vs = min(n_verify + 1, dlen)
-        block = buf[:, start : start + dlen].clone()  # [1, dlen] = [anchor, MASK...]
-        adaptive = verify_costs is not None and dlen > 2
-        read = vs  # the block offsets 1..read-1 whose proposals may be verified
-        if adaptive:
-            read = dlen if read_costs is None else 1 + seen.rows_worth_reading(verify_costs, read_costs, dlen - 1)
-        h = draft(
-            draft.embed(target, block),
-            ctx,
-            positions[:, start - ctx.shape[1] : start + dlen],
-            cache=dcache,
-            rows=slice(1, read),
-        )  # [1, read-1, d]
-        dlogits = (draft.logits(h, target) if draft_head is None else draft_head(h))[0]  # [read-1, V]
-        if adaptive and read > 2:
-            vs = best_verify_len(dlogits, verify_costs, temperature) + 1
-            dlogits = dlogits[: vs - 1]
-        elif adaptive:
-            vs = read
-        if temperature > 0:
-            q = probs_from_logits(dlogits, temperature, top_p, top_k)
-            block[0, 1:vs] = sample_probs(q, generator)
-        else:
-            block[0, 1:vs] = dlogits.argmax(-1)
-        out = target(
-            block[:, :vs],
-            position_ids=positions[:, start : start + vs],
-            **{ck: tcache},
-            use_cache=True,
-            output_hidden_states=True,
-        )
-        if temperature > 0:
-            p = probs_from_logits(out.logits[0], temperature, top_p, top_k)  # [vs, V]
-            acc, bonus = rejection_sample(block[0, 1:vs], p, q, generator)
-        else:
-            posterior = out.logits[0].argmax(-1)  # [vs]
-            acc = int((block[0, 1:vs] == posterior[:-1]).cumprod(0).sum())
-            bonus = posterior[acc]
-        if read_costs is not None:
-            seen.update(acc, vs - 1)
-        buf[0, start + 1 : start + acc + 1] = block[0, 1 : acc + 1]
-        buf[0, start + acc + 1] = bonus
-        produced = min(acc + 1, max_len - start - 1)
-        if stop:
-            hit = _first_stop(buf[0, start + 1 : start + produced + 1].tolist(), stop)
-            if hit is not None:
-                produced, stopped = hit + 1, True
-        if on_token:
-            on_token(buf[0, start + 1 : start + produced + 1].tolist())
+        block = buf[:, start : start + min(B, max_len - start)].clone()  # [1, dlen] = [anchor, MASK...]
+        vs, q = _propose(target, draft, dcache, ctx, block, start, policy, sampling, draft_head)
+        out = verify_block(target, block[:, :vs], start, tcache, ck)
+        acc, bonus = _accept(block[0, 1:vs], out.logits[0], q, sampling)
+        policy.update(acc, vs - 1)
+        produced = commit(buf, start, block[0, 1:], acc, bonus, max_len)
+        if stop or on_token:
+            committed, stopped = read_committed(buf, start + 1, produced, stop)
+            produced = len(committed)
+            if on_token:
+                on_token(committed)
         start += produced
         crop_cache(tcache, start)
         ctx = extract_features(out.hidden_states, draft.target_layer_ids)[:, :produced]  # accepted positions only
         stats.acceptance_lengths.append(produced)
 
     tokens = buf[:, : min(start + 1, max_len)]
-    stats.decode_s = _now(dev) - t1
+    stats.decode_s = now(dev) - t1
     stats.num_new_tokens = tokens.shape[1] - T0
     return tokens, stats
+
+
+def _propose(
+    target, draft: DFlashDraft, dcache: DraftCache, ctx, block, start: int, policy, sampling, draft_head
+) -> tuple[int, torch.Tensor | None]:
+    """The draft's step: fills block[0, 1:vs] with proposals and returns `vs` (anchor + proposals to verify) and,
+    when sampling, q [vs-1, V], the distribution the proposals were drawn from (None when greedy).
+    # ctx: features of the positions not yet in `dcache`; block: [1, dlen] = [anchor, MASK...]"""
+    temperature, top_p, top_k, generator = sampling
+    read = policy.rows_to_read(block.shape[1])
+    h = draft_block(target, draft, dcache, ctx, block, start, rows=slice(1, read))  # [1, read-1, d]
+    dlogits = (draft.logits(h, target) if draft_head is None else draft_head(h))[0]  # [read-1, V]
+    vs = policy.verify_len(dlogits, read, block.shape[1], temperature)
+    dlogits = dlogits[: vs - 1]
+    if temperature > 0:
+        q = probs_from_logits(dlogits, temperature, top_p, top_k)
+        block[0, 1:vs] = sample_probs(q, generator)
+        return vs, q
+    block[0, 1:vs] = dlogits.argmax(-1)
+    return vs, None
+
+
+def _accept(proposed: torch.Tensor, logits: torch.Tensor, q: torch.Tensor | None, sampling) -> tuple[int, torch.Tensor]:
+    """How many proposals the target accepts and its next token after them: greedy agreement, or rejection
+    sampling at temperature > 0 (exact). # proposed: [n], logits: [n + 1, V] target, q: [n, V] draft"""
+    temperature, top_p, top_k, generator = sampling
+    if temperature > 0:
+        p = probs_from_logits(logits, temperature, top_p, top_k)  # [n + 1, V]
+        return rejection_sample(proposed, p, q, generator)
+    posterior = logits.argmax(-1)  # [n + 1]
+    acc = accepted_length(proposed, posterior)
+    return acc, posterior[acc]
 
 
 class AcceptanceRates:
@@ -300,6 +243,44 @@ def best_verify_len(dlogits: torch.Tensor, costs: list[float], temperature: floa
     return int(rate.argmax()) + 1
 
 
+class VerifyPolicy:
+    """How many block offsets a step reads and verifies: always `n_verify`, or, given `verify_costs`, adaptive
+    (see `speculative_generate`): the draft reads the whole block (or, given `read_costs` too, as many offsets
+    as `seen` says are worth it) and `best_verify_len` picks how many to verify from the draft's confidences."""
+
+    def __init__(
+        self,
+        n_verify: int,
+        verify_costs: list[float] | None = None,
+        read_costs: list[float] | None = None,
+        seen: AcceptanceRates | None = None,
+    ):
+        self.n_verify, self.verify_costs, self.read_costs, self.seen = n_verify, verify_costs, read_costs, seen
+
+    def adaptive(self, dlen: int) -> bool:
+        return self.verify_costs is not None and dlen > 2
+
+    def rows_to_read(self, dlen: int) -> int:
+        """`read`: the draft computes block offsets 1..read-1 of a block of `dlen` tokens."""
+        if not self.adaptive(dlen):
+            return min(self.n_verify + 1, dlen)
+        return (
+            dlen
+            if self.read_costs is None
+            else 1 + self.seen.rows_worth_reading(self.verify_costs, self.read_costs, dlen - 1)
+        )
+
+    def verify_len(self, dlogits: torch.Tensor, read: int, dlen: int, temperature: float) -> int:
+        """`vs`: the target verifies the anchor and proposals 1..vs-1. # dlogits: [read-1, V]"""
+        if self.adaptive(dlen) and read > 2:
+            return best_verify_len(dlogits, self.verify_costs, temperature) + 1
+        return read
+
+    def update(self, accepted: int, verified: int) -> None:
+        if self.read_costs is not None:
+            self.seen.update(accepted, verified)
+
+
 @torch.inference_mode()
 def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, repeats: int = 3) -> list[float]:
     """Seconds of one target forward over n = 1..max_tokens new tokens after a `context_len` cache:
@@ -313,9 +294,9 @@ def measure_verify_costs(target, context_len: int = 256, max_tokens: int = 16, r
     for n in range(1, max_tokens + 1):
         best = float("inf")
         for _ in range(repeats):
-            t0 = _now(dev)
+            t0 = now(dev)
             target(ids[:, context_len : context_len + n], **{ck: cache}, use_cache=True, output_hidden_states=True)
-            best = min(best, _now(dev) - t0)
+            best = min(best, now(dev) - t0)
             crop_cache(cache, context_len)
         costs.append(best)
     return costs
@@ -357,9 +338,9 @@ def measure_read_costs(
     for n in range(1, draft.block_size):
         best = float("inf")
         for _ in range(repeats):
-            t0 = _now(dev)
+            t0 = now(dev)
             step(n)
-            best = min(best, _now(dev) - t0)
+            best = min(best, now(dev) - t0)
         costs.append(best)
     return costs
 
@@ -374,7 +355,7 @@ def greedy_generate(
 ) -> tuple[torch.Tensor, GenStats]:
     """Plain autoregressive greedy decoding with a KV cache: one target forward per token. `on_token([id])`
     is called with every new token (streaming)."""
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     pick = lambda out: out.logits[:, -1].argmax(-1, keepdim=True)  # noqa: E731
     return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick, on_token=on_token)
 
@@ -394,7 +375,7 @@ def autoregressive(
     dev, T0, stop = input_ids.device, input_ids.shape[1], set(stop_token_ids or ())
     cache, ck = DynamicCache(config=target.config), cache_kwarg(target)
     stats = stats or GenStats(num_input_tokens=T0)
-    t0 = t1 = _now(dev)
+    t0 = t1 = now(dev)
     feed, pos, new = input_ids, torch.arange(T0, device=dev)[None], []
     while True:
         out = target(
@@ -403,14 +384,14 @@ def autoregressive(
         tok = pick(out)
         new.append(tok)
         if len(new) == 1:
-            t1 = _now(dev)
+            t1 = now(dev)
             stats.prefill_s = t1 - t0
         if on_token:
             on_token([int(tok)])
         if len(new) >= max_new_tokens or int(tok) in stop:
             break
         feed, pos = tok, torch.tensor([[T0 + len(new) - 1]], device=dev)
-    stats.decode_s = _now(dev) - t1
+    stats.decode_s = now(dev) - t1
     stats.num_new_tokens = len(new)
     return torch.cat([input_ids, *new], 1), stats
 
@@ -422,7 +403,7 @@ def hf_generate(
     """HF `generate`, greedy, with a fresh generation config (no model-specific sampling defaults)."""
     from transformers import GenerationConfig
 
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     stop = list(stop_token_ids or [])
     gc = GenerationConfig(
         do_sample=False,
@@ -431,10 +412,10 @@ def hf_generate(
         eos_token_id=stop or None,
         pad_token_id=stop[0] if stop else 0,
     )
-    t0 = _now(input_ids.device)
+    t0 = now(input_ids.device)
     out = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
     stats = GenStats(num_input_tokens=input_ids.shape[1], num_new_tokens=out.shape[1] - input_ids.shape[1])
-    stats.decode_s = _now(input_ids.device) - t0
+    stats.decode_s = now(input_ids.device) - t0
     return out, stats
 
 
@@ -444,148 +425,3 @@ def default_verify_len(device, temperature: float = 0.0) -> str:
     Sampling keeps 'full': adaptive lengths follow measured timings, and the random draws with them, so a
     seeded run would not reproduce."""
     return "full" if torch.device(device).type == "cuda" or effective_temperature(temperature) > 0 else "auto"
-
-
-def run_speculate(
-    target,
-    tokenizer,
-    draft: DFlashDraft,
-    prompts: list[dict],
-    out_dir,
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    verify_len: int | str | None = None,
-    seed: int | None = None,
-    baseline: bool = True,
-    progress: bool = True,
-    draft_vocab: torch.Tensor | None = None,
-) -> dict:
-    """Speculative decoding over `prompts`, timed against plain greedy decoding of the same target in the
-    same run. Writes `results.jsonl` (a row per prompt, flushed as it goes) and `summary.json`. `seed`: of the
-    sampling at temperature > 0 (None: fresh randomness); the seed used is in the summary. `verify_len`: N,
-    'auto', 'full' (the whole block) or None for the device's default (`default_verify_len`). `draft_vocab`:
-    token ids the draft proposes from (FR-Spec, `SubsetHead`)."""
-    from pathlib import Path
-
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from draftguide.modeling.prompts import check_length, encode_prompt, place, stop_token_ids
-    from draftguide.modeling.sampling import resolve_seed
-    from draftguide.modeling.text import decode_text
-    from draftguide.reporting.runs import JsonlWriter, bootstrap_ci, environment, write_json
-
-    check_sampling(temperature, top_p, top_k)
-    seed = resolve_seed(seed)
-    encoded = [(row, encode_prompt(tokenizer, row)) for row in prompts]  # validate every row before any work
-    for row, ids in encoded:
-        check_length(target, ids.shape[1], max_new_tokens, place(row))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = next(target.parameters()).device
-    stop = stop_token_ids(tokenizer, target)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    # warm-up: first calls pay one-off allocation and kernel selection costs
-    warm = encoded[0][1][:, :8].to(dev)
-    speculative_generate(target, draft, warm, 4, stop_token_ids=stop)
-    greedy_generate(target, warm, 4)
-    costs = head = None
-    dhead = SubsetHead(draft, target, draft_vocab) if draft_vocab is not None else None
-    verify_len = default_verify_len(dev, temperature) if verify_len is None else verify_len
-    if verify_len == "auto":
-        costs = measure_verify_costs(target, max_tokens=draft.block_size)
-        head = measure_read_costs(target, draft, draft_head=dhead)
-        verify_len = None
-    elif verify_len == "full":
-        verify_len = None
-    elif not isinstance(verify_len, int):
-        raise DraftGuideError(f"verify_len must be an integer, 'auto' or 'full', got {verify_len!r}")
-
-    rows, spec_tok, spec_s, base = [], 0, 0.0, {"greedy": [0, 0.0], "hf_generate": [0, 0.0]}
-    with JsonlWriter(out_dir / "results.jsonl", mode="w") as w:
-        for row, ids in tqdm(encoded, desc="speculate", disable=not progress):
-            ids = ids.to(dev)
-            tokens, st = speculative_generate(
-                target,
-                draft,
-                ids,
-                max_new_tokens,
-                temperature,
-                top_p,
-                top_k,
-                stop,
-                verify_len,
-                gen,
-                costs,
-                read_costs=head,
-                draft_head=dhead,
-            )
-            new = tokens[0, ids.shape[1] :].tolist()
-            rec = {
-                "id": row.get("id"),
-                "prompt_tokens": ids.shape[1],
-                "new_tokens": len(new),
-                "text": decode_text(tokenizer, new),
-                "tokens": new,
-                "acceptance_lengths": st.acceptance_lengths,
-                "tau": st.tau,
-                "prefill_s": st.prefill_s,
-                "decode_s": st.decode_s,
-                "tokens_per_s": len(new) / st.total_s,
-            }
-            spec_tok, spec_s = spec_tok + len(new), spec_s + st.total_s
-            if baseline:
-                for name, fn in (("greedy", greedy_generate), ("hf_generate", hf_generate)):
-                    ref, bst = fn(target, ids, max_new_tokens, stop)
-                    base[name][0] += bst.num_new_tokens
-                    base[name][1] += bst.total_s
-                    rec[f"{name}_tokens_per_s"] = bst.num_new_tokens / bst.total_s
-                    if name == "hf_generate":
-                        rec["identical_to_baseline"] = ref[0, ids.shape[1] :].tolist() == new
-            w.write(rec)
-            rows.append(rec)
-
-    steps = [a for r in rows for a in r["acceptance_lengths"]]
-    tps = spec_tok / spec_s
-    summary = {
-        "n_prompts": len(rows),
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "block_size": draft.block_size,
-        "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
-        "draft_vocab": None if dhead is None else len(dhead.ids),
-        "verify_costs_s": costs,
-        "read_costs_s": head,
-        "tau": sum(steps) / len(steps) if steps else float("nan"),
-        "tau_ci95_over_prompts": bootstrap_ci([r["tau"] for r in rows if r["acceptance_lengths"]]),
-        "acceptance_histogram": np.bincount(steps, minlength=draft.block_size + 1)[1:].tolist() if steps else [],
-        "new_tokens": spec_tok,
-        "tokens_per_s": tps,
-    }
-    if not steps:  # the file gets null (no NaN in output JSON); tables print "-" and this reason
-        summary["tau_missing"] = TAU_MISSING
-    if baseline:
-        rates = {k: n / s for k, (n, s) in base.items()}
-        best = max(rates, key=rates.get)
-        summary.update(
-            {
-                "baseline_method": best,
-                "baseline_tokens_per_s": rates[best],
-                "greedy_tokens_per_s": rates["greedy"],
-                "hf_generate_tokens_per_s": rates["hf_generate"],
-                "speedup": tps / rates[best],
-                "speedup_vs_hf_generate": tps / rates["hf_generate"],
-                "lossless": all(r["identical_to_baseline"] for r in rows)
-                if effective_temperature(temperature) == 0
-                else None,
-            }
-        )
-    summary["environment"] = environment()
-    write_json(out_dir / "summary.json", summary)
-    return summary

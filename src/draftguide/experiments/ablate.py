@@ -93,7 +93,7 @@ def train_sets(
 
 
 def load_readouts(out_dir: Path, names: list[str], target) -> dict:
-    from draftguide.modeling.draft import load_draft
+    from draftguide.modeling.draft_io import load_draft
 
     return {n: load_draft(out_dir / "sets" / n / "draft", target).eval().requires_grad_(False) for n in names}
 

@@ -57,7 +57,7 @@ _DRAFTS: dict[tuple[int, str], object] = {}
 
 
 def method_draft(target, tokenizer, spec: str):
-    from draftguide.modeling.draft import resolve_draft
+    from draftguide.modeling.draft_io import resolve_draft
 
     key = (id(target), spec)
     if key not in _DRAFTS:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from draftguide.decode.common import now as _now
 from draftguide.decode.speculative import (
-    _now,
     draft_read_step,
     greedy_generate,
     measure_verify_costs,

@@ -14,14 +14,14 @@ One module, two ways to run it:
       context and runs one block whose K/V are never cached (so there is nothing to crop back);
   (b) many anchors in one pass: the whole sequence's context plus m blocks under a block mask
       (block i sees context `< anchor_i` and its own block) -- training, TTT and the diagnostic.
+
+Which context positions a block sees is `context_end` (used by every path). Checkpoint IO, config building
+and draft names (shipped drafts, `init`) live in `draft_io`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,6 @@ from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, rotate_half
 
 from draftguide.errors import DraftGuideError
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -49,14 +47,30 @@ def draft_value(config, name: str, default=None):
     return dcfg.get(name, getattr(config, name, default))
 
 
-def context_end(anchors: torch.Tensor, includes_anchor: bool) -> torch.Tensor:
+def context_end(anchors, includes_anchor: bool):
     """THE context rule of a readout, in one place: a block anchored at position `a` sees the target features
     of positions `< context_end`, i.e. `< a` for a speculative DFlash draft (the anchor is a token just
     committed: the target has not run it yet, so its features do not exist) and `<= a` for the *aligned
     readout* (`dflash_config.context_includes_anchor`), whose k=1 prediction then sees exactly the positions
     whose last-layer state the target's `lm_head` reads for the same token.
-    # anchors: any shape of absolute positions -> same shape (exclusive end)"""
+    # anchors: an int or a tensor of any shape of absolute positions -> same type and shape (exclusive end)"""
     return anchors + int(bool(includes_anchor))
+
+
+def block_rows(x: torch.Tensor, block_size: int, rows: slice, dim: int = 1) -> torch.Tensor:
+    """Keep only the offsets `rows` of every block along `dim`, which holds whole blocks one after another.
+    # x: [..., m*bs, ...] -> [..., m*n, ...] (n = len(range(bs)[rows]))"""
+    blocks = x.unflatten(dim, (x.shape[dim] // block_size, block_size))
+    return blocks[(slice(None),) * (dim + 1) + (rows,)].flatten(dim, dim + 1)
+
+
+def _check_supported(config) -> None:
+    """Raise a one-line DraftGuideError for the draft variants this module does not implement."""
+    types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        raise DraftGuideError(f"draft layer types {sorted(set(types))} not supported (only full_attention)")
+    if draft_value(config, "conv_kernel_size") is not None:
+        raise DraftGuideError("DFlash2 drafts (conv + candidate selector) are not supported")
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,8 +151,7 @@ class DraftAttention(nn.Module):
         hq, cq, sq = h, cos[:, C:], sin[:, C:]
         if rows is not None:
             bs = mask.block_size if isinstance(mask, BlockMask) else Q
-            pick = lambda x: x.unflatten(1, (Q // bs, bs))[:, :, rows].flatten(1, 2)  # noqa: E731
-            hq, cq, sq = pick(h), pick(cq), pick(sq)
+            hq, cq, sq = block_rows(h, bs, rows), block_rows(cq, bs, rows), block_rows(sq, bs, rows)
         q = self.q_norm(self.q_proj(hq).view(B, hq.shape[1], self.n_heads, self.head_dim)).transpose(1, 2)
         q = _rope(q, cq, sq)
         k_ctx, v_ctx = self._kv(ctx, cos[:, :C], sin[:, :C])
@@ -176,7 +189,7 @@ def _blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask: BlockMask, rows: s
     n = Q // m  # queries per block
     visible = mask.ctx_visible  # [B|1, 1, m*bs, C]
     if rows is not None:
-        visible = visible.unflatten(2, (m, bs))[:, :, :, rows].flatten(2, 3)
+        visible = block_rows(visible, bs, rows, dim=2)
     qg = q.view(B, Hkv, r, Q, D) * D**-0.5  # query heads grouped by their kv head (GQA without copies)
     s_ctx = qg @ k_ctx[:, :, None].transpose(-1, -2)  # [B, Hkv, r, Q, C]
     s_ctx = s_ctx.masked_fill(~visible[:, :, None], float("-inf"))
@@ -200,7 +213,7 @@ class DraftLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(h), ctx, cos, sin, mask, cache, rows, context_mask)
         if rows is not None:  # the residual stream keeps only the rows that were queried
             bs = mask.block_size if isinstance(mask, BlockMask) else h.shape[1]
-            h = h.unflatten(1, (h.shape[1] // bs, bs))[:, :, rows].flatten(1, 2)
+            h = block_rows(h, bs, rows)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -210,7 +223,7 @@ class DFlashDraft(nn.Module):
 
     def __init__(self, config: Qwen3Config):
         super().__init__()
-        _check_config(config)
+        _check_supported(config)
         self.config = config
         self.layers = nn.ModuleList(DraftLayer(config, i) for i in range(config.num_hidden_layers))
         self.target_layer_ids = list(
@@ -231,50 +244,15 @@ class DFlashDraft(nn.Module):
         self.context_includes_anchor = bool(draft_value(config, "context_includes_anchor", False))
         self.gradient_checkpointing = False  # recompute each layer in backward (training/TTT of big drafts)
 
-    # -- construction -------------------------------------------------------------------------------
+    # -- construction and checkpoints (the work is in `draft_io`) ---------------------------------------
     @classmethod
-    def for_target(
-        cls,
-        target,
-        *,
-        num_layers: int = 1,
-        block_size: int = 16,
-        mask_token_id: int,
-        target_layer_ids: list[int] | None = None,
-        intermediate_size: int | None = None,
-        context_includes_anchor: bool = False,
-        seed: int = 0,
-    ) -> "DFlashDraft":
-        """A freshly initialised draft shaped for `target` (hidden size, heads, vocab, RoPE);
-        `context_includes_anchor=True` makes it an aligned readout (see `context_end`)."""
-        tc = target.config.get_text_config()
-        n_tl = tc.num_hidden_layers
-        ids = list(target_layer_ids or build_target_layer_ids(n_tl, max(num_layers, 1)))
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        rope = getattr(tc, "rope_parameters", None) or {
-            "rope_type": "default",
-            "rope_theta": getattr(tc, "rope_theta", 1e4),
-        }
-        config = Qwen3Config(
-            hidden_size=tc.hidden_size,
-            intermediate_size=intermediate_size or tc.intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=tc.num_attention_heads,
-            num_key_value_heads=tc.num_key_value_heads,
-            head_dim=head_dim,
-            vocab_size=tc.vocab_size,
-            rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
-            max_position_embeddings=getattr(tc, "max_position_embeddings", 8192),
-            rope_parameters=dict(rope),
-            attention_bias=False,
-            tie_word_embeddings=False,
-        )
-        config.architectures = ["DFlashDraftModel"]
-        config.block_size = block_size
-        config.num_target_layers = n_tl
-        config.dflash_config = {"mask_token_id": int(mask_token_id), "target_layer_ids": ids}
-        if context_includes_anchor:
-            config.dflash_config["context_includes_anchor"] = True
+    def for_target(cls, target, *, seed: int = 0, **shape) -> "DFlashDraft":
+        """A freshly initialised draft shaped for `target` (hidden size, heads, vocab, RoPE); `shape`: the keyword
+        arguments of `draft_io.config_for_target` (`mask_token_id`, `num_layers`, `block_size`, ...;
+        `context_includes_anchor=True` makes it an aligned readout, see `context_end`)."""
+        from draftguide.modeling.draft_io import config_for_target
+
+        config = config_for_target(target, **shape)
         torch.manual_seed(seed)
         draft = cls(config)
         draft.init_weights()
@@ -291,72 +269,24 @@ class DFlashDraft(nn.Module):
                 nn.init.ones_(m.weight)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu") -> "DFlashDraft":
-        """Load an official-layout folder (`config.json` + `model.safetensors`, or sharded with an index)."""
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "DFlashDraft":
+        """See `draft_io.load_pretrained`."""
+        from draftguide.modeling.draft_io import load_pretrained
 
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise DraftGuideError(f"draft folder '{path}' has no config.json")
-        try:
-            raw = json.loads(cfg_file.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as e:
-            raise DraftGuideError(f"corrupt draft config '{cfg_file}': {e}") from e
-        config = _config_from_dict(raw, cfg_file)
-        files = _weight_files(path)
-        state = {}
-        for f in files:
-            try:
-                state.update(load_file(f, device=str(device)))
-            except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-                raise DraftGuideError(f"corrupt draft weights '{f}': {str(e).splitlines()[0]}") from e
-        draft = cls.from_state_dict(config, state, device=device, where=f"in '{path}'")
-        if dtype is not None:
-            draft.to(dtype)
-        return draft.eval()
+        return load_pretrained(path, dtype, device, cls=cls)
 
     @classmethod
     def from_state_dict(cls, config, state: dict[str, torch.Tensor], device=None, where: str = "") -> "DFlashDraft":
-        """A draft that takes the tensors of `state` as its weights, without copying (they share storage)."""
-        with torch.device("meta"):
-            draft = cls(config)
-        device = device or (next(iter(state.values())).device if state else "cpu")
-        with torch.device(device):
-            draft.rotary_emb = Qwen3RotaryEmbedding(config)  # non-persistent buffers: build for real
-        ours = dict(draft.state_dict())
-        missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-        if missing or unexpected:
-            raise DraftGuideError(
-                f"draft weights {where} do not match its config: missing "
-                f"{missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
-            )
-        for k, v in state.items():
-            if v.shape != ours[k].shape:
-                raise DraftGuideError(
-                    f"draft weight '{k}' has shape {tuple(v.shape)}, config implies {tuple(ours[k].shape)}"
-                )
-        draft.load_state_dict(state, assign=True)
-        return draft
+        """See `draft_io.from_state_dict`."""
+        from draftguide.modeling.draft_io import from_state_dict
 
-    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        """Write the official layout: `config.json` + `model.safetensors` (no prefix), atomically per file."""
-        from safetensors.torch import save_file
+        return from_state_dict(config, state, device, where, cls=cls)
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        cfg = self.config.to_dict()
-        cfg["architectures"] = ["DFlashDraftModel"]
-        cfg["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / WEIGHTS_NAME)
-        from draftguide.reporting.runs import dumps
+    def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
+        """See `draft_io.save_pretrained`."""
+        from draftguide.modeling.draft_io import save_pretrained
 
-        (path / "config.json.tmp").write_text(dumps(cfg, indent=2, sort_keys=True) + "\n")
-        os.replace(path / "config.json.tmp", path / "config.json")
+        save_pretrained(self, path, dtype)
 
     # -- compatibility with a target ------------------------------------------------------------------
     def check_target(self, target) -> None:
@@ -450,6 +380,14 @@ class DFlashDraft(nn.Module):
 
 
 # -- many anchors in one pass (mode b) ----------------------------------------------------------------
+def context_visible(anchors: torch.Tensor, ctx_len: int, block_size: int, includes_anchor: bool) -> torch.Tensor:
+    """Bool [B, 1, m*bs, ctx_len]: every query of block i sees context column c (= position c) iff
+    `c < context_end(anchors[:, i])`. # anchors: [B, m] absolute anchor positions"""
+    blk = torch.arange(anchors.shape[1], device=anchors.device).repeat_interleave(block_size)  # [m*bs] block ids
+    end = context_end(anchors, includes_anchor)[:, blk, None]  # [B, m*bs, 1]
+    return (torch.arange(ctx_len, device=anchors.device) < end)[:, None]
+
+
 def block_attention_mask(
     anchors: torch.Tensor, ctx_len: int, block_size: int, includes_anchor: bool = False
 ) -> torch.Tensor:
@@ -458,12 +396,9 @@ def block_attention_mask(
     # anchors: [B, m] absolute anchor positions
     """
     B, m = anchors.shape
-    dev = anchors.device
-    blk = torch.arange(m, device=dev).repeat_interleave(block_size)  # [m*bs] block id of each query
-    end = context_end(anchors, includes_anchor)
-    ctx_vis = torch.arange(ctx_len, device=dev)[None, None, :] < end[:, blk, None]  # [B, m*bs, C]
-    own = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # [B, m*bs, m*bs]
-    return torch.cat([ctx_vis, own], dim=-1)[:, None]
+    blk = torch.arange(m, device=anchors.device).repeat_interleave(block_size)  # [m*bs] block id of each query
+    own = (blk[:, None] == blk[None, :]).expand(B, 1, -1, -1)  # [B, 1, m*bs, m*bs]
+    return torch.cat([context_visible(anchors, ctx_len, block_size, includes_anchor), own], dim=-1)
 
 
 def block_inputs(token_ids: torch.Tensor, anchors: torch.Tensor, block_size: int, mask_token_id: int):
@@ -489,185 +424,10 @@ def multi_block_hidden(
     B, T = token_ids.shape
     ids, pos = block_inputs(token_ids, anchors, bs, draft.mask_token_id)
     ctx_pos = torch.arange(T, device=token_ids.device).expand(B, T)
-    blk = torch.arange(anchors.shape[1], device=anchors.device).repeat_interleave(bs)  # block id per query
-    end = context_end(anchors, draft.context_includes_anchor)  # [B, m]
-    mask = BlockMask(torch.arange(T, device=anchors.device)[None, None, :] < end[:, blk, None], bs)
-    mask.ctx_visible = mask.ctx_visible[:, None]  # [B, 1, m*bs, T]
+    mask = BlockMask(context_visible(anchors, T, bs, draft.context_includes_anchor), bs)  # [B, 1, m*bs, T]
     kw = {} if rows is None else {"rows": rows}  # custom `forward`s (DDP, test doubles) need not know `rows`
     h = (forward or draft)(draft.embed(target, ids), features, torch.cat([ctx_pos, pos], 1), attention_mask=mask, **kw)
     return h.view(B, anchors.shape[1], -1, h.shape[-1])
-
-
-# -- config handling --------------------------------------------------------------------------------
-def _config_from_dict(raw: dict, where) -> Qwen3Config:
-    raw = dict(raw)
-    for key in ("architectures", "auto_map", "model_type", "transformers_version"):
-        raw.pop(key, None)
-    try:
-        config = Qwen3Config(**raw)
-    except Exception as e:
-        raise DraftGuideError(f"unusable draft config '{where}': {' '.join(str(e).split())[:300]}") from e
-    if draft_value(config, "mask_token_id") is None:
-        raise DraftGuideError(f"draft config '{where}' has no dflash_config.mask_token_id")
-    if draft_value(config, "target_layer_ids") is None and getattr(config, "num_target_layers", None) is None:
-        raise DraftGuideError(
-            f"draft config '{where}' has neither dflash_config.target_layer_ids nor num_target_layers"
-        )
-    return config
-
-
-def _check_config(config) -> None:
-    types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in types):
-        raise DraftGuideError(f"draft layer types {sorted(set(types))} not supported (only full_attention)")
-    if draft_value(config, "conv_kernel_size") is not None:
-        raise DraftGuideError("DFlash2 drafts (conv + candidate selector) are not supported")
-
-
-def _weight_files(path: Path) -> list[Path]:
-    single = path / WEIGHTS_NAME
-    if single.is_file():
-        return [single]
-    index = path / (WEIGHTS_NAME + ".index.json")
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise DraftGuideError(f"corrupt weight index '{index}'") from e
-        files = [path / n for n in names]
-        for f in files:
-            if not f.is_file():
-                raise DraftGuideError(f"draft weight shard '{f}' is missing")
-        return files
-    raise DraftGuideError(f"draft folder '{path}' has no {WEIGHTS_NAME} (only safetensors weights are loaded)")
-
-
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # drafts shipped with the package, by name
-
-
-def draft_path(spec: str | os.PathLike) -> Path:
-    """A shipped draft's name (e.g. `smollm2-135m-dflash`, `smollm2-135m-readout`) -> its folder; else `spec`."""
-    named = MODELS_DIR / str(spec)
-    if str(spec) and "/" not in str(spec) and not Path(spec).exists() and (named / "config.json").is_file():
-        return named
-    return Path(spec)
-
-
-def load_draft(path: str | os.PathLike, target=None, dtype: torch.dtype | None = None, device="cpu") -> DFlashDraft:
-    """Load a draft folder (or a shipped draft by name, see `draft_path`) and, given a target, check that the
-    two fit together. By default the draft takes the target's dtype and device (a bf16 checkpoint next to an
-    fp32 CPU target runs in fp32)."""
-    path = draft_path(path)
-    if not Path(path).exists():
-        raise DraftGuideError(f"draft folder '{path}' does not exist")
-    if target is not None:
-        p = next(target.parameters())
-        dtype, device = dtype or p.dtype, p.device if device == "cpu" else device
-    draft = DFlashDraft.from_pretrained(path, dtype=dtype, device=device)
-    if target is not None:
-        draft.check_target(target)
-    return draft
-
-
-def default_mask_token_id(tokenizer) -> int:
-    """The tokenizer's mask token, else the last special token that is not bos/eos/pad/unk and does not
-    appear in the chat template (for SmolLM2: `<empty_output>`, id 16, never produced in chat)."""
-    if getattr(tokenizer, "mask_token_id", None) is not None:
-        return int(tokenizer.mask_token_id)
-    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
-    template = tokenizer.chat_template or ""
-    candidates = [
-        i
-        for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-        if t.special and i not in reserved and t.content not in template
-    ]
-    if not candidates:
-        raise DraftGuideError("cannot pick a mask token for this tokenizer: pass a draft whose config names one")
-    return max(candidates)
-
-
-def resolve_draft(spec: str | None, target, tokenizer, target_name: str | None = None) -> DFlashDraft:
-    """`spec`: a draft folder; `init` / `init:N` for a fresh N-layer draft (untrained: tau ~ 1);
-    None for the draft shipped with the target (when there is one)."""
-    if spec is None:
-        shipped = SHIPPED_DRAFTS.get(str(target_name))
-        if shipped is None or not shipped.is_dir():
-            raise DraftGuideError(
-                f"no shipped draft for target '{target_name}': pass --draft PATH (or --draft init for an untrained one)"
-            )
-        spec = str(shipped)
-    if spec == "init" or spec.startswith("init:"):
-        try:
-            layers = int(spec.split(":", 1)[1]) if ":" in spec else 1
-        except ValueError as e:
-            raise DraftGuideError(f"--draft {spec}: expected init or init:LAYERS") from e
-        return DFlashDraft.for_target(target, num_layers=layers, mask_token_id=default_mask_token_id(tokenizer)).eval()
-    return load_draft(spec, target)
-
-
-# Drafts committed with the project, by target alias (the folder may be absent in a stripped install).
-SHIPPED_DRAFTS: dict[str, Path] = {
-    "smollm2-135m": MODELS_DIR / "smollm2-135m-dflash",
-}
-# Aligned readouts (context_includes_anchor) shipped for guidance: they read the same state as the target's
-# lm_head. Speculative decoding keeps the speculative draft above (a readout cannot draft ahead).
-SHIPPED_READOUTS: dict[str, Path] = {
-    "smollm2-135m": MODELS_DIR / "smollm2-135m-readout",
-}
-PURPOSES = ("speculative", "guidance")
-
-
-def shipped_draft(target_name: str | None, purpose: str = "speculative", notice=None) -> Path | None:
-    """The draft shipped for `target_name` for a purpose: `speculative` -> the speculative draft; `guidance` ->
-    the aligned readout when its folder is there, else the speculative draft (with a one-line `notice`, by
-    default printed to stderr). None when nothing is shipped for the target."""
-    if purpose not in PURPOSES:
-        raise DraftGuideError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
-    spec = SHIPPED_DRAFTS.get(str(target_name))
-    spec = spec if spec is not None and spec.is_dir() else None
-    if purpose == "guidance":
-        readout = SHIPPED_READOUTS.get(str(target_name))
-        if readout is not None and (readout / "config.json").is_file():
-            return readout
-        if readout is not None and spec is not None:
-            (notice or _stderr)(
-                f"draftguide: note: the aligned readout '{readout.name}' is not shipped in this install; "
-                f"guiding with the speculative draft '{spec.name}'"
-            )
-    return spec
-
-
-def _stderr(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr)
-
-
-def is_aligned_readout(spec: str | os.PathLike | None) -> bool:
-    """Whether a draft folder (or shipped name) is an aligned readout, from its config alone (no weights
-    loaded); `init[:N]` and missing folders are not."""
-    import json
-
-    if spec is None or str(spec).startswith("init"):
-        return False
-    cfg = draft_path(spec) / "config.json"
-    try:
-        raw = json.loads(cfg.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
-        return False
-    return bool(
-        (raw.get("dflash_config") or {}).get("context_includes_anchor", raw.get("context_includes_anchor", False))
-    )
-
-
-def check_speculative_spec(spec: str | os.PathLike | None) -> None:
-    """`DFlashDraft.check_speculative` from the folder's config, before any model is loaded."""
-    if is_aligned_readout(spec):
-        raise DraftGuideError(
-            f"'{spec}' is an aligned readout (context_includes_anchor): it reads the anchor's own target features, "
-            "which a proposed block's anchor does not have yet, so it cannot draft ahead; speculative decoding "
-            "(and exact speculative guided decoding) needs a speculative draft, e.g. smollm2-135m-dflash"
-        )
 
 
 def count_params(module: nn.Module) -> int:
@@ -675,20 +435,16 @@ def count_params(module: nn.Module) -> int:
 
 
 __all__ = [
+    "BlockMask",
     "DFlashDraft",
     "DraftCache",
     "block_attention_mask",
     "block_inputs",
+    "block_rows",
     "build_target_layer_ids",
     "context_end",
+    "context_visible",
     "count_params",
     "draft_value",
-    "load_draft",
-    "resolve_draft",
     "multi_block_hidden",
-    "SHIPPED_DRAFTS",
-    "SHIPPED_READOUTS",
-    "check_speculative_spec",
-    "is_aligned_readout",
-    "shipped_draft",
 ]

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from draftguide.errors import DraftGuideError
-from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, default_mask_token_id, multi_block_hidden
+from draftguide.modeling.draft import DFlashDraft, build_target_layer_ids, multi_block_hidden
+from draftguide.modeling.draft_io import default_mask_token_id
 from draftguide.modeling.targets import extract_features
 from draftguide.reporting.runs import JsonlWriter, write_json
 from draftguide.training.data import read_samples
@@ -264,7 +265,7 @@ def fold_scale_into_fc(draft: DFlashDraft, scale: torch.Tensor) -> DFlashDraft:
 def draft_from_checkpoint(path: str | Path) -> DFlashDraft:
     """The plain draft (feature scale folded into fc) from a training checkpoint, e.g. mid-run."""
     blob = torch.load(path, map_location="cpu", weights_only=False)  # our own training checkpoint
-    from draftguide.modeling.draft import _config_from_dict
+    from draftguide.modeling.draft_io import config_from_dict as _config_from_dict
 
     if "config" not in blob:
         raise DraftGuideError(f"checkpoint '{path}' has no draft config (written by an older draftguide)")
@@ -288,7 +289,7 @@ def initial_draft(target, tokenizer, cfg: TrainConfig) -> DFlashDraft:
     """A fresh draft shaped by `cfg`, or a copy of `cfg.init_from` (its shape and mask token; the readout kind
     follows `cfg.context_includes_anchor`, so a speculative draft can seed an aligned readout). fp32."""
     if cfg.init_from:
-        from draftguide.modeling.draft import load_draft
+        from draftguide.modeling.draft_io import load_draft
 
         src = load_draft(cfg.init_from, dtype=torch.float32)
         config = src.config

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from draftguide.decode.speculative import _now
+from draftguide.decode.common import now as _now
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.draft import DFlashDraft
 from draftguide.modeling.targets import extract_features
