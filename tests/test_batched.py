@@ -146,7 +146,7 @@ def test_guided_without_shared_head(f64, monkeypatch):
     target, draft = f64
     ps = prompts(seed=4)
     ref = [new_tokens(guided_generate(target, draft, p, beta=0.5, max_new_tokens=m)[0], p) for p, m in zip(ps, BUDGETS)]
-    monkeypatch.setattr(guided, "_shared_head", lambda s, out: None)
+    monkeypatch.setattr(guided, "shared_head", lambda s, out: None)
     assert [r.tokens for r in batch_generate(target, ps, BUDGETS, draft=draft, beta=0.5)] == ref
 
 

@@ -55,7 +55,7 @@ def test_matches_uncached_reference(qwen3_pair, beta, mix, shared_head, monkeypa
     import draftguide.decode.guided as guided
 
     if not shared_head:
-        monkeypatch.setattr(guided, "_shared_head", lambda s, out: None)
+        monkeypatch.setattr(guided, "shared_head", lambda s, out: None)
     target, draft = qwen3_pair
     ids = _prompt(9, seed=3)
     ref, t_arg = reference_guided(target, draft, ids, beta, 16, mix)
@@ -327,7 +327,7 @@ def test_speculative_without_a_shared_head_call(monkeypatch):
     target, draft, ids = mixed_acceptance_pair()
     refs = {b: guided_generate(target, draft, ids, beta=b, max_new_tokens=40)[0] for b in (0.5, 1.0)}
     calls = []
-    monkeypatch.setattr(guided, "_shared_head", lambda s, out: calls.append(1))  # always None
+    monkeypatch.setattr(guided, "shared_head", lambda s, out: calls.append(1))  # always None
     for b, ref in refs.items():
         out, st = guided_generate(target, draft, ids, beta=b, max_new_tokens=40, speculative=True, verify_len=4)
         assert out.tolist() == ref.tolist() and max(st.acceptance_lengths) > 1

@@ -51,3 +51,14 @@ def test_layers_import_only_downwards():
             if RANK[parts[1]] > RANK[layer] and (rel, mod) not in ALLOWED:
                 bad.append(f"{rel}:{line} imports {mod}")
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_private_names_cross_modules():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("draftguide"):
+                bad += [
+                    f"{path.relative_to(PKG)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
+    assert not bad, "private helpers imported across modules:\n" + "\n".join(bad)

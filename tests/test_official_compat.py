@@ -11,7 +11,7 @@ import torch
 from conftest import mixed_acceptance_pair
 from draftguide.decode.speculative import speculative_generate
 from draftguide.modeling.draft import DFlashDraft
-from draftguide.modeling.draft_io import config_from_dict as _config_from_dict
+from draftguide.modeling.draft_io import config_from_dict
 from draftguide.modeling.targets import extract_features
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -38,7 +38,7 @@ def test_qwen3_8b_dflash_b16_config_loads_unchanged():
     """The published z-lab/Qwen3-8B-DFlash-b16 config: same keys and shapes as the official class builds
     (both on the meta device, no weights needed): 58 tensors, ~1.05 B parameters."""
     raw = json.loads((FIXTURES / "qwen3-8b-dflash-b16-config.json").read_text())
-    config = _config_from_dict(raw, "fixture")
+    config = config_from_dict(raw, "fixture")
     with torch.device("meta"):
         ours = DFlashDraft(config)
         ref = official.DFlashDraftModel(config)

@@ -330,7 +330,8 @@ def test_server_defaults_serve_clients_that_send_only_model_and_messages(dg):
 
 def test_serve_ttt_defaults_build_from_the_command_line():
     """`draftguide serve --ttt` (which has no --seed) turns its TTT flags into per-request defaults."""
-    from draftguide.app.cli import _ttt_config, build_parser
+    from draftguide.app.cli import build_parser
+    from draftguide.app.cli.options import ttt_config as _ttt_config
 
     args = build_parser().parse_args(["serve", "--ttt", "--ttt-steps", "3"])
     cfg = _ttt_config(args, seed=0).kwargs()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_target
-from draftguide.modeling.draft import load_draft
+from draftguide.modeling.draft_io import load_draft
 from draftguide.modeling.targets import extract_features
 from draftguide.training.train import (
     IGNORE,

@@ -15,9 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from draftguide.decode.common import GenStats, cache_kwarg, crop_cache
-from draftguide.decode.common import check_prompt as _check_prompt
-from draftguide.decode.common import now as _now
+from draftguide.decode.common import GenStats, cache_kwarg, check_prompt, crop_cache, now
 from draftguide.decode.guided import js_divergence
 from draftguide.decode.speculative import autoregressive
 from draftguide.errors import DraftGuideError
@@ -40,7 +38,7 @@ def sample_generate(
     from draftguide.modeling.sampling import check_sampling, sample
 
     check_sampling(temperature, top_p, top_k)
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     pick = lambda out: sample(out.logits[:, -1], temperature, top_p, top_k, generator)[:, None]  # noqa: E731
     return autoregressive(target, input_ids, max_new_tokens, stop_token_ids, pick)
 
@@ -190,7 +188,7 @@ def power_sample(
     continuations within the limit invariant). Stops after the block in which the continuation ends with a
     stop token. Defaults: the reference's (`POWER_PRESETS["paper"]`). `generator` seeds both the proposals
     and the MH choices. Returns `(tokens [1, T + n], stats)`; `stats.tokens_per_output_token` is its cost."""
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     if not alpha >= 1:
         raise DraftGuideError(f"alpha must be >= 1 (p^alpha sharpens the model), got {alpha}")
     if mcmc_steps < 0 or block_num < 1:
@@ -201,7 +199,7 @@ def power_sample(
     stats = PowerStats(
         num_input_tokens=input_ids.shape[1], alpha=float(alpha), block_num=block_num, mcmc_steps=mcmc_steps
     )
-    t0 = _now(input_ids.device)
+    t0 = now(input_ids.device)
     for limit in tqdm(block_ends(max_new_tokens, block_num), desc="power", disable=not progress):
         chain.grow(limit)
         for _ in range(mcmc_steps):
@@ -209,7 +207,7 @@ def power_sample(
             stats.proposals += 1
         if chain.ended():
             break
-    stats.decode_s = _now(input_ids.device) - t0
+    stats.decode_s = now(input_ids.device) - t0
     stats.num_new_tokens, stats.sampled_tokens = chain.length, chain.sampled
     return chain.ids, stats
 
@@ -272,7 +270,7 @@ def dola_generate(
     premature layer M (hidden-state index: 0 = embeddings, i = after decoder layer i, L = final) is the
     candidate with the largest Jensen-Shannon divergence from the final distribution at this token. Final
     norm applied to intermediate states before lm_head. No repetition penalty (the paper adds 1.2)."""
-    _check_prompt(input_ids, max_new_tokens, target)
+    check_prompt(input_ids, max_new_tokens, target)
     L = target.config.get_text_config().num_hidden_layers
     cands = list(candidate_layers) if candidate_layers else default_candidate_layers(target)
     if any(not 0 <= j <= L for j in cands):

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from draftguide.decode.common import GenStats, cache_kwarg
-from draftguide.decode.common import now as _now
+from draftguide.decode.common import GenStats, cache_kwarg, now
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
 from draftguide.modeling.targets import extract_features
@@ -137,12 +136,12 @@ def batch_generate(
 
     setup = None
     if draft is not None:
-        from draftguide.decode.guided import _Setup, check_guided
+        from draftguide.decode.guided import GuidedSetup, check_guided
 
         check_guided(beta, beta_schedule, mix, guard_top_k, control)
         draft.check_target(target)
         seeds = [g.initial_seed() if g is not None else 0 for g in gens]
-        setup = _Setup(target, draft, float(beta), mix, beta_schedule, guard_top_k, control, 0)
+        setup = GuidedSetup(target, draft, float(beta), mix, beta_schedule, guard_top_k, control, 0)
 
     st = _State(target, draft, setup)
     new: list[list[int]] = [[] for _ in range(n)]
@@ -159,7 +158,7 @@ def batch_generate(
     def finish(r: int) -> None:
         s = stats[r]
         s.num_new_tokens = len(new[r])
-        s.decode_s = _now(dev) - started[r]
+        s.decode_s = now(dev) - started[r]
         if setup is not None and new[r]:
             from draftguide.decode.guided import Flip
 
@@ -174,7 +173,7 @@ def batch_generate(
             join, waiting = waiting[: cap - len(st.live)], waiting[cap - len(st.live) :]
             for r, t_pre in st.join(join, prompts):
                 stats[r].prefill_s = t_pre
-                started[r] = _now(dev)
+                started[r] = now(dev)
         live, b = st.live, len(st.live)
         if setup is not None:
             h = st.draft_state()  # [b, d]
@@ -261,7 +260,7 @@ class _State:
         hidden = draft is not None
         pre = []
         for r in rows:
-            t0 = _now(dev)
+            t0 = now(dev)
             ids = prompts[r].reshape(1, -1).to(dev)
             T = ids.shape[1]
             c = DynamicCache(config=target.config)
@@ -274,16 +273,16 @@ class _State:
                 logits_to_keep=1,
             )
             if hidden and not self.decided:
-                from draftguide.decode.guided import _shared_head
+                from draftguide.decode.guided import shared_head
 
-                self.head, self.decided = _shared_head(self.setup, out), True
+                self.head, self.decided = shared_head(self.setup, out), True
                 self.decoder = target.get_decoder() if self.head is not None else target
                 self.dk = cache_kwarg(self.decoder)
             item = {"r": r, "T": T, "ids": ids, "cache": c, "logits": out.logits[:, -1]}
             if hidden:
                 item["feats"] = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T, k*d]
                 item["state"] = out.hidden_states[-1][:, -1]  # the final (normed) state the head reads
-            item["prefill_s"] = _now(dev) - t0
+            item["prefill_s"] = now(dev) - t0
             pre.append(item)
         b0 = len(self.live)
         W = max([self.W, 2] + [x["T"] for x in pre])  # at least 2 columns: a context column before every anchor

@@ -164,7 +164,7 @@ def check_guided(beta: float, beta_schedule: str, mix: str, guard_top_k, control
 
 # -- decoding -------------------------------------------------------------------------------------------
 @dataclass
-class _Setup:
+class GuidedSetup:
     """What every step needs besides the caches: the mix and its options."""
 
     target: object
@@ -191,7 +191,7 @@ class _Setup:
 
 
 def _draft_block(
-    s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1
+    s: GuidedSetup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1
 ) -> torch.Tensor:
     """Draft states [1, n, d] of block positions 1..n of the full block `[anchor, MASK x (B-1)]` at `start`
     (attention inside a block is bidirectional: a shorter block would change the readout), from cached context
@@ -203,12 +203,12 @@ def _draft_block(
     return draft_block(s.target, d, dcache, ctx, block, start, rows=slice(1, n + 1))
 
 
-def _draft_k1(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1):
+def _draft_k1(s: GuidedSetup, dcache: DraftCache, ctx: torch.Tensor, anchor: torch.Tensor, start: int, n: int = 1):
     """Logits [n, V] of block positions 1..n of `_draft_block`."""
     return s.draft.logits(_draft_block(s, dcache, ctx, anchor, start, n), s.target)[0]
 
 
-def _shared_head(s: _Setup, out) -> torch.nn.Module | None:
+def shared_head(s: GuidedSetup, out) -> torch.nn.Module | None:
     """The target's output head when one call of it can give both next-token logits: the target's logits are
     exactly head(final state) and the draft adds no scaling of its own. On a CPU a batch-1 step reads the whole
     vocabulary matrix per call, so sharing the call saves much of guidance's cost. Not at beta 0, which must
@@ -275,7 +275,7 @@ def guided_generate(
     if donor_logits is not None and (donor_logits.dim() != 2 or donor_logits.shape[0] < 1):
         raise DraftGuideError(f"donor_logits must be [A >= 1, V], got {tuple(donor_logits.shape)}")
     seed = generator.initial_seed() if generator is not None else 0
-    s = _Setup(
+    s = GuidedSetup(
         target, draft, float(beta), mix, beta_schedule, guard_top_k, control, seed, donor_logits, input_ids.shape[1]
     )
     args = (s, input_ids, max_new_tokens, (temperature, top_p, top_k, generator), set(stop_token_ids or ()), on_token)
@@ -304,7 +304,7 @@ class _Trace:
         stats.mean_beta = float(torch.cat(self.betas)[:n].mean())
 
 
-def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token):
+def _token_by_token(s: GuidedSetup, input_ids, max_new_tokens, sampling, stop, on_token):
     target, draft = s.target, s.draft
     dev, T0 = input_ids.device, input_ids.shape[1]
     tcache, dcache = DynamicCache(config=target.config), DraftCache(len(draft.layers))
@@ -318,7 +318,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     end = context_end(T0 - 1, aligned)
     ctx, next_ctx = feats[:, :end], feats[:, end:]
     anchor = input_ids[:, -1:]
-    head = _shared_head(s, out)
+    head = shared_head(s, out)
     decoder = target.get_decoder() if head is not None else target
     dk = cache_kwarg(decoder)
     t1 = now(dev)
@@ -363,7 +363,7 @@ def _token_by_token(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_tok
     return tokens, stats
 
 
-def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token, n_verify: int):
+def _speculative(s: GuidedSetup, input_ids, max_new_tokens, sampling, stop, on_token, n_verify: int):
     """Exact speculative guided greedy (see the module docstring). Invariant at the top of each step: the
     anchor at `start` is committed but unread by the target; the draft cache holds context < len(dcache)
     and `ctx` the features of positions len(dcache)..start-1. Verifies `n_verify` drafted tokens a step."""
@@ -376,7 +376,7 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
 
     t0 = now(dev)
     t_logits, feats, out = prefill(target, input_ids, tcache, draft.target_layer_ids)
-    head = _shared_head(s, out)
+    head = shared_head(s, out)
     verifier = target.get_decoder() if head is not None else target
     vk = cache_kwarg(verifier)
     ctx = _first_token(s, dcache, buf, feats, t_logits, trace, T0)
@@ -410,7 +410,7 @@ def _speculative(s: _Setup, input_ids, max_new_tokens, sampling, stop, on_token,
     return tokens, stats
 
 
-def _first_token(s: _Setup, dcache: DraftCache, buf, feats, t_logits, trace: _Trace, T0: int) -> torch.Tensor:
+def _first_token(s: GuidedSetup, dcache: DraftCache, buf, feats, t_logits, trace: _Trace, T0: int) -> torch.Tensor:
     """The first new token by one plain guided step from the prompt's last token (there is no block to verify
     yet): written to buf[0, T0]. Returns the features the draft has not read yet.
     # feats: [1, T0, n*d] of the prompt, t_logits: [1, V] the target's after the prefill"""
@@ -422,7 +422,7 @@ def _first_token(s: _Setup, dcache: DraftCache, buf, feats, t_logits, trace: _Tr
     return feats[:, end:]
 
 
-def _verified_logits(s: _Setup, dcache: DraftCache, out, feats, block, start: int, d_anchor, head):
+def _verified_logits(s: GuidedSetup, dcache: DraftCache, out, feats, block, start: int, d_anchor, head):
     """Both models' next-token logits at the anchor and after each verified proposal, and their mix: the target's
     from the verify forward `out`, the draft's k=1 readout at the anchor from the proposal pass (`d_anchor`) and
     after each proposal from one multi-anchor pass (`_draft_k1_many`, which caches the features of
@@ -459,7 +459,9 @@ def _emit(buf: torch.Tensor, first: int, n: int, stop: set[int], on_token) -> tu
     return len(tokens), stopped
 
 
-def _draft_k1_many(s: _Setup, dcache: DraftCache, ctx: torch.Tensor, block: torch.Tensor, start: int) -> torch.Tensor:
+def _draft_k1_many(
+    s: GuidedSetup, dcache: DraftCache, ctx: torch.Tensor, block: torch.Tensor, start: int
+) -> torch.Tensor:
     """k=1 draft states [vs-1, d] (the head not yet applied) for anchors start+1..start+vs-1 (the proposed
     tokens), in one masked pass over cached context < start plus `ctx` (features of start..start+vs-2).
     Appends `ctx` to the cache.

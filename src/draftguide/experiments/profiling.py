@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from draftguide.decode.common import now as _now
+from draftguide.decode.common import now
 from draftguide.decode.speculative import (
     draft_read_step,
     greedy_generate,
@@ -36,9 +36,9 @@ def timed(fn: Callable[[], object], repeats: int, device) -> dict:
     fn()
     times = []
     for _ in range(repeats):
-        t0 = _now(device)
+        t0 = now(device)
         fn()
-        times.append(_now(device) - t0)
+        times.append(now(device) - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": repeats}
 
 

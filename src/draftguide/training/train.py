@@ -265,11 +265,11 @@ def fold_scale_into_fc(draft: DFlashDraft, scale: torch.Tensor) -> DFlashDraft:
 def draft_from_checkpoint(path: str | Path) -> DFlashDraft:
     """The plain draft (feature scale folded into fc) from a training checkpoint, e.g. mid-run."""
     blob = torch.load(path, map_location="cpu", weights_only=False)  # our own training checkpoint
-    from draftguide.modeling.draft_io import config_from_dict as _config_from_dict
+    from draftguide.modeling.draft_io import config_from_dict
 
     if "config" not in blob:
         raise DraftGuideError(f"checkpoint '{path}' has no draft config (written by an older draftguide)")
-    draft = DFlashDraft(_config_from_dict(blob["config"], path))
+    draft = DFlashDraft(config_from_dict(blob["config"], path))
     draft.load_state_dict(blob["draft"])
     return fold_scale_into_fc(draft, blob["scale"]["scale"]).eval()
 

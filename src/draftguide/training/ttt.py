@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from draftguide.decode.common import now as _now
+from draftguide.decode.common import now
 from draftguide.errors import DraftGuideError
 from draftguide.modeling.draft import DFlashDraft
 from draftguide.modeling.targets import extract_features
@@ -321,11 +321,11 @@ def ttt_adapt(
             torch.cuda.reset_peak_memory_stats(dev)
         prefill_s = None
         if features is None:
-            t0 = _now(dev)
+            t0 = now(dev)
             with torch.no_grad():
                 out = target(ids, output_hidden_states=True, logits_to_keep=1)
                 features = extract_features(out.hidden_states, draft.target_layer_ids)  # [1, T, n*d]
-            prefill_s = _now(dev) - t0
+            prefill_s = now(dev) - t0
         features = _check_features(features, ids, draft)
         lora = LoraConfig(
             r=rank,
@@ -344,9 +344,9 @@ def ttt_adapt(
             spread = float(scale.max() / scale.median())
         weights = loss_weights(bs).to(dev)
         eval_at = evenly_spaced_anchors(T, eval_anchors)
-        t_eval = _now(dev)
+        t_eval = now(dev)
         before = context_loss(adapted, target, features, ids, eval_at, weights, bs, amp)
-        eval_s = _now(dev) - t_eval
+        eval_s = now(dev) - t_eval
         params = [p for p in adapted.parameters() if p.requires_grad]
         losses = _train(
             adapted,
@@ -364,9 +364,9 @@ def ttt_adapt(
             on_step=on_step,
             progress=progress,
         )
-        t_eval = _now(dev)
+        t_eval = now(dev)
         after = context_loss(adapted, target, features, ids, eval_at, weights, bs, amp)
-        eval_s += _now(dev) - t_eval
+        eval_s += now(dev) - t_eval
     peak, kind = _peak_memory(dev)
     adapted.report = TTTReport(
         loss_before=before[0],
@@ -419,7 +419,7 @@ def _train(
     with torch.random.fork_rng(devices=_cuda_devices(adapted)):
         torch.manual_seed(seed)  # LoRA dropout
         for step in tqdm(range(steps), desc="ttt", disable=not progress):
-            t0 = _now(dev)
+            t0 = now(dev)
             adapted.train()
             anchors = torch.tensor([sample_anchors(1, T, anchors_per_step, rng)], device=dev)  # [1, m]
             with _amp(dev, amp):
@@ -428,7 +428,7 @@ def _train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             opt.step()
-            seconds += _now(dev) - t0
+            seconds += now(dev) - t0
             values.append(float(loss.detach()))
             _callback(on_step, step + 1, adapted)
     return _Losses(values, seconds)
