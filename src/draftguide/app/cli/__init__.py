@@ -25,7 +25,7 @@ COMMANDS = (
     analysis.add_ablate_layers_parser,
     analysis.add_probe_parser,
     evaluation.add_flips_parser,
-    diagnose.add_parser,
+    diagnose.add_diagnose_parser,
     analysis.add_profile_parser,
     analysis.add_report_parser,
     decoding.add_serve_parser,

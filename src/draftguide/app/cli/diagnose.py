@@ -17,7 +17,7 @@ from draftguide.app.cli.options import add_ttt_args, ttt_config
 from draftguide.errors import DraftGuideError
 
 
-def add_parser(sub) -> None:
+def add_diagnose_parser(sub) -> None:
     p = sub.add_parser(
         "diagnose",
         help="readout diagnostic: gold-token rank and log p under the target and deep readouts (teacher forcing), with "
