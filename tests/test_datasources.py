@@ -91,3 +91,25 @@ def test_cl_task_prompts_never_repeat_the_evaluation_suite():
     assert all(r["messages"][-1]["role"] == "user" for r in train)  # prompts only, no gold answer turn
     held = {str(t["messages"]) for t in load_builtin_tasks()}
     assert not any(str(r["messages"]) in held for r in train)
+
+
+def test_sharegpt_later_turns_are_one_turn_chats_of_the_training_part(tmp_path):
+    conv = [
+        {"from": "human", "value": "q0"},
+        {"from": "gpt", "value": "a0"},
+        {"from": "human", "value": "q1"},
+        {"from": "gpt", "value": "a1"},
+        {"from": "human", "value": "x" * 50},  # over max_chars: skipped
+        {"from": "gpt", "value": "a2"},
+        {"from": "human", "value": "q3"},
+        {"from": "gpt", "value": ""},  # empty reply: skipped
+        {"from": "human", "value": "q4"},
+        {"from": "gpt", "value": "a4"},
+    ]
+    recs = [{"id": f"c{i}", "conversations": conv} for i in range(3)]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(recs))
+    rows = sharegpt(path, later_turns=True, max_seen=2, max_chars=20)  # c2 belongs to the held-out part
+    assert [r["id"] for r in rows] == ["sharegpt-c0-1", "sharegpt-c0-4", "sharegpt-c1-1", "sharegpt-c1-4"]
+    assert rows[0]["messages"] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    assert len(sharegpt(path, later_turns=True, limit=3)) == 3

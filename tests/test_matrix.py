@@ -253,3 +253,18 @@ def test_flip_words_and_context_tags():
     assert f["n_flips"] == 2 and f["all"]["context_word"] == 0.5 and f["first"]["context_word"] == 1.0
     assert f["first"]["missed_context_word"] == 1.0 and f["fixed"]["n"] == 2 and f["broken"]["n"] == 0
     assert f["all"]["target_word_in_context"] == 0.5  # 'wo' starts 'word' in the user turn; 'tr' starts nothing
+
+
+def test_matrix_batch_size_reaches_every_batchable_run(tmp_path, tiny_target_dir, tiny_readout_dir, tasks_file):
+    out = tmp_path / "mb"
+    argv = ["matrix", "--target", str(tiny_target_dir), "--readouts", str(tiny_readout_dir), "--tasks"]
+    argv += [str(tasks_file), "--out", str(out), "--betas", "1", "--max-new-tokens", "4", "--baselines", ""]
+    argv += ["--nulls", "noise,shuffle", "--no-ttt", "--no-adaptive", "--n-boot", "200", "--batch-size", "2"]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["batch_size"] == 2
+    sizes = {}
+    for path in sorted((out / "sweep_aligned").glob("*/results.jsonl")):
+        sizes[path.parent.name] = {json.loads(x).get("batch_size", 1) for x in path.read_text().splitlines()}
+    # greedy, guided and the noise null decode together; the shuffled-readout null reads another task: batch 1
+    assert sizes == {"guided_b0": {2}, "guided_b1": {2}, "noise_b1": {2}, "shuffle_b1": {1}}

@@ -140,14 +140,18 @@ def run_matrix(
     settings: dict | None = None,
     command: str = "",
     progress: bool = True,
+    batch_size: int = 1,
 ) -> dict:
-    """Run every sweep (resuming), then analyse and write summary.json, per_task.jsonl and report.md."""
+    """Run every sweep (resuming), then analyse and write summary.json, per_task.jsonl and report.md.
+    `batch_size`: tasks decoded together in every sweep point that supports it (`run_beta_sweep`); the answers
+    equal batch 1's, so it is a setting of the run, not of the matrix."""
     from draftguide.experiments.sweeps import run_beta_sweep
 
     cfg.validate()
     out_dir = Path(out_dir)
     first = next(iter(cfg.readouts))
-    common = dict(max_new_tokens=cfg.max_new_tokens, settings=settings, progress=progress)
+    settings = (settings or {}) | {"batch_size": batch_size}
+    common = dict(max_new_tokens=cfg.max_new_tokens, settings=settings, progress=progress, batch_size=batch_size)
     sweeps = [
         (
             f"sweep_{first}",

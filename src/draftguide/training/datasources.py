@@ -73,12 +73,15 @@ def sharegpt(
     skip: int = 0,
     with_reply: bool = False,
     max_seen: int | None = None,
+    later_turns: bool = False,
 ) -> list[dict]:
     """First human turn of each ShareGPT conversation (empty and over-long turns skipped), after the
     first `skip` usable ones (`sharegpt-heldout` skips the part any training run here draws from).
     `with_reply`: also its first reply as an assistant turn (rows without a non-empty reply are dropped but
     still counted, so the held-out split stays the same), for teacher-forced training data. `max_seen`: stop
-    after that many usable conversations (the training part ends where `sharegpt-heldout` begins)."""
+    after that many usable conversations (the training part ends where `sharegpt-heldout` begins).
+    `later_turns`: instead of the first turn, every later human/gpt exchange of each conversation as a
+    one-turn chat (more teacher-forced text; held-out sets only ever use first turns of later conversations)."""
     rows, seen = [], 0
     for rec in iter_json_array(path or package_file("sharegpt")):
         conv = rec.get("conversations") or []
@@ -92,16 +95,32 @@ def sharegpt(
             break
         if seen <= skip:
             continue
-        messages = [{"role": "user", "content": text}]
-        if with_reply:
-            reply = str(conv[1].get("value", "")).strip() if len(conv) > 1 and conv[1].get("from") == "gpt" else ""
-            if not reply:
-                continue
-            messages.append({"role": "assistant", "content": reply})
-        rows.append({"id": f"sharegpt-{rec.get('id', len(rows))}", "source": "sharegpt", "messages": messages})
+        rid = f"sharegpt-{rec.get('id', len(rows))}"
+        if later_turns:  # exchanges 2, 3, ... of the conversation, each as its own one-turn chat
+            rows += [{"id": f"{rid}-{j}", "source": "sharegpt", "messages": m} for j, m in _exchanges(conv, max_chars)]
+        else:
+            messages = [{"role": "user", "content": text}]
+            if with_reply:
+                reply = str(conv[1].get("value", "")).strip() if len(conv) > 1 and conv[1].get("from") == "gpt" else ""
+                if not reply:
+                    continue
+                messages.append({"role": "assistant", "content": reply})
+            rows.append({"id": rid, "source": "sharegpt", "messages": messages})
         if limit and len(rows) >= limit:
             break
-    return rows
+    return rows[:limit] if limit else rows
+
+
+def _exchanges(conv: list[dict], max_chars: int) -> Iterator[tuple[int, list[dict]]]:
+    """(j, [user, assistant]) for the j-th human/gpt exchange, j >= 1 (the first is the prompt that
+    `sharegpt` uses), skipping empty or over-long human turns and empty replies."""
+    for j in range(1, len(conv) // 2):
+        human, gpt = conv[2 * j], conv[2 * j + 1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            return  # the alternation broke: the rest is not a clean dialogue
+        text, reply = str(human.get("value", "")).strip(), str(gpt.get("value", "")).strip()
+        if text and reply and len(text) <= max_chars:
+            yield j, [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
 def mtbench(path: Path | None = None, limit: int | None = None) -> list[dict]:
@@ -166,6 +185,7 @@ CL_TRAIN_SEED_OFFSET = 1_000_003
 
 def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict]:
     """`sharegpt`, `sharegpt-chat` (with the original first replies, training part only),
+    `sharegpt-chat-more` (the later exchanges of those conversations, each as a one-turn chat),
     `mtbench`, `humaneval`, `gsm[:N]`, `cltasks[:K]` (K per subcategory), or a JSONL file."""
     name, _, arg = spec.partition(":")
     if name == "sharegpt":
@@ -174,6 +194,8 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict
         return sharegpt(limit=limit, skip=SHAREGPT_HELDOUT_SKIP)
     if name == "sharegpt-chat":  # training part only, with the original replies (teacher-forced data)
         return sharegpt(limit=limit, with_reply=True, max_seen=SHAREGPT_HELDOUT_SKIP)
+    if name == "sharegpt-chat-more":  # later exchanges of the same training-part conversations
+        return sharegpt(limit=limit, later_turns=True, max_seen=SHAREGPT_HELDOUT_SKIP)
     if name == "mtbench":
         return mtbench(limit=limit)
     if name == "humaneval":
@@ -187,6 +209,6 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> list[dict
 
         return load_prompts(spec)[:limit]
     raise DraftGuideError(
-        f"unknown prompt source '{spec}' (sharegpt, sharegpt-chat, gsm[:N], cltasks[:K], mtbench, humaneval or a JSONL "
-        "file)"
+        f"unknown prompt source '{spec}' (sharegpt, sharegpt-chat, sharegpt-chat-more, gsm[:N], cltasks[:K], "
+        "mtbench, humaneval or a JSONL file)"
     )

@@ -21,7 +21,7 @@ from draftguide.app.cli.common import (
     task_source,
     torch_dtype,
 )
-from draftguide.app.cli.options import add_ttt_args, mix_arg, ttt_kwargs
+from draftguide.app.cli.options import add_batch_arg, add_ttt_args, batch_size_arg, mix_arg, ttt_kwargs
 from draftguide.errors import DraftGuideError
 
 
@@ -231,8 +231,7 @@ def cmd_ablate_layers(args) -> int:
     if not Path(args.data).is_dir():
         raise DraftGuideError(f"--data '{args.data}' is not a folder (make-data output)")
     tasks = [] if args.tasks == "none" else load_task_rows(args)
-    # --chat-template-kwargs is not applied here (as before the CLI was split)
-    target, tok = load_target_from_args(args, resolve_device(args), chat_template=False)
+    target, tok = load_target_from_args(args, resolve_device(args))
     sets = parse_layer_sets(args.layer_sets or DEFAULT_SETS, target.config.get_text_config().num_hidden_layers)
     out = Path(args.out)
     solved, responses = _ablation_solved(args, target, tok, tasks, out)
@@ -466,6 +465,7 @@ def add_matrix_parser(sub) -> None:
     )
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    add_batch_arg(p)
     add_ttt_args(p)
     p.set_defaults(func=cmd_matrix)
 
@@ -567,10 +567,12 @@ def cmd_matrix(args) -> int:
 
     device = resolve_device(args)
     cfg = _matrix_config(args, device)
+    batch = batch_size_arg(
+        args, [b for b in cfg.baselines if b in ("power", "dola")] + (["speculative"] if cfg.ttt else [])
+    )
     tasks = load_task_rows(args)
     check_judge(tasks, "rules")  # every task needs checks: the matrix scores by rules
-    # --chat-template-kwargs is not applied here (as before the CLI was split)
-    target, tok = load_target_from_args(args, device, chat_template=False)
+    target, tok = load_target_from_args(args, device)
     s = run_matrix(
         target,
         tok,
@@ -579,6 +581,7 @@ def cmd_matrix(args) -> int:
         cfg,
         command=args.command,
         settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": task_source(args.tasks)},
+        batch_size=batch,
     )
     print_table(matrix_table(s), f"{args.out}/summary.json, report.md and per_task.jsonl")
     return 0

@@ -108,13 +108,12 @@ def with_template(args, tok):
     return tok
 
 
-def load_target_from_args(args, device: str, chat_template: bool = True):
-    """(target, tokenizer) from --target and --dtype on `device`; `chat_template`: apply
-    --chat-template-kwargs to the tokenizer."""
+def load_target_from_args(args, device: str):
+    """(target, tokenizer) from --target and --dtype on `device`, --chat-template-kwargs applied."""
     from draftguide.modeling.targets import load_target
 
     target, tok = load_target(args.target, dtype=torch_dtype(args.dtype), device=device)
-    return target, with_template(args, tok) if chat_template else tok
+    return target, with_template(args, tok)
 
 
 def load_models(args):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from draftguide.app.cli.common import (
     DTYPES,
@@ -19,39 +18,17 @@ from draftguide.app.cli.common import (
     task_source,
 )
 from draftguide.app.cli.options import (
+    add_batch_arg,
     add_guided_ttt_args,
     add_method_args,
     add_ttt_args,
+    batch_size_arg,
     flags_for,
     guided_ttt,
     method_options,
     ttt_config,
 )
 from draftguide.errors import DraftGuideError
-
-
-def _add_batch_arg(p) -> None:
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=1,
-        help="tasks decoded together (greedy, sample, guided, guided-noise; each answer equals its batch-1 "
-        "answer); power, dola and guided with --speculative/--ttt run one by one (default 1)",
-    )
-
-
-def _batch_size(args, methods) -> int:
-    """--batch-size checked; a line on stderr for each selected method that stays batch 1."""
-    from draftguide.decode.batched import single_only_note
-
-    n = args.batch_size
-    if n < 1:
-        raise DraftGuideError(f"--batch-size must be >= 1, got {n}")
-    for m in methods:
-        note = single_only_note(m, n)
-        if note:
-            print(note, file=sys.stderr)
-    return n
 
 
 # -- tasks build -----------------------------------------------------------------------------------------------
@@ -100,7 +77,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
     p.add_argument("--judge-prompt-file", default=None, help="judge prompt with {rubrics} and {response} placeholders")
     p.add_argument("--skip-bad", action="store_true", help="record malformed task rows and go on")
-    _add_batch_arg(p)
+    add_batch_arg(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -119,7 +96,7 @@ def cmd_eval(args) -> int:
         if opts.get("speculative") or opts.get("ttt")
         else None
     )
-    batch = _batch_size(args, [single] if single else [])  # before the model loads
+    batch = batch_size_arg(args, [single] if single else [])  # before the model loads
     target, tok = load_target_from_args(args, resolve_device(args, per_rank=True))
     s = run_eval(
         target,
@@ -216,7 +193,7 @@ def _add_sweep_beta_parser(sweep_sub) -> None:
     b.add_argument("--limit", type=int, default=None, help="the first N tasks")
     add_method_args(b, beta=False)
     add_guided_ttt_args(b)
-    _add_batch_arg(b)
+    add_batch_arg(b)
     b.set_defaults(func=cmd_sweep_beta)
 
 
@@ -264,7 +241,7 @@ def cmd_sweep_beta(args) -> int:
     draft = draft_spec(args, "speculative" if args.speculative else "guidance")
     tasks = load_task_rows(args)
     device = resolve_device(args)
-    batch = _batch_size(
+    batch = batch_size_arg(
         args,
         [m for m in baselines if m in ("power", "dola")]
         + (["speculative"] if guided_opts.get("speculative") or guided_opts.get("ttt") else []),

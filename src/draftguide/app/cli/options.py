@@ -4,6 +4,7 @@ test-time-training flags (--ttt-*), with their conversion into library options."
 from __future__ import annotations
 
 import argparse
+import sys
 
 from draftguide.app.cli.common import draft_spec, int_list
 from draftguide.errors import DraftGuideError
@@ -228,3 +229,28 @@ def guided_ttt(args) -> dict | None:
     if not getattr(args, "ttt", False):
         return None
     return ttt_kwargs(args, args.seed or 0)
+
+
+def add_batch_arg(p) -> None:
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="tasks decoded together (greedy, sample, guided, guided-noise; each answer equals its batch-1 "
+        "answer); power, dola and guided with --speculative/--ttt run one by one (default 1)",
+    )
+
+
+def batch_size_arg(args, methods) -> int:
+    """--batch-size checked; a line on stderr for each selected method that stays batch 1 (`speculative`
+    stands for guided decoding with --speculative or TTT)."""
+    from draftguide.decode.batched import single_only_note
+
+    n = args.batch_size
+    if n < 1:
+        raise DraftGuideError(f"--batch-size must be >= 1, got {n}")
+    for m in methods:
+        note = single_only_note(m, n)
+        if note:
+            print(note, file=sys.stderr)
+    return n
