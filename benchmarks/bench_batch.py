@@ -11,6 +11,11 @@
 Each configuration runs `run_eval` into its own folder (fresh, so nothing is resumed); wall time of the
 whole eval (prefill, decode, scoring) is what counts.
 
+- decode scaling (`--decode-tokens N`, 0 to skip): the same prompts decoded for exactly N tokens (no stop) at
+  each batch size, minus the same run with 1 token, gives the decode-only tokens/s; with the eval's prefill
+  share at batch 1 (prefill runs row by row, exactly its batch-1 prefill) that bounds the eval's speedup
+  (Amdahl): 1 / (prefill_share + (1 - prefill_share) / decode_speedup).
+
     OMP_NUM_THREADS=1 python benchmarks/bench_batch.py --limit 64 --max-new-tokens 64 \
         --out benchmarks/results/batch_eval.json
 """
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from draftguide.decode.batched import batch_generate
 from draftguide.experiments.evaluate import load_tasks, run_eval
 from draftguide.modeling.prompts import encode_prompt
 from draftguide.modeling.targets import load_target
@@ -99,6 +105,46 @@ def agreement(target, tok, tasks, ref: dict, other: dict) -> dict:
     return {"identical": same, "n": len(ref), "rate": same / len(ref), "differences": diffs}
 
 
+@torch.inference_mode()
+def timed_batch(target, prompts: list[torch.Tensor], batch: int, n_tokens: int) -> float:
+    t0 = time.perf_counter()
+    batch_generate(target, prompts, n_tokens, stop_token_ids=[], max_batch=batch)
+    return time.perf_counter() - t0
+
+
+def decode_scaling(target, tok, tasks, sizes: list[int], n_tokens: int) -> dict:
+    """Decode-only tokens/s per batch size (fixed length, no stops) and the prefill share of a batch-1 run."""
+    prompts = [encode_prompt(tok, t)[0] for t in tasks]
+    rows = []
+    for b in sizes:
+        full, one = timed_batch(target, prompts, b, n_tokens), timed_batch(target, prompts, b, 1)
+        rows.append(
+            {
+                "batch_size": b,
+                "seconds_n_tokens": full,
+                "seconds_1_token": one,
+                "decode_tokens_per_s": len(prompts) * (n_tokens - 1) / max(full - one, 1e-9),
+            }
+        )
+        print(f"decode batch {b:>3}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s (prefill+1 token {one:.0f}s)")
+    for r in rows:
+        r["decode_speedup_vs_batch1"] = r["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+    return {"n_tokens": n_tokens, "prompts": len(prompts), "runs": rows}
+
+
+def amdahl_bound(eval_batch1: dict, prefill_1: float, decode: dict) -> list[dict]:
+    """The eval's speedup bound per batch size: its batch-1 prefill share never shrinks (row-by-row prefill)."""
+    share = min(prefill_1 / eval_batch1["seconds"], 1.0)
+    return [
+        {
+            "batch_size": r["batch_size"],
+            "prefill_share_batch1": share,
+            "bound": 1 / (share + (1 - share) / r["decode_speedup_vs_batch1"]),
+        }
+        for r in decode["runs"]
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="smollm2-135m")
@@ -111,6 +157,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decode-tokens", type=int, default=32, help="decode-scaling run length (0: skip)")
     ap.add_argument("--out", default="benchmarks/results/batch_eval.json")
     args = ap.parse_args()
 
@@ -143,6 +190,13 @@ def main() -> None:
         flush=True,
     )
     shutil.rmtree(tmp, ignore_errors=True)
+    scaling = None
+    if args.decode_tokens > 1:
+        scaling = decode_scaling(target, tok, tasks, sizes, args.decode_tokens)
+        # the eval's own prefill + first token at batch 1 is scaling's 1-token run at batch 1
+        scaling["eval_speedup_bound"] = amdahl_bound(base, scaling["runs"][0]["seconds_1_token"], scaling)
+        for r in scaling["eval_speedup_bound"]:
+            print(f"eval speedup bound at batch {r['batch_size']}: {r['bound']:.2f}x", flush=True)
     for r in runs + [guided]:
         r.pop("_rows", None)
     greedy_b.pop("_rows", None)
@@ -161,6 +215,7 @@ def main() -> None:
             "draft": draft,
             "s_per_token_vs_greedy_same_batch": guided["s_per_token"] / greedy_b["s_per_token"],
         },
+        "decode_scaling": scaling,
         "environment": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from draftguide.decode.common import GenStats, cache_kwarg, now
 from draftguide.errors import DraftGuideError
+from draftguide.modeling.draft import context_end
 from draftguide.modeling.sampling import check_sampling, effective_temperature, sample
 from draftguide.modeling.targets import extract_features
 
@@ -225,7 +226,7 @@ class _State:
     Invariant at the top of a step: the target cache holds columns [0, W) (the last one is each row's anchor, the
     latest token, already read by the target), `t_logits` (or `t_state`, the final states, when one head call
     gives both models' logits) its next-token output; with a draft, the draft cache holds context columns
-    [0, W - 2 + aligned), `ctx` [b, 1, k*d] the features of the next context column and `pending` those of the
+    [0, context_end(W - 1) - 1), `ctx` [b, 1, k*d] the features of the next context column and `pending` those of the
     anchor column while the draft may not see it (a speculative draft; empty for an aligned readout)."""
 
     def __init__(self, target, draft, setup):
@@ -233,7 +234,7 @@ class _State:
         self.dev = next(target.parameters()).device
         self.ck = cache_kwarg(target)
         self.live: list[int] = []
-        self.aligned = int(bool(draft is not None and draft.context_includes_anchor))
+        self.includes_anchor = bool(draft is not None and draft.context_includes_anchor)
         self.head, self.decoder, self.dk = None, target, self.ck
         self.decided = False  # whether one head call serves both models (decided on the first prefill)
         self._empty()
@@ -316,13 +317,14 @@ class _State:
         return [(x["r"], x["prefill_s"]) for x in pre]
 
     def _join_draft(self, pre: list[dict], W: int, b0: int) -> None:
-        """The new rows' draft context: columns [0, W - 2 + aligned) projected into the draft cache now, the next
+        """The new rows' draft context: columns [0, context_end(W - 1) - 1) projected into the draft cache now, the next
         one as `ctx`, the anchor's as `pending` (a speculative draft)."""
-        draft, dev, a = self.draft, self.dev, self.aligned
+        draft, dev, a = self.draft, self.dev, int(self.includes_anchor)
         f = torch.zeros(len(pre), W, pre[0]["feats"].shape[-1], dtype=pre[0]["feats"].dtype, device=dev)
         for i, x in enumerate(pre):
             f[i, W - x["T"] :] = x["feats"][0]
-        D = W - 2 + a  # context columns the cache holds
+        # the anchor is column W - 1; the newest visible column (`ctx`) is the last before context_end
+        D = context_end(W - 1, self.includes_anchor) - 1  # context columns the cache holds
         pads = W - torch.tensor([x["T"] for x in pre], device=dev)
         pos = (torch.arange(D, device=dev)[None] - pads[:, None]).clamp_min(0)
         dc = self.dcache
@@ -366,7 +368,7 @@ class _State:
         b, B = len(self.live), d.block_size
         block = torch.full((b, B), d.mask_token_id, dtype=torch.long, device=dev)
         block[:, 0] = self.anchor
-        c0 = self.W - 2 + self.aligned  # the column `ctx` holds
+        c0 = context_end(self.W - 1, self.includes_anchor) - 1  # the column `ctx` holds (anchor: W - 1)
         ctx_pos = (c0 - self.pads[:, None]).clamp_min(0)  # a pad column: any position (masked)
         blk_pos = (self.nxt - 1)[:, None] + torch.arange(B, device=dev)[None]
         return d(
@@ -431,7 +433,7 @@ class _State:
             output_hidden_states=True,
         )
         new_ctx = extract_features(out.hidden_states, self.draft.target_layer_ids)  # [b, 1, k*d]: the fed column
-        self.ctx, self.pending = (new_ctx, self.pending) if self.aligned else (self.pending, new_ctx)
+        self.ctx, self.pending = (new_ctx, self.pending) if self.includes_anchor else (self.pending, new_ctx)
         if self.head is None:
             self.t_logits = out.logits[:, -1]
         else:
