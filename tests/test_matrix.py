@@ -213,6 +213,15 @@ def test_matrix_writes_every_row(tmp_path, tiny_target_dir, tiny_draft_dir, tiny
     report = (out / "report.md").read_text()
     assert "Which row of the decision matrix holds" in report and "| 2.3 | ttt+guided aligned b1 | 4 |" in report
     assert "top-k constrained guidance" in report and (out / "per_task.jsonl").is_file()
+    fc = s["failure_classes"]  # 3.1: the deciding rows' taxonomy flip tables against greedy
+    assert s["best_2_2"]["row"] in fc and s["best_2_3"]["row"] in fc
+    assert f"noise null b{s['best_2_2']['beta']:g}" in fc
+    best = s["best_2_2"]
+    assert fc[best["row"]]["fixed"] == len(best["vs_greedy"]["fixed"])
+    assert fc[best["row"]]["caused"] == len(best["vs_greedy"]["broken"])
+    for table in fc.values():
+        assert table["n_tasks"] == 4 and table["net"] == table["fixed"] - table["caused"]
+    assert "## 3.1: which failure classes guidance fixes" in report
     err = capsys.readouterr()
     assert "decision matrix:" in err.out
     assert main(argv) == 0  # resumes: every run is finished, the analysis is redone

@@ -438,6 +438,7 @@ def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict],
     return {
         "n_tasks": len(tasks),
         "categories": cats,
+        "failure_classes": failure_classes(tasks, results, [d22, d23, best_sharp], cfg.nulls),
         "rows": table,
         "best_2_2": d22,
         "best_2_3": d23,
@@ -449,6 +450,20 @@ def analyse(tasks: list[dict], results: dict[str, list[dict]], rows: list[dict],
         "per_task": per_task,
         "row_names": list(by_row),
     }
+
+
+def failure_classes(
+    tasks: list[dict], results: dict[str, list[dict]], best: list[dict | None], nulls: tuple[str, ...]
+) -> dict[str, dict]:
+    """3.1 per row that decides something (the best 2.2 and 2.3 configurations, the best sharpening baseline,
+    and the nulls at the best 2.2's beta): the error-taxonomy flip table against greedy (`taxonomy.flip_table`:
+    per failure class, the tasks fixed and the tasks newly failing in it)."""
+    from draftguide.experiments.taxonomy import flip_table
+
+    names = [b["row"] for b in best if b is not None]
+    if best[0] is not None:
+        names += [f"{n} null b{best[0]['beta']:g}" for n in nulls]
+    return {n: flip_table(results["greedy"], results[n], tasks) for n in dict.fromkeys(names) if n in results}
 
 
 def _find(text, word) -> bool:
@@ -612,6 +627,18 @@ def matrix_markdown(s: dict) -> str:
                 f"| {x['task_id']} | {x['outcome']} | {x['i']} | `{tt}` | `{gt}` | {x['guided_word']} | "
                 f"{x['context_word']} |"
             )
+    if s.get("failure_classes"):
+        from draftguide.experiments.taxonomy import flip_markdown
+
+        out += [
+            "",
+            "## 3.1: which failure classes guidance fixes and which it causes",
+            "",
+            "Each failed response is classed (`draftguide.experiments.taxonomy`: no answer, partially right, reverted "
+            "to the prior / distractor, another item of the context, other); per row, against greedy:",
+        ]
+        for name, table in s["failure_classes"].items():
+            out += ["", f"### {name}", "", flip_markdown(table, "greedy", name)]
     out += [
         "",
         "## Runs this report refers to but does not run",
