@@ -112,3 +112,19 @@ def test_probe_command_on_tiny_models(tmp_path, tiny_target_dir, tiny_draft_dir,
     assert rows[0]["common_prefix"] == 0 and float(logits[r_tok] - logits[s_tok]) == pytest.approx(diffs[0], abs=1e-3)
     assert (out / "probe.png").stat().st_size > 0 and "shuffled labels" in (out / "report.md").read_text()
     assert "target_last" in capsys.readouterr().out
+
+
+def test_paired_difference_to_what_lm_head_reads():
+    from draftguide.experiments.probe import analyse
+
+    X, y, g = _linear(n=120)
+    noise = np.random.default_rng(1).normal(size=X.shape)
+    data = {"X": {"target_last": noise, "draft": X, "same": noise.copy()}, "y": y, "groups": g}
+    data |= {"rows": [{}] * 120, "skipped": []}
+    s = analyse(data, n_boot=300, shuffles=0)
+    reps = s["representations"]
+    assert "vs_target_last" not in reps["target_last"]
+    assert reps["draft"]["vs_target_last"]["diff"] > 0.3 and reps["draft"]["vs_target_last"]["ci95"][0] > 0
+    assert reps["same"]["vs_target_last"] == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    assert "correct" not in reps["draft"] and "correct" not in reps["draft"]["zero_shot"]
+    json.dumps(s)  # everything it returns is JSON

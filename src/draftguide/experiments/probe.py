@@ -107,6 +107,7 @@ def probe_accuracy(
     out = {
         "accuracy": float(correct.mean()),
         "ci95": group_bootstrap(correct, groups, n_boot, seed),
+        "correct": correct,  # [n] per example (for paired comparisons; `analyse` keeps it out of the JSON)
         "n_examples": int(len(y)),
         "n_groups": int(len(np.unique(groups))),
         "folds": int(min(folds, len(np.unique(groups)))),
@@ -233,7 +234,20 @@ def zero_shot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int = 10
     """Accuracy of the unfitted probe (all weights 1: the sign of the logit difference; for an inner layer the
     logit lens without the final norm), with its bootstrap CI."""
     correct = ((X.sum(1) > 0) == (y == 1)).astype(float)
-    return {"accuracy": float(correct.mean()), "ci95": group_bootstrap(correct, groups, n_boot, seed)}
+    return {
+        "accuracy": float(correct.mean()),
+        "ci95": group_bootstrap(correct, groups, n_boot, seed),
+        "correct": correct,
+    }
+
+
+def paired_vs(correct: np.ndarray, ref: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Accuracy difference (this representation - the reference) on the same examples, 95% CI over contexts."""
+    d = correct - ref
+    return {"diff": float(d.mean()), "ci95": group_bootstrap(d, groups, n_boot, seed)}
+
+
+REFERENCE = "target_last"  # the shallow readout's input: what lm_head reads
 
 
 def analyse(
@@ -246,11 +260,17 @@ def analyse(
             f"probes need at least 2 usable tasks (contexts), got {len(np.unique(g))} "
             f"({len(data['skipped'])} skipped: answers that never differ in a token)"
         )
-    reps = {}
+    reps, correct = {}, {}
     for name, X in data["X"].items():
         reps[name] = probe_accuracy(X, y, g, folds=folds, n_boot=n_boot, shuffles=shuffles, seed=seed, C=C)
         reps[name]["zero_shot"] = zero_shot(X, y, g, n_boot, seed)
         reps[name]["dim"] = int(X.shape[1])
+        correct[name] = (reps[name].pop("correct"), reps[name]["zero_shot"].pop("correct"))
+    if REFERENCE in correct:  # what each representation adds over what lm_head reads, on the same tasks
+        for name, (probe_c, zero_c) in correct.items():
+            if name != REFERENCE:
+                reps[name]["vs_target_last"] = paired_vs(probe_c, correct[REFERENCE][0], g, n_boot, seed)
+                reps[name]["zero_shot"]["vs_target_last"] = paired_vs(zero_c, correct[REFERENCE][1], g, n_boot, seed)
     return {
         "representations": reps,
         "n_tasks": len(data["rows"]),
@@ -282,14 +302,17 @@ def probe_markdown(s: dict) -> str:
         f"{s['shuffles']} shufflings; zero-shot: the unfitted probe (the sign of the logit difference). "
         "[95% bootstrap CI over contexts.]",
         "",
-        "| representation | dim | probe accuracy | shuffled labels | zero-shot (logit difference) |",
-        "|---|---|---|---|---|",
+        "| representation | dim | probe accuracy | shuffled labels | probe - target_last (paired) | zero-shot "
+        "(logit difference) | zero-shot - target_last (paired) |",
+        "|---|---|---|---|---|---|---|",
     ]
     f = lambda r: f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
+    d = lambda r: f"{r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r else "(reference)"  # noqa: E731
     for name in order(s["representations"]):
         r = s["representations"][name]
         lines.append(
-            f"| {name} | {r['dim']} | {f(r)} | {f(r['shuffled']) if 'shuffled' in r else '-'} | {f(r['zero_shot'])} |"
+            f"| {name} | {r['dim']} | {f(r)} | {f(r['shuffled']) if 'shuffled' in r else '-'} | "
+            f"{d(r.get('vs_target_last'))} | {f(r['zero_shot'])} | {d(r['zero_shot'].get('vs_target_last'))} |"
         )
     return "\n".join(lines + ["", "![probe](probe.png)", ""])
 
