@@ -539,9 +539,9 @@ def train_draft(
         restore_checkpoint(ckpt, **run.checkpointed(), state=state, dev=run.dev)
         if not (state.planned and cfg.time_budget_s):  # a resumed run may change --steps/--epochs
             state.total = total
-    elif resume and rank == 0:
-        print(f"draftguide: no checkpoint in {out_dir}; starting fresh")
-    else:
+    else:  # fresh: a run started with --resume and no checkpoint is the same run as one without it
+        if resume and rank == 0:
+            print(f"draftguide: no checkpoint in {out_dir}; starting fresh")
         random.seed(cfg.seed)
     if rank == 0:
         write_train_config(out_dir, cfg, data_dir, len(samples), state.total, world)
