@@ -313,6 +313,10 @@ def test_eval_batch_size_gives_the_batch_one_answers(method, tmp_path, tiny_targ
     assert [r["batch_size"] for r in rows] == [3] * 5 and [r["task_id"] for r in rows] == [f"t{i}" for i in range(5)]
     if method[1] == "guided":
         assert any(r["flips"] for r in rows) and all("mean_beta" in r for r in rows)
+        # the flips are the batch-1 flips, with the words the matrix's 2.5 tags read
+        ones = {r["task_id"]: r for r in map(json.loads, (tmp_path / "b1" / "results.jsonl").read_text().splitlines())}
+        assert all(r["flips"] == ones[r["task_id"]]["flips"] for r in rows)
+        assert all("guided_word" in f for r in rows for f in r["flips"])
 
 
 def test_eval_batch_size_with_a_batch_one_method_says_so(tmp_path, tiny_target_dir, capsys):

@@ -410,7 +410,7 @@ def _batch_guided(
     gens = [torch.Generator(device=x.device).manual_seed(seed) for x in ids_list]
 
     def done(i, r):
-        extra = {"flips": flip_rows(r.stats.flips, ids_list[i], tokenizer), "mean_beta": r.stats.mean_beta}
+        extra = {"flips": flip_rows(r.stats.flips, ids_list[i], tokenizer, r.tokens), "mean_beta": r.stats.mean_beta}
         on_done(i, ((r.tokens, extra), r.stats.total_s))
 
     batch_generate(
