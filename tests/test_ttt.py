@@ -609,3 +609,24 @@ def test_default_pair_end_to_end():
         tokens, st = speculative_generate(target, adapted, ids, 24, stop_token_ids=stop)
         assert adapted.report.loss_after < adapted.report.loss_before
     assert torch.equal(tokens, base_tokens)
+
+
+def test_sweep_best_config_of_an_aligned_readout_is_chosen_by_log_prob_gap():
+    from draftguide.experiments.ttt_measure import sweep_summary
+
+    def row(task, steps, tau, gap):
+        return {
+            "task_id": task,
+            "lr": 1e-3,
+            "rank": 4,
+            "steps": steps,
+            "acceptance": [tau],
+            "tau": tau,
+            "logp_gap": gap,
+        }
+
+    rows = [row(t, 0, 2, -1.0) | {"context_loss": 3.0} for t in "ab"]
+    rows += [row(t, 4, 3, -2.0) | {"context_loss": 2.0} for t in "ab"]  # replayed tau up, gold log p down
+    assert sweep_summary(rows, n_boot=100)["best"]["steps"] == 4
+    s = sweep_summary(rows, n_boot=100, by_tau=False)
+    assert s["best"]["steps"] == 0 and "cannot speculate" in s["best_rule"]

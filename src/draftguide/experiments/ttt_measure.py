@@ -336,10 +336,11 @@ def sweep_task(draft, target, t: SweepTask, steps: list[int], lrs: list[float], 
     return rows
 
 
-def sweep_summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+def sweep_summary(rows: list[dict], n_boot: int = 1000, seed: int = 0, by_tau: bool = True) -> dict:
     """Per (lr, rank, steps): mean context loss, mean per-task log-prob gap (draft - target, next mode) and tau
     (pooled over verify steps) with its per-task change from the base draft, each with a bootstrap CI over tasks.
-    `best` = the config with the highest tau (ties: the larger log-prob gap)."""
+    `best` = the config with the highest tau (ties: the larger log-prob gap); `by_tau=False` (an aligned
+    readout, which cannot speculate): the largest log-prob gap (ties: tau)."""
     base = {r["task_id"]: r["tau"] for r in rows if r["steps"] == 0}
     configs: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -362,12 +363,13 @@ def sweep_summary(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
                 "delta_tau_ci95": list(bootstrap_ci(dtau, n_boot=n_boot, seed=seed)) if dtau else None,
             }
         )
-    best = max(table, key=lambda r: (r["tau"], r["logp_gap"]))
-    return {
-        "table": table,
-        "best": best,
-        "best_rule": "highest tau (pooled over verify steps); ties: larger log-prob gap",
-    }
+    if by_tau:
+        best = max(table, key=lambda r: (r["tau"], r["logp_gap"]))
+        rule = "highest tau (pooled over verify steps); ties: larger log-prob gap"
+    else:
+        best = max(table, key=lambda r: (r["logp_gap"], r["tau"]))
+        rule = "largest log-prob gap (an aligned readout cannot speculate); ties: tau"
+    return {"table": table, "best": best, "best_rule": rule}
 
 
 def run_sweep_ttt(
@@ -407,7 +409,11 @@ def run_sweep_ttt(
             for r in sweep_task(draft, target, t, steps, lrs, ranks, ttt):
                 w.write(r)
                 rows.append(r)
-    summary = sweep_summary(rows) | {
+    aligned = bool(getattr(draft, "context_includes_anchor", False))
+    tau_method = "teacher-forced replay of greedy speculative decoding on the target's greedy continuation"
+    if aligned:  # the replay gives each block its anchor's own features, which live speculation never has
+        tau_method += " (an aligned readout cannot speculate: its replayed tau is not reachable by decoding)"
+    summary = sweep_summary(rows, by_tau=not aligned) | {
         "n_tasks": len(prepared.tasks),
         "n_skipped": len(prepared.skipped),
         "grid": {"steps": steps, "lr": lrs, "rank": ranks},
@@ -415,7 +421,7 @@ def run_sweep_ttt(
         "max_new_tokens": max_new_tokens,
         "command": command,
         "environment": environment(),
-        "tau_method": "teacher-forced replay of greedy speculative decoding on the target's greedy continuation",
+        "tau_method": tau_method,
     }
     summary["figure"] = ttt_sweep_figure(summary, out_dir / "sweep.png")
     write_json(out_dir / "summary.json", summary)
