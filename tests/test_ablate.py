@@ -56,8 +56,6 @@ def test_ablate_command_trains_and_measures_every_set_alike(ablate_data, tmp_pat
         "2",
         "--anchors-per-seq",
         "4",
-        "--vocab-subset",
-        "0",
         "--log-every",
         "1",
         "--mask-token-id",
@@ -83,6 +81,7 @@ def test_ablate_command_trains_and_measures_every_set_alike(ablate_data, tmp_pat
     assert all(strip(c) == strip(cfgs["L1-3"]) for c in cfgs.values())  # same data, seed, budget, everything else
     assert {n: c["target_layer_ids"] for n, c in cfgs.items()} == {"L1-3": [1, 3], "L4": [4], "L2": [2]}
     assert all(c["context_includes_anchor"] and c["seed"] == 0 and c["total_steps"] == 3 for c in cfgs.values())
+    assert all(c["vocab_subset"] is None for c in cfgs.values())  # default: the loss sees the whole vocabulary
     for r, ids in zip(s["rows"], sets):
         assert r["steps"] == r["total_steps"] == 3 and r["finished"] and r["layers"] == ids
         log = [json.loads(x) for x in (out / "sets" / r["set"] / "log.jsonl").read_text().splitlines()]
