@@ -164,6 +164,8 @@ def main() -> None:
     target, tok = load_target(args.target, dtype=getattr(torch, args.dtype), device=args.device)
     tasks = load_tasks(args.tasks)[0][: args.limit]
     sizes = [int(x) for x in args.batch_sizes.split(",")]
+    if sizes[0] != 1:  # every ratio is against batch 1
+        sizes = [1, *[b for b in sizes if b != 1]]
     tmp = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     runs = []
     for b in sizes:

@@ -269,11 +269,16 @@ def test_matrix_batch_size_reaches_every_batchable_run(tmp_path, tiny_target_dir
     argv = ["matrix", "--target", str(tiny_target_dir), "--readouts", str(tiny_readout_dir), "--tasks"]
     argv += [str(tasks_file), "--out", str(out), "--betas", "1", "--max-new-tokens", "4", "--baselines", ""]
     argv += ["--nulls", "noise,shuffle", "--no-ttt", "--no-adaptive", "--n-boot", "200", "--batch-size", "2"]
+    argv += ["--chat-template-kwargs", '{"enable_thinking": false}']
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["settings"]["batch_size"] == 2
+    assert s["settings"]["batch_size"] == 2 and s["settings"]["chat_template_kwargs"] == {"enable_thinking": False}
     sizes = {}
     for path in sorted((out / "sweep_aligned").glob("*/results.jsonl")):
         sizes[path.parent.name] = {json.loads(x).get("batch_size", 1) for x in path.read_text().splitlines()}
     # greedy, guided and the noise null decode together; the shuffled-readout null reads another task: batch 1
     assert sizes == {"guided_b0": {2}, "guided_b1": {2}, "noise_b1": {2}, "shuffle_b1": {1}}
+    # the batch size is not a run setting: the same folder resumes at another batch size
+    argv[argv.index("--batch-size") + 1] = "1"
+    assert main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["settings"]["batch_size"] == 1

@@ -150,7 +150,7 @@ def run_matrix(
     cfg.validate()
     out_dir = Path(out_dir)
     first = next(iter(cfg.readouts))
-    settings = (settings or {}) | {"batch_size": batch_size}
+    # batch_size is not a run setting (a point may resume with another): only the summary records it
     common = dict(max_new_tokens=cfg.max_new_tokens, settings=settings, progress=progress, batch_size=batch_size)
     sweeps = [
         (
@@ -205,7 +205,7 @@ def run_matrix(
         if progress:
             print(f"== matrix [{i}/{len(sweeps)}] {folder}", flush=True)
         run_beta_sweep(target, tokenizer, tasks, out_dir / folder, draft=cfg.readouts[label], **common, **kw)
-    return finish_matrix(tasks, out_dir, cfg, settings=settings, command=command)
+    return finish_matrix(tasks, out_dir, cfg, settings=(settings or {}) | {"batch_size": batch_size}, command=command)
 
 
 def finish_matrix(

@@ -307,12 +307,14 @@ def probe_markdown(s: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     f = lambda r: f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
-    d = lambda r: f"{r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r else "(reference)"  # noqa: E731
+    ref = "(reference)"
+    d = lambda r: f"{r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r else "-"  # noqa: E731
     for name in order(s["representations"]):
         r = s["representations"][name]
         lines.append(
             f"| {name} | {r['dim']} | {f(r)} | {f(r['shuffled']) if 'shuffled' in r else '-'} | "
-            f"{d(r.get('vs_target_last'))} | {f(r['zero_shot'])} | {d(r['zero_shot'].get('vs_target_last'))} |"
+            f"{ref if name == REFERENCE else d(r.get('vs_target_last'))} | {f(r['zero_shot'])} | "
+            f"{ref if name == REFERENCE else d(r['zero_shot'].get('vs_target_last'))} |"
         )
     return "\n".join(lines + ["", "![probe](probe.png)", ""])
 

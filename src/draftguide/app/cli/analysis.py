@@ -586,7 +586,8 @@ def cmd_matrix(args) -> int:
         args.out,
         cfg,
         command=args.command,
-        settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": task_source(args.tasks)},
+        settings={"target": args.target, "dtype": DTYPES[args.dtype], "tasks": task_source(args.tasks)}
+        | ({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {}),
         batch_size=batch,
     )
     print_table(matrix_table(s), f"{args.out}/summary.json, report.md and per_task.jsonl")

@@ -237,7 +237,8 @@ def add_batch_arg(p) -> None:
         type=int,
         default=1,
         help="tasks decoded together (greedy, sample, guided, guided-noise; each answer equals its batch-1 "
-        "answer); power, dola and guided with --speculative/--ttt run one by one (default 1)",
+        "answer); power, dola, guided-shuffle (it reads another task's run) and guided with --speculative/--ttt "
+        "run one by one (default 1)",
     )
 
 
