@@ -112,3 +112,19 @@ def tiny_draft_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-draft")
     tiny_draft(tiny_target("qwen3"), mask_token_id=3).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_readout_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-readout")
+    d = DFlashDraft.for_target(  # an aligned readout (context <= anchor)
+        tiny_target("qwen3"),
+        num_layers=2,
+        block_size=8,
+        mask_token_id=3,
+        target_layer_ids=[1, 3, 4],
+        seed=5,
+        context_includes_anchor=True,
+    )
+    d.save_pretrained(path)
+    return path

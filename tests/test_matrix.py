@@ -9,7 +9,6 @@ from conftest import tiny_draft, tiny_target
 from draftguide.app.cli import main
 from draftguide.decode.guided import guided_generate, readout_trajectory
 from draftguide.errors import DraftGuideError
-from draftguide.modeling.draft import DFlashDraft
 from draftguide.modeling.draft_io import check_speculative_spec, is_aligned_readout, shipped_draft
 
 ANY = [{"type": "regex", "value": "."}]
@@ -37,22 +36,6 @@ def tasks_file(tmp_path):
         _task("t3", "q3", NEVER, "Dog"),
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_readout_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-readout")
-    d = DFlashDraft.for_target(
-        tiny_target("qwen3"),
-        num_layers=2,
-        block_size=8,
-        mask_token_id=3,
-        target_layer_ids=[1, 3, 4],
-        seed=5,
-        context_includes_anchor=True,
-    )
-    d.save_pretrained(path)
     return path
 
 

@@ -555,6 +555,23 @@ def test_cli_sweep_ttt(tmp_path, tiny_target_dir, tiny_draft_dir, capsys):
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and "**best**" in (out / "report.md").read_text()
     assert "<- best" in capsys.readouterr().out
     assert len((out / "points.jsonl").read_text().splitlines()) == 3 * 6
+    assert s["best_rule"].startswith("highest tau")  # a speculative draft: chosen by tau
+
+
+def test_cli_sweep_ttt_with_an_aligned_readout_chooses_by_log_prob_gap(tmp_path, tiny_target_dir, tiny_readout_dir):
+    import json
+
+    from draftguide.app.cli import main
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in _diag_tasks()))
+    out = tmp_path / "sweep"
+    argv = ["sweep", "ttt", "--target", str(tiny_target_dir), "--draft", str(tiny_readout_dir), "--tasks"]
+    argv += [str(tasks), "--steps", "0,2", "--lr", "0.003", "--rank", "2", "--max-new-tokens", "6", "--out", str(out)]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert "cannot speculate" in s["best_rule"] and "cannot speculate" in s["tau_method"]
+    assert s["best"] == max(s["table"], key=lambda r: (r["logp_gap"], r["tau"]))
 
 
 @pytest.mark.parametrize(

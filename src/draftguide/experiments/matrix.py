@@ -144,13 +144,13 @@ def run_matrix(
 ) -> dict:
     """Run every sweep (resuming), then analyse and write summary.json, per_task.jsonl and report.md.
     `batch_size`: tasks decoded together in every sweep point that supports it (`run_beta_sweep`); the answers
-    equal batch 1's, so it is a setting of the run, not of the matrix."""
+    equal batch 1's, so it is not a run setting (a folder resumes at another batch size) and only the summary's
+    settings record it."""
     from draftguide.experiments.sweeps import run_beta_sweep
 
     cfg.validate()
     out_dir = Path(out_dir)
     first = next(iter(cfg.readouts))
-    # batch_size is not a run setting (a point may resume with another): only the summary records it
     common = dict(max_new_tokens=cfg.max_new_tokens, settings=settings, progress=progress, batch_size=batch_size)
     sweeps = [
         (
