@@ -68,3 +68,44 @@ def test_default_verification_follows_the_device():
     assert default_verify_len("cpu") == "auto"
     assert default_verify_len(torch.device("cuda", 0)) == "full"
     assert default_verify_len("cpu", temperature=0.7) == "full"  # seeded sampling must reproduce
+
+
+def test_default_draft_head_and_dtype_follow_the_device(tmp_path, monkeypatch):
+    from draftguide.decode import speculative
+
+    save_vocab_ranking(tmp_path, torch.arange(20))
+    assert speculative.default_draft_vocab("cpu", tmp_path) is None  # 20 tokens: not above the 8K head
+    monkeypatch.setattr(speculative, "CPU_DRAFT_VOCAB", 8)
+    assert speculative.default_draft_vocab("cpu", tmp_path) == 8
+    assert speculative.default_draft_vocab(torch.device("cuda", 0), tmp_path) is None
+    assert speculative.default_draft_vocab("cpu", tmp_path / "no-ranking") is None
+    assert speculative.default_draft_dtype("cpu", torch.float32) == torch.bfloat16
+    assert speculative.default_draft_dtype("cuda", torch.float32) == torch.float32
+    assert speculative.default_draft_dtype("cpu", torch.float16) == torch.float16
+
+
+def test_speculate_cli_uses_the_cpu_defaults_and_flags_override_them(
+    tmp_path, tiny_target_dir, tiny_draft_dir, monkeypatch
+):
+    """Plain `speculate` on a CPU: the FR-Spec head and a bf16 draft (the fast configuration measured in
+    benchmarks/bench_frspec.py), recorded in the summary, output still identical to greedy;
+    `--draft-vocab 0 --draft-dtype float32` is the full fp32 head."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from draftguide.app.cli import main
+    from draftguide.decode import speculative
+
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_draft_dir, draft)
+    vocab = json.loads((Path(tiny_target_dir) / "config.json").read_text())["vocab_size"]
+    save_vocab_ranking(draft, torch.arange(vocab).flip(0))
+    monkeypatch.setattr(speculative, "CPU_DRAFT_VOCAB", vocab // 2)
+    common = ["speculate", "--target", str(tiny_target_dir), "--draft", str(draft), "--max-new-tokens", "10"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["draft_vocab"] == vocab // 2 and s["draft_dtype"] == "bfloat16" and s["lossless"] is True
+    assert main([*common, "--out", str(tmp_path / "b"), "--draft-vocab", "0", "--draft-dtype", "float32"]) == 0
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["draft_vocab"] is None and s["draft_dtype"] == "float32"

@@ -419,6 +419,35 @@ def hf_generate(
     return out, stats
 
 
+CPU_DRAFT_VOCAB = 8192  # FR-Spec head size on a CPU: fastest of 8K/16K/32K/full, tau unchanged (bench_frspec.py)
+
+
+def default_draft_vocab(device, folder) -> int | None:
+    """The FR-Spec head a speculative run uses unless told otherwise: the `CPU_DRAFT_VOCAB` most frequent tokens
+    on a CPU when the draft folder ships a token ranking (the draft's head over 49K tokens is ~40% of a draft
+    step there), the full head elsewhere (an accelerator reads it almost for free). Output is unchanged either
+    way; measured in `benchmarks/bench_frspec.py` (benchmarks/results/issue13/frspec.json)."""
+    from draftguide.modeling.draft_io import draft_path
+
+    if torch.device(device).type != "cpu" or folder is None or str(folder).startswith("init"):
+        return None
+    ranking = draft_path(folder) / RANKING_FILE
+    if not ranking.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(ranking), "pt") as f:
+        vocab = f.get_slice("token_ids").get_shape()[0]
+    return CPU_DRAFT_VOCAB if vocab > CPU_DRAFT_VOCAB else None  # a smaller vocabulary gains nothing
+
+
+def default_draft_dtype(device, target_dtype: torch.dtype) -> torch.dtype:
+    """bfloat16 for the draft next to an fp32 target on a CPU (a draft step reads half the bytes; proposals may
+    differ in rare ties, output cannot: the target verifies), else the target's dtype."""
+    cpu_fp32 = torch.device(device).type == "cpu" and target_dtype == torch.float32
+    return torch.bfloat16 if cpu_fp32 else target_dtype
+
+
 def default_verify_len(device, temperature: float = 0.0) -> str:
     """'auto' where a verify forward is expensive next to a decode step (a CPU: 16 tokens cost ~2.2x one, and
     the full head over 7 offsets ~3x one), 'full' (the whole block) on an accelerator, where it is almost free.

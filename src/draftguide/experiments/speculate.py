@@ -132,6 +132,7 @@ def run_speculate(
         "block_size": draft.block_size,
         "verify_len": "auto" if costs else (verify_len or draft.block_size - 1),
         "draft_vocab": None if dhead is None else len(dhead.ids),
+        "draft_dtype": str(next(draft.parameters()).dtype).removeprefix("torch."),
         "verify_costs_s": costs,
         "read_costs_s": head,
         "tau": sum(steps) / len(steps) if steps else float("nan"),

@@ -409,3 +409,34 @@ SWEEP_COLOURS = {
     "dola": "#8172b3",
     "sample": "#937860",
 }
+
+
+def training_curves_figure(runs: dict[str, dict], path: str | Path, smooth: int = 5) -> None:
+    """Teacher agreement (k = 1, not-yet-seen training batches) against labels seen and against wall time, one
+    line per run (running mean over `smooth` log rows), and each run's held-out agreement per offset when
+    measured. `runs`: name -> {"log": train log rows, "heldout": fidelity readout summary or None}."""
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (name, r) in enumerate(runs.items()):
+        c = PALETTE[i % len(PALETTE)]
+        rows = [x for x in r["log"] if x.get("agree")]
+        k1 = np.array([x["agree"][0] for x in rows], dtype=float)
+        w = max(1, min(smooth, len(k1)))
+        mean = np.convolve(k1, np.ones(w) / w, mode="valid") if len(k1) else k1
+        for ax, key, scale in ((axes[0], "labels_seen", 1e3), (axes[1], "elapsed_s", 60.0)):
+            x = np.array([row[key] for row in rows], dtype=float)[w - 1 :] / scale
+            ax.plot(x, mean, color=c, label=name)
+        h = r.get("heldout")
+        if h:
+            axes[2].plot(h["k"], h["top1_agreement"], marker="o", color=c, label=name)
+            for v in h.get("controls", {}).values():
+                axes[2].plot(v["k"], v["top1_agreement"], marker="x", ls="--", color=c, alpha=0.6)
+    axes[0].set(xlabel="labels seen (thousands)", ylabel=f"k=1 agreement, training batches (mean of {smooth})")
+    axes[1].set(xlabel="wall time (minutes)", ylabel="k=1 agreement, training batches")
+    axes[2].set(xlabel="block offset k", ylabel="held-out top-1 agreement (x: shuffled-feature null)", ylim=(0, None))
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

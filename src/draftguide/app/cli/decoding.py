@@ -41,16 +41,25 @@ def _add_draft_vocab(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="FR-Spec: the draft proposes from the N most frequent tokens (its folder's vocab_ranking); "
-        "the target verifies as usual, so output is unchanged",
+        "the target verifies as usual, so output is unchanged. 0: the full head. Default: 8192 on a CPU when "
+        "the draft ships a ranking, else the full head",
     )
 
 
-def _draft_vocab(args):
-    if args.draft_vocab is None:
-        return None
-    from draftguide.decode.speculative import load_draft_vocab
+def _speculation_defaults(args):
+    """The device's defaults for what `--draft-vocab` and `--draft-dtype` leave open (measured in
+    benchmarks/bench_frspec.py: on this CPU the 8K head with a bf16 draft is 1.20x the fp32 full head); returns
+    the FR-Spec token ids or None for the full head."""
+    from draftguide.app.cli.common import torch_dtype
+    from draftguide.decode.speculative import default_draft_dtype, default_draft_vocab, load_draft_vocab
 
-    return load_draft_vocab(draft_spec(args), args.draft_vocab)
+    if args.draft_dtype is None:
+        args.draft_dtype = str(default_draft_dtype(args.device, torch_dtype(args.dtype))).removeprefix("torch.")
+    folder = draft_spec(args, "speculative")
+    size = default_draft_vocab(args.device, folder) if args.draft_vocab is None else args.draft_vocab
+    if size is not None and size < 0:
+        raise DraftGuideError(f"--draft-vocab must be >= 0 (0: the full head), got {size}")
+    return load_draft_vocab(folder, size) if size else None
 
 
 # -- speculate -------------------------------------------------------------------------------------------------
@@ -91,7 +100,7 @@ def cmd_speculate(args) -> int:
         raise DraftGuideError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = load_prompts(args.prompts)[: args.limit]
     default_draft(args, "speculative")
-    vocab = _draft_vocab(args)
+    vocab = _speculation_defaults(args)
     target, tok, draft = load_models(args)
     s = run_speculate(
         target,
@@ -156,7 +165,7 @@ def cmd_bench_tau(args) -> int:
 
     prompt_sets = {s: load_source(s, limit=args.limit) for s in comma_list(args.sets)}  # fail before loading models
     default_draft(args, "speculative")
-    vocab = _draft_vocab(args)
+    vocab = _speculation_defaults(args)
     target, tok, draft = load_models(args)
     out, res = Path(args.out), {}
     for name, prompts in prompt_sets.items():
