@@ -10,7 +10,6 @@ from draftguide.app.cli.common import (
     add_target_args,
     comma_list,
     default_draft,
-    draft_spec,
     load_models,
     print_table,
 )
@@ -55,7 +54,7 @@ def _speculation_defaults(args):
 
     if args.draft_dtype is None:
         args.draft_dtype = str(default_draft_dtype(args.device, torch_dtype(args.dtype))).removeprefix("torch.")
-    folder = draft_spec(args, "speculative")
+    folder = args.draft  # set by `default_draft`; None leaves the error to loading the target
     size = default_draft_vocab(args.device, folder) if args.draft_vocab is None else args.draft_vocab
     if size is not None and size < 0:
         raise DraftGuideError(f"--draft-vocab must be >= 0 (0: the full head), got {size}")
