@@ -190,6 +190,7 @@ def test_bench_tau_per_set_summary(tmp_path, tiny_target_dir, tiny_draft_dir, ca
     s = json.loads((tmp_path / "bt" / "summary.json").read_text())
     assert set(s["sets"]) == {"setA", "setB"}
     assert s["sets"]["setB"]["n_prompts"] == 2 and s["sets"]["setA"]["lossless"] is True
+    assert s["sets"]["setA"]["draft_dtype"] == "bfloat16"  # the CPU default beside an fp32 target
     assert "setB" in capsys.readouterr().out
 
 

@@ -129,6 +129,7 @@ BENCH_TAU_KEYS = (
     "tau_ci95_over_prompts",
     "verify_len",
     "draft_vocab",
+    "draft_dtype",
     "acceptance_histogram",
     "tokens_per_s",
     "baseline_method",
