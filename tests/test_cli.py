@@ -123,6 +123,19 @@ def test_missing_target_folder(capsys, tmp_path):
     assert "nor an existing folder" in _err(
         capsys, ["speculate", "--target", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     )
+    # an explicit FR-Spec head must not hide the missing target (nor a missing draft) behind a traceback
+    for cmd in ("speculate", "bench-tau"):
+        err = _err(capsys, [cmd, "--target", str(tmp_path / "nope"), "--draft-vocab", "100", "--out", str(tmp_path)])
+        assert "nor an existing folder" in err or "no shipped draft" in err
+
+
+def test_missing_draft_folder_with_draft_vocab(capsys, tmp_path, tiny_target_dir):
+    err = _err(
+        capsys,
+        ["speculate", "--target", str(tiny_target_dir), "--draft", str(tmp_path / "gone"), "--draft-vocab", "10"]
+        + ["--out", str(tmp_path / "o")],
+    )
+    assert "does not exist" in err
 
 
 def test_speculate_writes_results_and_summary(tmp_path, tiny_target_dir, tiny_draft_dir):

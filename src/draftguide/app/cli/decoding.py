@@ -54,10 +54,14 @@ def _speculation_defaults(args):
 
     if args.draft_dtype is None:
         args.draft_dtype = str(default_draft_dtype(args.device, torch_dtype(args.dtype))).removeprefix("torch.")
-    folder = args.draft  # set by `default_draft`; None leaves the error to loading the target
+    from draftguide.modeling.draft_io import draft_path
+
+    if args.draft_vocab is not None and args.draft_vocab < 0:
+        raise DraftGuideError(f"--draft-vocab must be >= 0 (0: the full head), got {args.draft_vocab}")
+    folder = args.draft  # set by `default_draft`
+    if folder is None or not (folder.startswith("init") or draft_path(folder).exists()):
+        return None  # no draft to read: loading the pair reports the missing target or draft in one line
     size = default_draft_vocab(args.device, folder) if args.draft_vocab is None else args.draft_vocab
-    if size is not None and size < 0:
-        raise DraftGuideError(f"--draft-vocab must be >= 0 (0: the full head), got {size}")
     return load_draft_vocab(folder, size) if size else None
 
 
