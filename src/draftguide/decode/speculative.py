@@ -78,18 +78,23 @@ def save_vocab_ranking(folder, counts: torch.Tensor) -> None:
     save_file({"token_ids": order.to(torch.int32).contiguous()}, str(Path(folder) / RANKING_FILE))
 
 
-def load_draft_vocab(folder, size: int) -> torch.Tensor:
-    """The `size` most frequent token ids of a draft folder's ranking. Raises DraftGuideError without one."""
+def vocab_ranking(folder) -> torch.Tensor | None:
+    """A draft folder's token ids by falling frequency [V], or None when it ships no ranking (or is `init`)."""
     from safetensors.torch import load_file
 
     from draftguide.modeling.draft_io import draft_path
 
-    path = draft_path(folder) / RANKING_FILE
-    if not path.is_file():
+    path = None if folder is None or str(folder).startswith("init") else draft_path(folder) / RANKING_FILE
+    return load_file(str(path))["token_ids"].long() if path is not None and path.is_file() else None
+
+
+def load_draft_vocab(folder, size: int) -> torch.Tensor:
+    """The `size` most frequent token ids of a draft folder's ranking. Raises DraftGuideError without one."""
+    ranked = vocab_ranking(folder)
+    if ranked is None:
         raise DraftGuideError(
             f"--draft-vocab needs {RANKING_FILE} in the draft folder '{folder}' (token ranking by frequency)"
         )
-    ranked = load_file(str(path))["token_ids"].long()
     if not 1 <= size <= len(ranked):
         raise DraftGuideError(f"--draft-vocab must be in [1, {len(ranked)}], got {size}")
     return ranked[:size]
@@ -427,18 +432,8 @@ def default_draft_vocab(device, folder) -> int | None:
     on a CPU when the draft folder ships a token ranking (the draft's head over 49K tokens is ~40% of a draft
     step there), the full head elsewhere (an accelerator reads it almost for free). Output is unchanged either
     way; measured in `benchmarks/bench_frspec.py` (benchmarks/results/issue13/frspec.json)."""
-    from draftguide.modeling.draft_io import draft_path
-
-    if torch.device(device).type != "cpu" or folder is None or str(folder).startswith("init"):
-        return None
-    ranking = draft_path(folder) / RANKING_FILE
-    if not ranking.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(ranking), "pt") as f:
-        vocab = f.get_slice("token_ids").get_shape()[0]
-    return CPU_DRAFT_VOCAB if vocab > CPU_DRAFT_VOCAB else None  # a smaller vocabulary gains nothing
+    ranked = vocab_ranking(folder) if torch.device(device).type == "cpu" else None
+    return CPU_DRAFT_VOCAB if ranked is not None and len(ranked) > CPU_DRAFT_VOCAB else None  # else nothing gained
 
 
 def default_draft_dtype(device, target_dtype: torch.dtype) -> torch.dtype:

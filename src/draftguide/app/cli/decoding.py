@@ -51,13 +51,12 @@ def _speculation_defaults(args):
     the FR-Spec token ids or None for the full head."""
     from draftguide.app.cli.common import torch_dtype
     from draftguide.decode.speculative import default_draft_dtype, default_draft_vocab, load_draft_vocab
-
-    if args.draft_dtype is None:
-        args.draft_dtype = str(default_draft_dtype(args.device, torch_dtype(args.dtype))).removeprefix("torch.")
     from draftguide.modeling.draft_io import draft_path
 
     if args.draft_vocab is not None and args.draft_vocab < 0:
         raise DraftGuideError(f"--draft-vocab must be >= 0 (0: the full head), got {args.draft_vocab}")
+    if args.draft_dtype is None:
+        args.draft_dtype = str(default_draft_dtype(args.device, torch_dtype(args.dtype))).removeprefix("torch.")
     folder = args.draft  # set by `default_draft`
     if folder is None or not (folder.startswith("init") or draft_path(folder).exists()):
         return None  # no draft to read: loading the pair reports the missing target or draft in one line
